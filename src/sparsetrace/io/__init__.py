@@ -1,0 +1,1 @@
+"""Reading and writing files that sparsetrace exchanges with other tools."""
