@@ -42,11 +42,57 @@ def _parse_percentiles(text: str) -> list[float]:
     return values
 
 
-VERBS: list[Callable[..., Any]] = [metrics]
+def train(preset: str = "cpu", resume: bool = False, overrides: list[str] | None = None) -> None:
+    """Train a model and trace its sparsity (preset name or YAML, plus --section.key overrides)."""
+    from sparsetrace.config import load_config
+    from sparsetrace.train.loop import train as train_run
+
+    run_dir = train_run(load_config(preset, overrides), resume=resume, command=_command())
+    print(f"run directory: {run_dir}")
+
+
+def report(runs: list[Path], out: Path | None = None) -> None:
+    """Write the paper's tables and figures for one or more run directories."""
+    from sparsetrace.report import write_report
+
+    out_dir = out or (runs[0] / "report" if len(runs) == 1 else Path("reports") / "compare")
+    print(f"report: {write_report(list(runs), out_dir)}")
+
+
+def run(preset: str = "cpu", overrides: list[str] | None = None) -> None:
+    """The main job: train the preset on its corpus, write the report, print a summary."""
+    from sparsetrace.config import load_config
+    from sparsetrace.report import text_summary, write_report
+    from sparsetrace.train.loop import train as train_run
+
+    cfg = load_config(preset, overrides)
+    cfg.run_name = _free_run_name(Path(cfg.out_dir), cfg.run_name)
+    run_dir = train_run(cfg, command=_command())
+    index = write_report([run_dir], run_dir / "report")
+    print(text_summary(run_dir))
+    print(f"\nrun directory: {run_dir}\nreport: {index}")
+
+
+def _free_run_name(out_dir: Path, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``... so that the main job never overwrites a run."""
+    candidate, n = name, 1
+    while (out_dir / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
+def _command() -> str:
+    return " ".join(["sparsetrace", *sys.argv[1:]])
+
+
+VERBS: list[Callable[..., Any]] = [run, train, report, metrics]
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsetrace", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="sparsetrace", description="Measure and trace activation sparsity in Transformer MLPs."
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for fn in VERBS:
         name = fn.__name__.rstrip("_").replace("_", "-")
@@ -70,8 +116,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _converter(typ: Any) -> Callable[[str], Any]:
-    if typ in (int, float, Path):
-        return typ
+    if typ in (int, float, Path, Path | None):
+        return Path if typ == Path | None else typ
     if typ == list[Path]:
         return Path
     return str

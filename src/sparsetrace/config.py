@@ -1,0 +1,225 @@
+"""One run configuration: shipped YAML presets plus ``--section.key value`` overrides, validated.
+
+An unknown key or a bad value is a :class:`UserError` naming the valid keys or choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sparsetrace.data import DataConfig
+from sparsetrace.errors import UserError
+from sparsetrace.model.transformer import ModelConfig
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 16  # device batch: the sparsity metrics are computed on it (paper: 16)
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
+    compile: bool = False
+    device: str = "auto"  # auto: cuda if available, else cpu
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+
+@dataclass
+class TraceConfig:
+    every: int = 25  # measure every N steps (and at step 0)
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 65.0, 75.0, 90.0])
+
+
+@dataclass
+class EvalConfig:
+    every: int = 250
+    batches: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 0  # keep the newest N checkpoints; 0 keeps all (a checkpoint series)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    out_dir: str = "runs"
+    run_name: str = ""  # empty: the preset's name
+
+
+def preset_names() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".yaml")
+        for p in resources.files("sparsetrace.presets").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def load_config(preset: str = "cpu", overrides: list[str] | None = None) -> RunConfig:
+    """A preset name or a YAML path, then ``--a.b value`` overrides, validated into a RunConfig."""
+    raw = _read_preset(preset)
+    for key, value in _parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    cfg = from_dict(RunConfig, raw, "")
+    if not cfg.run_name:
+        cfg.run_name = Path(preset).stem
+    _check(cfg)
+    return cfg
+
+
+def _read_preset(preset: str) -> dict[str, Any]:
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        text = path.read_text()
+    elif preset in preset_names():
+        text = resources.files("sparsetrace.presets").joinpath(f"{preset}.yaml").read_text()
+    else:
+        raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(preset_names())}")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{preset}: invalid YAML ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{preset}: a config must be a mapping of sections")
+    return raw
+
+
+def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise UserError(f"unexpected argument {arg!r}; overrides look like --train.lr 1e-3")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(args):
+            i += 1
+            value = args[i]
+        else:
+            raise UserError(f"override {arg} has no value")
+        pairs.append((key, value))
+        i += 1
+    return pairs
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: str) -> None:
+    *sections, leaf = key.split(".")
+    node = raw
+    for s in sections:
+        node = node.setdefault(s, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--{key}: {s} is not a section")
+    node[leaf] = yaml.safe_load(value) if value != "" else ""
+
+
+def from_dict(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and converting/validating values."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise UserError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys"
+            f"{' of ' + where if where else ''}: {', '.join(fields)}"
+        )
+    kwargs = {
+        name: _convert(hints[name], value, f"{where}.{name}" if where else name)
+        for name, value in raw.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise UserError(f"{where or 'config'}: {err}") from None
+
+
+def _convert(typ: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if dataclasses.is_dataclass(typ):
+        return from_dict(typ, value or {}, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list like [1, 2], got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if typ in (int, float):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value) if typ is float or not value.lstrip("-").isdigit() else int(value)
+            except ValueError:
+                raise UserError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        if typ is int and float(value) != int(value):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return typ(value)
+    if typ is str:
+        return str(value)
+    return value
+
+
+def _check(cfg: RunConfig) -> None:
+    """Value ranges the types cannot express."""
+    cfg.data.validate()
+    positive = {
+        "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+        "train.grad_accum": cfg.train.grad_accum, "trace.every": cfg.trace.every,
+        "eval.every": cfg.eval.every, "eval.batches": cfg.eval.batches,
+        "checkpoint.every": cfg.checkpoint.every, "model.n_layers": cfg.model.n_layers,
+        "model.d_model": cfg.model.d_model, "data.seq_len": cfg.data.seq_len,
+    }  # fmt: skip
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+    if cfg.train.lr <= 0:
+        raise UserError(f"train.lr must be positive, got {cfg.train.lr}")
+    if any(w <= 0 for w in cfg.model.widths):
+        raise UserError(f"model.d_ff must be positive, got {cfg.model.widths}")
+    if any(not 0 <= p <= 100 for p in cfg.trace.percentiles):
+        raise UserError(f"trace.percentiles must lie in [0, 100], got {cfg.trace.percentiles}")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain dict of the resolved config (for config.yaml); derived fields left out."""
+    out = dataclasses.asdict(cfg)
+    out["model"].pop("widths", None)
+    return out

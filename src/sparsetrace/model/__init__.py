@@ -1,0 +1,1 @@
+"""The decoder-only Transformer (one readable file: transformer.py)."""

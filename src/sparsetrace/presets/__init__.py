@@ -1,0 +1,1 @@
+"""Shipped YAML presets (read with importlib.resources)."""

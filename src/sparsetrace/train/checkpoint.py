@@ -1,0 +1,87 @@
+"""Checkpoints: ``checkpoints/step_XXXXXXX/{model.safetensors, state.pt}``, written then renamed.
+
+A checkpoint directory appears under its final name only once complete, so a crash or a full disk
+while writing leaves the previous checkpoint the latest valid one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from sparsetrace.errors import UserError
+
+CKPT_DIR = "checkpoints"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CKPT_DIR / f"step_{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / CKPT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 0
+) -> Path:
+    """Write model weights (safetensors) and training state; keep the newest ``keep`` (0: all)."""
+    final = checkpoint_path(run_dir, step)
+    tmp = final.with_name(f".tmp_{final.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(run_dir)
+        kept = f"; the latest valid checkpoint is {previous[-1]}" if previous else ""
+        raise UserError(f"could not write checkpoint {final} ({err.strerror or err}){kept}") from None
+    if keep > 0:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """The training state of a checkpoint (optimizer, tracker, RNG, config); corrupt: UserError."""
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} is incomplete: state.pt missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        raise UserError(f"checkpoint {path} is corrupt ({_short(err)})") from None
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load a checkpoint's weights into ``model``; missing, corrupt or misfitting: UserError."""
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} is incomplete: model.safetensors missing") from None
+    except (SafetensorError, RuntimeError, OSError, ValueError) as err:
+        raise UserError(f"checkpoint {path} is corrupt or from another model ({_short(err)})") from None
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def _short(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__

@@ -1,0 +1,111 @@
+"""The model: in-graph use counts vs independently captured activations, conventions, masking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsetrace.metrics import use_counts
+from sparsetrace.model.transformer import ModelConfig, Transformer, hidden_name
+
+
+def make(**kw) -> Transformer:
+    base = dict(n_layers=3, d_model=32, n_heads=4, d_ff=64, vocab_size=50, seq_len=16)
+    base.update(kw)
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**base))
+
+
+def captured_hidden(model: Transformer, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input of each W_out, captured with plain forward pre-hooks (independent of measure=)."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        mlp.w_out.register_forward_pre_hook(
+            lambda _m, args, name=name: seen.__setitem__(name, args[0].detach())
+        )
+        for name, mlp in model.mlps().items()
+    ]
+    model(idx)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "relu2", "swiglu", "reglu", "geglu"])
+@pytest.mark.parametrize("style", ["gpt2", "t5"])
+def test_in_graph_counts_match_hooked_activations(activation: str, style: str) -> None:
+    model = make(activation=activation, style=style)
+    idx = torch.randint(0, 50, (3, 16))
+    out = model(idx, measure=True)
+    hidden = captured_hidden(model, idx)
+    assert set(out.use_counts) == {hidden_name(i) for i in range(3)}
+    for name, acts in hidden.items():
+        assert acts.shape == (3, 16, 64)  # gated: act(gate) * up has d_ff units
+        assert torch.equal(out.use_counts[name], use_counts(acts))
+    assert model(idx).use_counts is None
+
+
+def test_relu_counts_are_sparse_and_smooth_activations_dense() -> None:
+    idx = torch.randint(0, 50, (2, 16))
+    relu = make(activation="relu")(idx, measure=True).use_counts
+    gelu = make(activation="gelu")(idx, measure=True).use_counts
+    assert all((c < 16).any() for c in relu.values())  # ReLU zeroes some (token, unit) pairs
+    assert all((c == 16).all() for c in gelu.values())  # GELU is almost never exactly 0
+
+
+def test_unit_mask_silences_units_and_their_counts() -> None:
+    model = make()
+    mask = torch.ones(64)
+    mask[::3] = 0
+    model.blocks[1].mlp.set_unit_mask(mask)
+    counts = model(torch.randint(0, 50, (2, 16)), measure=True).use_counts
+    assert (counts[hidden_name(1)][:, ::3] == 0).all()
+    assert (counts[hidden_name(0)][:, ::3] > 0).any()  # other layers untouched
+
+
+def test_per_layer_widths() -> None:
+    model = make(d_ff_per_layer=[8, 16, 24])
+    counts = model(torch.randint(0, 50, (2, 16)), measure=True).use_counts
+    assert [c.shape[-1] for c in counts.values()] == [8, 16, 24]
+    with pytest.raises(ValueError, match="entries for 3 layers"):
+        ModelConfig(n_layers=3, d_ff_per_layer=[8, 16])
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "relative", "none"])
+def test_attention_is_causal(pos: str) -> None:
+    model = make(pos=pos)
+    idx = torch.randint(0, 50, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 50
+    a, b = model(idx).logits, model(changed).logits
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-5)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_styles_set_conventions() -> None:
+    t5 = make(style="t5")
+    assert all(m.w_in.bias is None for m in t5.mlps().values())
+    assert isinstance(t5.ln_f, torch.nn.RMSNorm) and t5.rel_bias is not None and t5.pos_emb is None
+    gpt2 = make(style="gpt2")
+    assert all(m.w_in.bias is not None for m in gpt2.mlps().values())
+    assert isinstance(gpt2.ln_f, torch.nn.LayerNorm) and gpt2.pos_emb is not None
+    assert make(style="t5", bias=True).blocks[0].mlp.w_in.bias is not None  # explicit wins
+
+
+def test_mlp_kernels_are_lecun_normal() -> None:
+    model = make(d_model=256, d_ff=1024, n_heads=4)
+    w_in, w_out = model.blocks[0].mlp.w_in.weight, model.blocks[0].mlp.w_out.weight
+    assert w_in.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.03)
+    assert w_out.std().item() == pytest.approx(1 / math.sqrt(1024), rel=0.03)
+
+
+def test_compiled_model_measures_the_same() -> None:
+    model = make(n_layers=2)
+    idx = torch.randint(0, 50, (2, 16))
+    eager = model(idx, idx, measure=True)
+    compiled = torch.compile(model)(idx, idx, measure=True)
+    for name, c in eager.use_counts.items():
+        assert torch.equal(c, compiled.use_counts[name])
+    assert torch.allclose(eager.loss, compiled.loss, atol=1e-5)

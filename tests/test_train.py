@@ -1,0 +1,154 @@
+"""Training: schedule, resume == uninterrupted, and bad input (NaN, full disk, foreign checkpoints)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparsetrace.config import load_config
+from sparsetrace.errors import UserError
+from sparsetrace.rundir import load_run
+from sparsetrace.train import checkpoint, loop, runmeta
+from sparsetrace.train.loop import TrainingDiverged, lr_at, train
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch) -> None:
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny(tmp_path: Path, name: str = "r", *extra: str):
+    return load_config("tiny", ["--out_dir", str(tmp_path), "--run_name", name, *extra])
+
+
+def test_lr_schedule_hand_computed() -> None:
+    cfg = load_config("tiny", ["--train.lr", "1.0", "--train.warmup_steps", "4",
+                               "--train.steps", "14", "--train.min_lr_ratio", "0.1"])  # fmt: skip
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(4, cfg) == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi/2) = 0
+    assert lr_at(14, cfg) == pytest.approx(0.1)
+
+
+def _frames(run_dir: Path) -> dict[str, pd.DataFrame]:
+    run = load_run(run_dir)
+    return {"train": run.train.drop(columns="step_time_s"), "eval": run.eval,
+            "sparsity": run.sparsity}  # fmt: skip
+
+
+def test_run_directory_contents(tmp_path: Path) -> None:
+    run_dir = train(tiny(tmp_path))
+    run = load_run(run_dir)
+    assert run.missing == []
+    assert run.meta["status"] == "finished" and run.meta["step"] == 20
+    assert run.meta["data"]["corpus"]["name"]
+    # Measured at step 0, every 5 steps and at the last step, for both layers.
+    assert sorted(run.sparsity.step.unique()) == [0, 5, 10, 15, 19]
+    assert sorted(run.sparsity.layer.unique()) == [0, 1]
+    assert list(run.train.step) == list(range(20))
+    assert list(run.eval.step) == [10, 20]
+    s = run.sparsity
+    assert ((s.per_token <= s.per_sequence) & (s.per_sequence <= s.per_batch)).all()
+    assert (s.per_batch_frac == s.per_batch / s.hidden).all()
+    assert set(run.lifecycle["layers"]) == {"0", "1"}
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_0000010", "step_0000020"]
+
+
+def test_resume_after_kill_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
+    straight = train(tiny(tmp_path, "straight"))
+
+    original = runmeta.Progress.update
+
+    def killed_at_13(self, done: int, loss: float) -> None:
+        original(self, done, loss)
+        if done == 13:  # after the step-10 checkpoint: rows 11-13 must be dropped on resume
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runmeta.Progress, "update", killed_at_13)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "resumed"))
+    monkeypatch.setattr(runmeta.Progress, "update", original)
+    interrupted = load_run(tmp_path / "resumed")
+    assert interrupted.meta["status"] == "interrupted"
+    assert interrupted.train.step.max() == 12
+    resumed = train(tiny(tmp_path, "resumed"), resume=True)
+
+    a, b = _frames(straight), _frames(resumed)
+    for key in a:
+        pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)
+    wa = load_file(straight / "checkpoints/step_0000020/model.safetensors")
+    wb = load_file(resumed / "checkpoints/step_0000020/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    la, lb = (json.loads((d / "lifecycle.json").read_text()) for d in (straight, resumed))
+    assert la == lb
+
+
+def test_existing_run_needs_resume_and_resume_needs_checkpoint(tmp_path: Path) -> None:
+    train(tiny(tmp_path))
+    with pytest.raises(UserError, match="pass --resume"):
+        train(tiny(tmp_path))
+    with pytest.raises(UserError, match="no checkpoint to resume from"):
+        train(tiny(tmp_path, "fresh"), resume=True)
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path: Path) -> None:
+    train(tiny(tmp_path))
+    with pytest.raises(UserError, match=r"another model config \(differs in: d_ff, widths\)"):
+        train(tiny(tmp_path, "r", "--model.d_ff", "64"), resume=True)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    run_dir = train(tiny(tmp_path))
+    weights = run_dir / "checkpoints/step_0000020/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupt"):
+        train(tiny(tmp_path), resume=True)
+    (run_dir / "checkpoints/step_0000020/state.pt").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="corrupt"):
+        train(tiny(tmp_path), resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    calls = {"n": 0}
+    forward = loop.Transformer.forward
+
+    def poisoned(self, idx, targets=None, measure=False):
+        out = forward(self, idx, targets, measure)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 12:
+                out.loss = out.loss * math.nan
+        return out
+
+    monkeypatch.setattr(loop.Transformer, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 12.*step_0000010"):
+        train(tiny(tmp_path))
+    run = load_run(tmp_path / "r")
+    assert run.meta["status"] == "failed"
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "r")] == ["step_0000010"]
+    monkeypatch.setattr(loop.Transformer, "forward", forward)
+    train(tiny(tmp_path), resume=True)  # the kept checkpoint is valid and resumable
+
+
+def test_disk_full_while_checkpointing_keeps_previous(tmp_path: Path, monkeypatch) -> None:
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if "step_0000020" in str(f):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UserError, match="No space left on device.*step_0000010"):
+        train(tiny(tmp_path))
+    ckpt_root = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_0000010"]  # no half-written dir
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert train(tiny(tmp_path), resume=True) == tmp_path / "r"
