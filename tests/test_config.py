@@ -1,4 +1,4 @@
-"""Config: every shipped preset loads; bad keys and values are one-line errors naming the choices."""
+"""Config: every shipped preset loads; bad keys and values are one-line errors naming choices."""
 
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ def captured_hidden(model: Transformer, idx: torch.Tensor) -> dict[str, torch.Te
     return seen
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", "silu", "relu2", "swiglu", "reglu", "geglu"])
+@pytest.mark.parametrize(
+    "activation", ["relu", "gelu", "silu", "relu2", "swiglu", "reglu", "geglu"]
+)
 @pytest.mark.parametrize("style", ["gpt2", "t5"])
 def test_in_graph_counts_match_hooked_activations(activation: str, style: str) -> None:
     model = make(activation=activation, style=style)

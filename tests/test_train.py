@@ -1,4 +1,4 @@
-"""Training: schedule, resume == uninterrupted, and bad input (NaN, full disk, foreign checkpoints)."""
+"""Training: schedule, resume == straight run, bad input (NaN, full disk, foreign checkpoints)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,10 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     assert ((s.per_token <= s.per_sequence) & (s.per_sequence <= s.per_batch)).all()
     assert (s.per_batch_frac == s.per_batch / s.hidden).all()
     assert set(run.lifecycle["layers"]) == {"0", "1"}
-    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step_0000010", "step_0000020"]
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == [
+        "step_0000010",
+        "step_0000020",
+    ]
 
 
 def test_resume_after_kill_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
@@ -128,7 +131,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         return out
 
     monkeypatch.setattr(loop.Transformer, "forward", poisoned)
-    with pytest.raises(TrainingDiverged, match="loss became nan at step 12.*step_0000010"):
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 12.*step_0000010"):
         train(tiny(tmp_path))
     run = load_run(tmp_path / "r")
     assert run.meta["status"] == "failed"
@@ -146,9 +149,50 @@ def test_disk_full_while_checkpointing_keeps_previous(tmp_path: Path, monkeypatc
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(UserError, match="No space left on device.*step_0000010"):
+    with pytest.raises(UserError, match=r"No space left on device.*step_0000010"):
         train(tiny(tmp_path))
     ckpt_root = tmp_path / "r" / "checkpoints"
     assert sorted(p.name for p in ckpt_root.iterdir()) == ["step_0000010"]  # no half-written dir
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
     assert train(tiny(tmp_path), resume=True) == tmp_path / "r"
+
+
+def test_dead_and_random_unit_masks(tmp_path: Path) -> None:
+    dead = train(tiny(tmp_path, "dead", "--mask.at_step", "5", "--mask.kind", "dead"))
+    rand = train(tiny(tmp_path, "rand", "--mask.at_step", "5", "--mask.kind", "random"))
+    info_d, info_r = (json.loads((d / "mask.json").read_text()) for d in (dead, rand))
+    sp = load_run(dead).sparsity
+    for name, layer in info_d["layers"].items():
+        at5 = sp[(sp.step == 5) & (sp.name == name)].iloc[0]
+        # The dead mask removes exactly the units unused in step 5's batch...
+        assert layer["masked"] == layer["hidden"] - at5.per_batch
+        # ...the random mask the same number per layer (identical training up to step 5).
+        assert info_r["layers"][name]["masked"] == layer["masked"]
+        # After the mask, no masked unit is used again: per-batch use never exceeds the kept ones.
+        later = sp[(sp.step > 5) & (sp.name == name)]
+        assert (later.per_batch <= layer["hidden"] - layer["masked"]).all()
+    expected = sum(v["masked"] for v in info_d["layers"].values()) / sum(
+        v["hidden"] for v in info_d["layers"].values()
+    )
+    assert info_d["masked_fraction"] == pytest.approx(expected)
+
+
+def test_masks_survive_resume(tmp_path: Path, monkeypatch) -> None:
+    straight = train(tiny(tmp_path, "a", "--mask.at_step", "5", "--mask.kind", "random"))
+    original = runmeta.Progress.update
+
+    def killed_at_12(self, done: int, loss: float) -> None:
+        original(self, done, loss)
+        if done == 12:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runmeta.Progress, "update", killed_at_12)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "b", "--mask.at_step", "5", "--mask.kind", "random"))
+    monkeypatch.setattr(runmeta.Progress, "update", original)
+    resumed = train(
+        tiny(tmp_path, "b", "--mask.at_step", "5", "--mask.kind", "random"), resume=True
+    )
+    a, b = _frames(straight), _frames(resumed)
+    for key in a:
+        pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)

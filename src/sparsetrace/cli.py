@@ -26,9 +26,7 @@ def metrics(file: Path, percentiles: str = "50,65,75,90", json: bool = False) ->
     from sparsetrace.metrics.records import format_records, stats_record
 
     pcts = _parse_percentiles(percentiles)
-    records = {
-        name: stats_record(acts, pcts) for name, acts in load_activation_file(file).items()
-    }
+    records = {name: stats_record(acts, pcts) for name, acts in load_activation_file(file).items()}
     print(jsonlib.dumps(records, indent=2) if json else format_records(records))
 
 

@@ -41,7 +41,7 @@ class TrainConfig:
 
 @dataclass
 class TraceConfig:
-    every: int = 25  # measure every N steps (and at step 0)
+    every: int = 25  # measure every N steps (and at the first and last step); 0: never
     percentiles: list[float] = field(default_factory=lambda: [50.0, 65.0, 75.0, 90.0])
 
 
@@ -58,6 +58,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class MaskConfig:
+    """The masking experiment (paper 4.1.1): at step ``at_step`` fix a 0/1 hidden-unit mask."""
+
+    at_step: int = 0  # 0: never
+    # dead: mask the units unused in that step's batch; random: the same per-layer fraction,
+    # chosen at random.
+    kind: Literal["dead", "random"] = "dead"
+    seed: int = 0  # for the random mask
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -65,6 +76,7 @@ class RunConfig:
     trace: TraceConfig = field(default_factory=TraceConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
     out_dir: str = "runs"
     run_name: str = ""  # empty: the preset's name
 
@@ -184,7 +196,9 @@ def _convert(typ: Any, value: Any, where: str) -> Any:
     if typ in (int, float):
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                value = float(value) if typ is float or not value.lstrip("-").isdigit() else int(value)
+                value = (
+                    float(value) if typ is float or not value.lstrip("-").isdigit() else int(value)
+                )
             except ValueError:
                 raise UserError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -202,7 +216,7 @@ def _check(cfg: RunConfig) -> None:
     cfg.data.validate()
     positive = {
         "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
-        "train.grad_accum": cfg.train.grad_accum, "trace.every": cfg.trace.every,
+        "train.grad_accum": cfg.train.grad_accum,
         "eval.every": cfg.eval.every, "eval.batches": cfg.eval.batches,
         "checkpoint.every": cfg.checkpoint.every, "model.n_layers": cfg.model.n_layers,
         "model.d_model": cfg.model.d_model, "data.seq_len": cfg.data.seq_len,
@@ -210,6 +224,10 @@ def _check(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise UserError(f"{key} must be positive, got {value}")
+    if not 0 <= cfg.mask.at_step < cfg.train.steps:
+        raise UserError(f"mask.at_step must be in [0, train.steps), got {cfg.mask.at_step}")
+    if cfg.trace.every < 0:
+        raise UserError(f"trace.every must be >= 0 (0: no tracing), got {cfg.trace.every}")
     if cfg.train.lr <= 0:
         raise UserError(f"train.lr must be positive, got {cfg.train.lr}")
     if any(w <= 0 for w in cfg.model.widths):

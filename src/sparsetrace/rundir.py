@@ -71,7 +71,7 @@ class _CsvLog:
             ]
             atomic_write_text(path, "\n".join(lines) + "\n")
         new = not path.exists() or path.stat().st_size == 0
-        self.file = open(path, "a", newline="")
+        self.file = open(path, "a", newline="")  # noqa: SIM115 (held open for appends)
         self.writer = csv.writer(self.file)
         if new:
             self.writer.writerow(self.columns)
@@ -221,7 +221,9 @@ class Run:
 
     @property
     def percentiles(self) -> list[float]:
-        return [float(c[1:]) for c in self.sparsity.columns if c.startswith("p") and c[1:2].isdigit()]
+        return [
+            float(c[1:]) for c in self.sparsity.columns if c.startswith("p") and c[1:2].isdigit()
+        ]
 
 
 def load_metrics(run_dir: Path | str) -> pd.DataFrame:

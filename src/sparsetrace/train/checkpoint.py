@@ -10,13 +10,16 @@ import os
 import pickle
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from sparsetrace.errors import UserError
+
+if TYPE_CHECKING:
+    from sparsetrace.config import RunConfig
 
 CKPT_DIR = "checkpoints"
 
@@ -51,7 +54,9 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(run_dir)
         kept = f"; the latest valid checkpoint is {previous[-1]}" if previous else ""
-        raise UserError(f"could not write checkpoint {final} ({err.strerror or err}){kept}") from None
+        raise UserError(
+            f"could not write checkpoint {final} ({err.strerror or err}){kept}"
+        ) from None
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -75,7 +80,9 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} is incomplete: model.safetensors missing") from None
     except (SafetensorError, RuntimeError, OSError, ValueError) as err:
-        raise UserError(f"checkpoint {path} is corrupt or from another model ({_short(err)})") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt or from another model ({_short(err)})"
+        ) from None
     if missing or unexpected:
         raise UserError(
             f"checkpoint {path} does not fit this model (missing {sorted(missing)[:3]}, "
@@ -85,3 +92,25 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
 
 def _short(err: BaseException) -> str:
     return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def load_trained_model(
+    run_dir: Path, checkpoint: Path | None = None
+) -> tuple[torch.nn.Module, RunConfig]:
+    """A run's model (latest checkpoint unless one is named) in eval mode, and the run's config."""
+    from sparsetrace.config import load_config
+    from sparsetrace.model.transformer import Transformer
+
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml)")
+    cfg = load_config(str(config_file))
+    if checkpoint is None:
+        ckpts = list_checkpoints(run_dir)
+        if not ckpts:
+            raise UserError(f"{run_dir}: no checkpoint yet")
+        checkpoint = ckpts[-1]
+    model = Transformer(cfg.model)
+    load_weights(checkpoint, model)
+    return model.eval(), cfg

@@ -9,6 +9,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -23,7 +24,7 @@ from sparsetrace.data import PreparedData, batch_indices, epochs_for, get_batch,
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import use_stats_from_counts
 from sparsetrace.model.transformer import ModelConfig, Transformer
-from sparsetrace.rundir import RunWriter
+from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.tracking import LifecycleTracker
 from sparsetrace.train import runmeta
 from sparsetrace.train.checkpoint import (
@@ -54,7 +55,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"train.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+        raise UserError(
+            f"train.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no CUDA GPU is available")
     return device
@@ -137,7 +140,8 @@ def _optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer:
     no_decay = [p for p in params if p.dim() < 2]
     t = cfg.train
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": decay, "weight_decay": t.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=(t.beta1, t.beta2),
     )  # fmt: skip
 
@@ -152,6 +156,8 @@ def _restore(session: Session, path: Path) -> None:
             f"checkpoint {path} is from another model config (differs in: {', '.join(diff)})"
         )
     load_weights(path, session.model)
+    for mlp in session.model.mlps().values():  # the masks came back as buffers; refresh flags
+        mlp.set_unit_mask(mlp.unit_mask.clone())
     session.optimizer.load_state_dict(state["optimizer"])
     session.tracker.load_state_dict(state["tracker"])
     torch.set_rng_state(state["rng_cpu"])
@@ -182,7 +188,9 @@ def _checkpoint(session: Session, step: int) -> None:
     save_checkpoint(session.run_dir, step, session.model, state, session.cfg.checkpoint.keep)
 
 
-def _batch(session: Session, split: str, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(
+    session: Session, split: str, step: int, micro: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     t = session.cfg.train
     tokens = session.data.train if split == "train" else session.data.val
     n = session.data.n_sequences(split)
@@ -212,7 +220,11 @@ def evaluate(session: Session) -> dict[str, float]:
         count += y.numel()
     model.train()
     val_loss = total_loss / max(count, 1)
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_acc": correct / max(count, 1)}
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50.0)),
+        "val_acc": correct / max(count, 1),
+    }
 
 
 def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
@@ -222,8 +234,11 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
     t = cfg.train
     writer = RunWriter(session.run_dir, cfg.trace.percentiles,
                        resume_step=session.start_step if resume else None)  # fmt: skip
-    meta = runmeta.initial_meta(session, command, epochs_for(
-        session.data.n_sequences("train"), t.steps, t.batch_size * t.grad_accum))
+    meta = runmeta.initial_meta(
+        session,
+        command,
+        epochs_for(session.data.n_sequences("train"), t.steps, t.batch_size * t.grad_accum),
+    )
     runmeta.write_config_and_meta(session.run_dir, cfg, meta)
     progress = runmeta.Progress(t.steps, session.start_step, session.tokens_per_step)
     model.train()
@@ -231,7 +246,10 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
     try:
         for step in range(session.start_step, t.steps):
             t0 = time.perf_counter()
-            measure = step % cfg.trace.every == 0 or step == t.steps - 1
+            mask_now = cfg.mask.at_step > 0 and step == cfg.mask.at_step
+            measure = mask_now or (
+                cfg.trace.every > 0 and (step % cfg.trace.every == 0 or step == t.steps - 1)
+            )
             counts, loss_sum = None, torch.zeros((), device=session.device)
             for group in session.optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
@@ -255,6 +273,8 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
                 writer.log_sparsity(step, tokens, stats)
                 session.tracker.update(step, {n: s.batch_used for n, s in stats.items()})
                 writer.write_lifecycle(session.tracker)
+                if mask_now:
+                    _apply_unit_masks(session, step, {n: s.batch_used for n, s in stats.items()})
             dt = time.perf_counter() - t0
             session.elapsed_s += dt
             writer.log_train({"step": step, "tokens": tokens, "lr": lr_at(step, cfg), "loss": loss,
@@ -276,6 +296,26 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
     runmeta.update_meta(session.run_dir, meta, status="finished", step=t.steps,
                         elapsed_s=session.elapsed_s)  # fmt: skip
     return session.run_dir
+
+
+def _apply_unit_masks(session: Session, step: int, batch_used: dict[str, torch.Tensor]) -> None:
+    """Fix each layer's mask from this batch (paper 4.1.1): dead = unused units; random = as many
+    units, chosen uniformly. Applied from the next step on; recorded in mask.json."""
+    gen = torch.Generator().manual_seed(session.cfg.mask.seed)
+    layers = {}
+    for name, mlp in session.model.mlps().items():
+        keep = batch_used[name].cpu()
+        if session.cfg.mask.kind == "random":
+            n_masked = int((~keep).sum())
+            keep = torch.ones_like(keep)
+            keep[torch.randperm(keep.numel(), generator=gen)[:n_masked]] = False
+        mlp.set_unit_mask(keep.float())
+        layers[name] = {"hidden": keep.numel(), "masked": int((~keep).sum())}
+    total = sum(v["hidden"] for v in layers.values())
+    masked = sum(v["masked"] for v in layers.values())
+    info = {"step": step, "kind": session.cfg.mask.kind, "layers": layers,
+            "masked_fraction": masked / total}  # fmt: skip
+    atomic_write_text(session.run_dir / "mask.json", json.dumps(info, indent=2))
 
 
 def _diverged(session: Session, meta: dict[str, Any], step: int, loss: float) -> None:
