@@ -130,7 +130,10 @@ class Attention(nn.Module):
         self.rope = cfg.pos == "rope"
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
