@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,8 @@ def train(preset: str = "cpu", resume: bool = False, overrides: list[str] | None
     from sparsetrace.train.loop import train as train_run
 
     run_dir = train_run(load_config(preset, overrides), resume=resume, command=_command())
-    print(f"run directory: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"run directory: {run_dir}")
 
 
 def report(runs: list[Path], out: Path | None = None) -> None:

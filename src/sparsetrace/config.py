@@ -35,6 +35,8 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
     compile: bool = False
+    # Multi-process (torchrun): ddp replicates the model; fsdp shards it (FSDP2 fully_shard).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from sparsetrace.errors import UserError
 
@@ -37,15 +37,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any], keep: int = 0
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 0
 ) -> Path:
-    """Write model weights (safetensors) and training state; keep the newest ``keep`` (0: all)."""
+    """Write weights (safetensors; tied aliases left out, as ``safetensors.torch.save_model``
+    does) and the training state; keep the newest ``keep`` checkpoints (0: all)."""
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(f".tmp_{final.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_model(model, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
         torch.save(state, tmp / "state.pt")
         if final.exists():
             shutil.rmtree(final)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from sparsetrace.config import RunConfig, to_dict
@@ -26,7 +27,7 @@ from sparsetrace.metrics import use_stats_from_counts
 from sparsetrace.model.transformer import ModelConfig, Transformer
 from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.tracking import LifecycleTracker
-from sparsetrace.train import runmeta
+from sparsetrace.train import parallelize, runmeta
 from sparsetrace.train.checkpoint import (
     list_checkpoints,
     load_state,
@@ -92,13 +93,15 @@ class Session:
     tracker: LifecycleTracker
     device: torch.device
     amp_dtype: torch.dtype | None
+    dist: parallelize.Dist
     start_step: int = 0
     elapsed_s: float = 0.0
 
     @property
     def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step over all ranks and micro-batches."""
         t = self.cfg.train
-        return t.batch_size * t.grad_accum * self.cfg.data.seq_len
+        return t.batch_size * t.grad_accum * self.dist.world_size * self.cfg.data.seq_len
 
 
 def setup(cfg: RunConfig, resume: bool = False) -> Session:
@@ -110,26 +113,35 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
             f"run directory {run_dir} already holds a run; pass --resume to continue it "
             "or --run_name NAME for a new one"
         )
+    if resume and not existing:
+        raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    info, device = parallelize.init_distributed(resolve_device(cfg.train.device))
+    # Every rank has checked the run directory before rank 0 writes into it; rank 0 builds the
+    # token cache before the others read it.
+    parallelize.barrier(info)
+    if not info.is_main:
+        parallelize.barrier(info)
     data = prepare_data(cfg.data)
+    if info.is_main:
+        parallelize.barrier(info)
     if cfg.model.vocab_size not in (0, data.vocab_size):
         raise UserError(f"model.vocab_size {cfg.model.vocab_size} != tokenizer's {data.vocab_size}")
     cfg.model = cfg.model.with_data(data.vocab_size, cfg.data.seq_len)
     torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).to(device)
-    optimizer = _optimizer(model, cfg)
+    model = Transformer(cfg.model)
+    state = _restore_model(model, cfg, existing[-1]) if resume else None
+    model.to(device)
+    wrapped = parallelize.wrap_model(model, info, device, cfg.train.parallel)
     session = Session(
         cfg=cfg, run_dir=run_dir, data=data, model=model,
-        step_model=torch.compile(model) if cfg.train.compile else model,
-        optimizer=optimizer, tracker=LifecycleTracker(), device=device,
-        amp_dtype=resolve_precision(cfg.train.precision, device),
+        step_model=torch.compile(wrapped) if cfg.train.compile else wrapped,
+        optimizer=_optimizer(model, cfg), tracker=LifecycleTracker(), device=device,
+        amp_dtype=resolve_precision(cfg.train.precision, device), dist=info,
     )  # fmt: skip
-    if resume:
-        if not existing:
-            raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-        _restore(session, existing[-1])
+    if state is not None:
+        _restore_state(session, state)
     return session
 
 
@@ -146,19 +158,26 @@ def _optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer:
     )  # fmt: skip
 
 
-def _restore(session: Session, path: Path) -> None:
+def _restore_model(model: Transformer, cfg: RunConfig, path: Path) -> dict[str, Any]:
+    """Load a checkpoint's weights (before any sharding) and return its training state."""
     state = load_state(path)
-    current = model_identity(session.cfg.model)
+    current = model_identity(cfg.model)
     saved = state.get("model_config", {})
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise UserError(
             f"checkpoint {path} is from another model config (differs in: {', '.join(diff)})"
         )
-    load_weights(path, session.model)
-    for mlp in session.model.mlps().values():  # the masks came back as buffers; refresh flags
+    load_weights(path, model)
+    for mlp in model.mlps().values():  # the masks came back as buffers; refresh their flags
         mlp.set_unit_mask(mlp.unit_mask.clone())
-    session.optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def _restore_state(session: Session, state: dict[str, Any]) -> None:
+    parallelize.load_optimizer_state(
+        session.model, session.optimizer, state["optimizer"], session.dist
+    )
     session.tracker.load_state_dict(state["tracker"])
     torch.set_rng_state(state["rng_cpu"])
     if torch.cuda.is_available() and state.get("rng_cuda") is not None:
@@ -175,9 +194,15 @@ def model_identity(m: ModelConfig) -> dict[str, Any]:
 
 
 def _checkpoint(session: Session, step: int) -> None:
+    """Full (unsharded) weights and optimizer state, written by rank 0: loadable at any world
+    size. Gathering is collective, so every rank calls this."""
+    weights = parallelize.full_model_state(session.model)
+    optimizer = parallelize.full_optimizer_state(session.model, session.optimizer)
+    if not session.dist.is_main:
+        return
     state = {
         "step": step,
-        "optimizer": session.optimizer.state_dict(),
+        "optimizer": optimizer,
         "tracker": session.tracker.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -185,7 +210,7 @@ def _checkpoint(session: Session, step: int) -> None:
         "config": to_dict(session.cfg),
         "elapsed_s": session.elapsed_s,
     }
-    save_checkpoint(session.run_dir, step, session.model, state, session.cfg.checkpoint.keep)
+    save_checkpoint(session.run_dir, step, weights, state, session.cfg.checkpoint.keep)
 
 
 def _batch(
@@ -194,54 +219,59 @@ def _batch(
     t = session.cfg.train
     tokens = session.data.train if split == "train" else session.data.val
     n = session.data.n_sequences(split)
-    idx = batch_indices(n, step * t.grad_accum + micro, t.batch_size, t.seed)
+    idx = batch_indices(
+        n, step * t.grad_accum + micro, t.batch_size, t.seed,
+        session.dist.rank, session.dist.world_size,
+    )  # fmt: skip
     batch = get_batch(tokens, idx, session.cfg.data.seq_len).to(session.device, non_blocking=True)
     return batch[:, :-1], batch[:, 1:]
 
 
 @torch.no_grad()
 def evaluate(session: Session) -> dict[str, float]:
-    """Validation loss, perplexity and next-token accuracy on a fixed set of held-out sequences."""
-    model, cfg = session.model, session.cfg
+    """Validation loss, perplexity and next-token accuracy on a fixed held-out set.
+
+    The set is the first ``eval.batches`` global batches of the validation split (fewer if the
+    split is smaller), each rank evaluating its device slice, so the set depends on the global
+    batch only, not on how it is spread over ranks.
+    """
+    model, cfg, info = session.model, session.cfg, session.dist
+    b = cfg.train.batch_size
+    n_batches = min(cfg.eval.batches, session.data.n_sequences("val") // (b * info.world_size))
+    totals = torch.zeros(3, dtype=torch.float64, device=session.device)  # loss sum, correct, n
     model.eval()
-    n = session.data.n_sequences("val")
-    total_loss, correct, count = 0.0, 0, 0
-    for i in range(cfg.eval.batches):
-        start = i * cfg.train.batch_size
-        if start >= n:
-            break
-        idx = torch.arange(start, min(start + cfg.train.batch_size, n)).numpy()
-        batch = get_batch(session.data.val, idx, cfg.data.seq_len).to(session.device)
-        x, y = batch[:, :-1], batch[:, 1:]
+    for i in range(n_batches):
+        start = (i * info.world_size + info.rank) * b
+        batch = get_batch(session.data.val, np.arange(start, start + b), cfg.data.seq_len)
+        x, y = batch[:, :-1].to(session.device), batch[:, 1:].to(session.device)
         with autocast(session.device, session.amp_dtype):
             out = model(x, y)
-        total_loss += float(out.loss) * y.numel()
-        correct += int((out.logits.argmax(-1) == y).sum())
-        count += y.numel()
+        totals += torch.stack([out.loss.double() * y.numel(),
+                               (out.logits.argmax(-1) == y).sum().double(),
+                               torch.tensor(float(y.numel()), device=session.device)])  # fmt: skip
     model.train()
-    val_loss = total_loss / max(count, 1)
+    loss_sum, correct, count = parallelize.all_reduce_sum(totals, info).tolist()
+    val_loss = loss_sum / max(count, 1.0)
     return {
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 50.0)),
-        "val_acc": correct / max(count, 1),
+        "val_acc": correct / max(count, 1.0),
     }
 
 
 def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
-    """Train ``cfg`` (or resume it) and write the run directory; returns its path."""
+    """Train ``cfg`` (or resume it) and write the run directory (rank 0); returns its path."""
     session = setup(cfg, resume)
-    cfg, model = session.cfg, session.model
-    t = cfg.train
-    writer = RunWriter(session.run_dir, cfg.trace.percentiles,
-                       resume_step=session.start_step if resume else None)  # fmt: skip
-    meta = runmeta.initial_meta(
-        session,
-        command,
-        epochs_for(session.data.n_sequences("train"), t.steps, t.batch_size * t.grad_accum),
-    )
-    runmeta.write_config_and_meta(session.run_dir, cfg, meta)
-    progress = runmeta.Progress(t.steps, session.start_step, session.tokens_per_step)
-    model.train()
+    cfg, t, main = session.cfg, session.cfg.train, session.dist.is_main
+    writer = meta = None
+    if main:
+        writer = RunWriter(session.run_dir, cfg.trace.percentiles,
+                           resume_step=session.start_step if resume else None)  # fmt: skip
+        global_batch = t.batch_size * t.grad_accum * session.dist.world_size
+        epochs = epochs_for(session.data.n_sequences("train"), t.steps, global_batch)
+        meta = runmeta.initial_meta(session, command, epochs)
+        runmeta.write_config_and_meta(session.run_dir, cfg, meta)
+    progress = runmeta.Progress(t.steps, session.start_step, session.tokens_per_step, main)
     step = session.start_step
     try:
         for step in range(session.start_step, t.steps):
@@ -250,52 +280,106 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
             measure = mask_now or (
                 cfg.trace.every > 0 and (step % cfg.trace.every == 0 or step == t.steps - 1)
             )
-            counts, loss_sum = None, torch.zeros((), device=session.device)
-            for group in session.optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            for micro in range(t.grad_accum):
-                x, y = _batch(session, "train", step, micro)
-                with autocast(session.device, session.amp_dtype):
-                    out = session.step_model(x, y, measure=measure and micro == 0)
-                (out.loss / t.grad_accum).backward()
-                loss_sum += out.loss.detach()
-                counts = out.use_counts if micro == 0 else counts
-            loss = float(loss_sum) / t.grad_accum  # one host sync per step (NaN check)
+            loss, grad_norm, counts = _train_step(session, step, measure)
             if not math.isfinite(loss):
                 _diverged(session, meta, step, loss)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            session.optimizer.step()
-            session.optimizer.zero_grad(set_to_none=True)
             tokens = step * session.tokens_per_step
             if counts is not None:
-                stats = {name: use_stats_from_counts(c, cfg.data.seq_len, cfg.trace.percentiles)
-                         for name, c in counts.items()}  # fmt: skip
-                writer.log_sparsity(step, tokens, stats)
-                session.tracker.update(step, {n: s.batch_used for n, s in stats.items()})
-                writer.write_lifecycle(session.tracker)
-                if mask_now:
-                    _apply_unit_masks(session, step, {n: s.batch_used for n, s in stats.items()})
+                _record_sparsity(session, writer, step, tokens, counts, mask_now)
             dt = time.perf_counter() - t0
             session.elapsed_s += dt
-            writer.log_train({"step": step, "tokens": tokens, "lr": lr_at(step, cfg), "loss": loss,
-                              "grad_norm": grad_norm, "step_time_s": dt})  # fmt: skip
             done = step + 1
+            if writer is not None:
+                row = {"step": step, "tokens": tokens, "lr": lr_at(step, cfg), "loss": loss,
+                       "grad_norm": grad_norm, "step_time_s": dt}  # fmt: skip
+                writer.log_train(row)
             if done % cfg.eval.every == 0 or done == t.steps:
-                writer.log_eval({"step": done, "tokens": done * session.tokens_per_step,
-                                 **evaluate(session)})  # fmt: skip
+                scores = evaluate(session)  # every rank: sharded models need all of them
+                if writer is not None:
+                    writer.log_eval({"step": done, "tokens": done * session.tokens_per_step,
+                                     **scores})  # fmt: skip
             if done % cfg.checkpoint.every == 0 or done == t.steps:
                 _checkpoint(session, done)
-                runmeta.update_meta(session.run_dir, meta, step=done, elapsed_s=session.elapsed_s)
+                if meta is not None:
+                    runmeta.update_meta(session.run_dir, meta, step=done,
+                                        elapsed_s=session.elapsed_s)  # fmt: skip
             progress.update(done, loss)
     except KeyboardInterrupt:
-        runmeta.update_meta(session.run_dir, meta, status="interrupted", step=step)
+        if meta is not None:
+            runmeta.update_meta(session.run_dir, meta, status="interrupted", step=step)
         raise
     finally:
         progress.close()
-        writer.close()
-    runmeta.update_meta(session.run_dir, meta, status="finished", step=t.steps,
-                        elapsed_s=session.elapsed_s)  # fmt: skip
+        if writer is not None:
+            writer.close()
+        parallelize.shutdown(session.dist)
+    if meta is not None:
+        runmeta.update_meta(session.run_dir, meta, status="finished", step=t.steps,
+                            elapsed_s=session.elapsed_s)  # fmt: skip
     return session.run_dir
+
+
+def _train_step(
+    session: Session, step: int, measure: bool
+) -> tuple[float, float, dict[str, torch.Tensor] | None]:
+    """One optimizer step over ``grad_accum`` micro-batches; the first one is measured.
+
+    Returns the loss averaged over micro-batches and ranks, the gradient norm, and the device
+    batch's use counts (None when not measured).
+    """
+    t = session.cfg.train
+    for group in session.optimizer.param_groups:
+        group["lr"] = lr_at(step, session.cfg)
+    counts, loss_sum = None, torch.zeros((), device=session.device)
+    for micro in range(t.grad_accum):
+        x, y = _batch(session, "train", step, micro)
+        last = micro == t.grad_accum - 1
+        # DDP: all-reduce the gradients once, after the last micro-batch.
+        sync = nullcontext() if last or not session.dist.enabled else _no_sync(session.step_model)
+        with sync:
+            with autocast(session.device, session.amp_dtype):
+                out = session.step_model(x, y, measure=measure and micro == 0)
+            (out.loss / t.grad_accum).backward()
+        loss_sum += out.loss.detach()
+        counts = out.use_counts if micro == 0 else counts
+    loss_sum = parallelize.all_reduce_mean(loss_sum, session.dist)
+    loss = float(loss_sum) / t.grad_accum  # one host sync per step (NaN check)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(session.model.parameters(), t.grad_clip))
+    session.optimizer.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, counts
+
+
+def _no_sync(model: torch.nn.Module) -> AbstractContextManager:
+    no_sync = getattr(model, "no_sync", None)
+    return no_sync() if no_sync is not None else nullcontext()
+
+
+def _record_sparsity(
+    session: Session,
+    writer: RunWriter | None,
+    step: int,
+    tokens: int,
+    counts: dict[str, torch.Tensor],
+    mask_now: bool,
+) -> None:
+    """Metrics of the device batch (paper: per device), plus the global view when distributed."""
+    cfg = session.cfg
+    stats = {name: use_stats_from_counts(c, cfg.data.seq_len, cfg.trace.percentiles)
+             for name, c in counts.items()}  # fmt: skip
+    scopes = {"device": stats}
+    if session.dist.enabled:
+        scopes["global"], scopes["device_min"], scopes["device_max"] = parallelize.global_stats(
+            stats, session.dist
+        )
+    session.tracker.update(step, {n: s.batch_used for n, s in stats.items()})
+    if writer is not None:
+        for scope, values in scopes.items():
+            writer.log_sparsity(step, tokens, values, scope=scope)
+        writer.write_lifecycle(session.tracker)
+    if mask_now:  # the union over devices, so that every replica applies the same mask
+        used = scopes.get("global", stats)
+        _apply_unit_masks(session, step, {n: s.batch_used for n, s in used.items()})
 
 
 def _apply_unit_masks(session: Session, step: int, batch_used: dict[str, torch.Tensor]) -> None:
@@ -315,14 +399,16 @@ def _apply_unit_masks(session: Session, step: int, batch_used: dict[str, torch.T
     masked = sum(v["masked"] for v in layers.values())
     info = {"step": step, "kind": session.cfg.mask.kind, "layers": layers,
             "masked_fraction": masked / total}  # fmt: skip
-    atomic_write_text(session.run_dir / "mask.json", json.dumps(info, indent=2))
+    if session.dist.is_main:
+        atomic_write_text(session.run_dir / "mask.json", json.dumps(info, indent=2))
 
 
-def _diverged(session: Session, meta: dict[str, Any], step: int, loss: float) -> None:
+def _diverged(session: Session, meta: dict[str, Any] | None, step: int, loss: float) -> None:
     ckpts = list_checkpoints(session.run_dir)
     kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-    runmeta.update_meta(session.run_dir, meta, status="failed", step=step,
-                        error=f"loss {loss} at step {step}")  # fmt: skip
+    if meta is not None:
+        runmeta.update_meta(session.run_dir, meta, status="failed", step=step,
+                            error=f"loss {loss} at step {step}")  # fmt: skip
     raise TrainingDiverged(
         f"loss became {loss} at step {step} (try a lower train.lr or train.grad_clip); {kept}"
     )

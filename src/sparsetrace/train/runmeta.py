@@ -52,7 +52,8 @@ def initial_meta(session: Session, command: str, epochs: float) -> dict[str, Any
             "batch_size": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
             "seq_len": cfg.data.seq_len, "tokens_per_step": session.tokens_per_step,
             "lr": cfg.train.lr, "warmup_steps": cfg.train.warmup_steps,
-            "epochs": round(epochs, 3), "world_size": 1,
+            "epochs": round(epochs, 3), "world_size": session.dist.world_size,
+            "parallel": cfg.train.parallel if session.dist.enabled else None,
         },
         "precision": "bf16" if session.amp_dtype == torch.bfloat16 else "fp32",
         "device": str(session.device),
@@ -80,16 +81,18 @@ def update_meta(run_dir: Path, meta: dict[str, Any], **changes: Any) -> None:
 class Progress:
     """A tqdm bar on a terminal; elsewhere (CI, logs) one line per 10% of the run."""
 
-    def __init__(self, total: int, start: int, tokens_per_step: int) -> None:
-        self.total, self.tokens_per_step = total, tokens_per_step
+    def __init__(self, total: int, start: int, tokens_per_step: int, enabled: bool = True) -> None:
+        self.total, self.tokens_per_step, self.enabled = total, tokens_per_step, enabled
         self.tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, initial=start, unit="step", disable=not self.tty,
+        self.bar = tqdm(total=total, initial=start, unit="step", disable=not (self.tty and enabled),
                         dynamic_ncols=True, mininterval=0.5)  # fmt: skip
         self.start_step, self.t0, self.next_line = start, time.perf_counter(), start
 
     def update(self, done: int, loss: float) -> None:
         elapsed = time.perf_counter() - self.t0
         tok_s = (done - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
+        if not self.enabled:
+            return
         if self.tty:
             self.bar.update(done - self.bar.n)
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
