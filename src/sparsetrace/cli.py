@@ -20,7 +20,13 @@ from sparsetrace.errors import UserError
 
 
 def metrics(file: Path, percentiles: str = "50,65,75,90", json: bool = False) -> None:
-    """Use metrics of saved activations (.npy, .npz, .safetensors)."""
+    """Use metrics of saved activations (.npy, .npz, .safetensors).
+
+    Args:
+        file: a .npy array (batch, seq, hidden), or .npz / .safetensors with one array per layer
+        percentiles: comma-separated rescaled percentiles (paper A.6.1)
+        json: print one JSON object per array instead of a table
+    """
     import json as jsonlib
 
     from sparsetrace.io.activations import load_activation_file
@@ -42,7 +48,12 @@ def _parse_percentiles(text: str) -> list[float]:
 
 
 def train(preset: str = "cpu", resume: bool = False, overrides: list[str] | None = None) -> None:
-    """Train a model and trace its sparsity (preset name or YAML, plus --section.key overrides)."""
+    """Train a model and trace its sparsity (preset name or YAML, plus --section.key overrides).
+
+    Args:
+        preset: a shipped preset (cpu, tiny, paper) or a YAML file
+        resume: continue the run from its newest checkpoint
+    """
     from sparsetrace.config import load_config
     from sparsetrace.train.loop import train as train_run
 
@@ -52,7 +63,12 @@ def train(preset: str = "cpu", resume: bool = False, overrides: list[str] | None
 
 
 def report(runs: list[Path], out: Path | None = None) -> None:
-    """Write the paper's tables and figures for one or more run directories."""
+    """Write the paper's tables and figures for one or more run directories.
+
+    Args:
+        runs: run directories (several: tables side by side, figures in a grid)
+        out: output directory (default: RUN/report, or reports/compare for several runs)
+    """
     from sparsetrace.report import write_report
 
     out_dir = out or (runs[0] / "report" if len(runs) == 1 else Path("reports") / "compare")
@@ -60,7 +76,11 @@ def report(runs: list[Path], out: Path | None = None) -> None:
 
 
 def run(preset: str = "cpu", overrides: list[str] | None = None) -> None:
-    """The main job: train the preset on its corpus, write the report, print a summary."""
+    """The main job: train the preset on its corpus, write the report, print a summary.
+
+    Args:
+        preset: a shipped preset (cpu, tiny, paper) or a YAML file
+    """
     from sparsetrace.config import load_config
     from sparsetrace.report import text_summary, write_report
     from sparsetrace.train.loop import train as train_run
@@ -86,7 +106,10 @@ def _command() -> str:
     return " ".join(["sparsetrace", *sys.argv[1:]])
 
 
-VERBS: list[Callable[..., Any]] = [run, train, report, metrics]
+def _verbs() -> list[Callable[..., Any]]:
+    from sparsetrace.sparsing.verbs import fit_law, sparsing_law
+
+    return [run, train, report, metrics, sparsing_law, fit_law]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -94,11 +117,11 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="sparsetrace", description="Measure and trace activation sparsity in Transformer MLPs."
     )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for fn in VERBS:
+    for fn in _verbs():
         name = fn.__name__.rstrip("_").replace("_", "-")
-        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        doc = (fn.__doc__ or "").strip().splitlines()[0].replace("%", "%%")
         verb = sub.add_parser(name, help=doc, description=doc)
-        hints = get_type_hints(fn)
+        hints, helps = get_type_hints(fn), _param_help(fn)
         for pname, param in inspect.signature(fn).parameters.items():
             if pname == "overrides":  # free --section.key value pairs, parsed by the config
                 continue
@@ -106,13 +129,32 @@ def _build_parser() -> argparse.ArgumentParser:
             conv = _converter(typ)
             if param.default is inspect.Parameter.empty:
                 nargs = "+" if typ == list[Path] else None
-                verb.add_argument(pname, type=conv, nargs=nargs)
+                verb.add_argument(pname, type=conv, nargs=nargs, help=helps.get(pname))
             elif typ is bool:
-                verb.add_argument(f"--{pname.replace('_', '-')}", action="store_true")
+                verb.add_argument(
+                    f"--{pname.replace('_', '-')}", action="store_true", help=helps.get(pname)
+                )
             else:
-                verb.add_argument(f"--{pname.replace('_', '-')}", type=conv, default=param.default)
+                help_text = helps.get(pname, "")
+                verb.add_argument(
+                    f"--{pname.replace('_', '-')}", type=conv, default=param.default,
+                    help=f"{help_text} (default: %(default)s)".strip(),
+                )  # fmt: skip
         verb.set_defaults(_fn=fn)
     return parser
+
+
+def _param_help(fn: Callable[..., Any]) -> dict[str, str]:
+    """``name: text`` lines of the docstring's ``Args:`` block."""
+    doc = inspect.getdoc(fn) or ""
+    if "Args:" not in doc:
+        return {}
+    helps = {}
+    for line in doc.split("Args:", 1)[1].splitlines():
+        name, sep, text = line.strip().partition(": ")
+        if sep and name.isidentifier():
+            helps[name] = text.replace("%", "%%")
+    return helps
 
 
 def _converter(typ: Any) -> Callable[[str], Any]:

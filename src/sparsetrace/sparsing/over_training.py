@@ -1,0 +1,144 @@
+"""PPL-p% activation ratio over a run's checkpoints (Sparsing Law, over training).
+
+As the public scripts do, the CETT c is found once, on the final checkpoints (the PPL ratio
+averaged over the last ``last``), and applied to every checkpoint, so that the curve of activation
+ratio against tokens seen is measured at one fixed truncation criterion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from sparsetrace.data import get_batch, prepare_data
+from sparsetrace.errors import UserError
+from sparsetrace.rundir import atomic_write_text, layer_index
+from sparsetrace.sparsing.cett import GRID_SIZE
+from sparsetrace.sparsing.search import (
+    PPL_TOL,
+    Measurement,
+    Subject,
+    TokenBatch,
+    find_cett,
+    target_ratio,
+)
+from sparsetrace.sparsing.truncation import transformer_down_projections
+from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
+from sparsetrace.train.loop import resolve_device
+
+CSV_NAME = "sparsing_law.csv"
+JSON_NAME = "sparsing_law.json"
+PNG_NAME = "sparsing_law.png"
+COLUMNS = ["step", "tokens", "layer", "activation_ratio", "cett", "ppl_ratio"]
+BATCH_TOKENS = 4096  # tokens per forward pass of the evaluation
+
+
+def validation_batches(val: np.ndarray, seq_len: int, tokens: int) -> list[TokenBatch]:
+    """The first ``ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched:
+    the same fixed token set for every checkpoint and every candidate c."""
+    available = max(0, (len(val) - 1) // seq_len)
+    n = min(math.ceil(tokens / seq_len), available)
+    if n < 1:
+        raise UserError(f"the validation split holds no window of {seq_len + 1} tokens")
+    per_batch = max(1, BATCH_TOKENS // seq_len)
+    batches = []
+    for start in range(0, n, per_batch):
+        window = get_batch(val, np.arange(start, min(start + per_batch, n)), seq_len)
+        batches.append(TokenBatch(window[:, :-1], window[:, 1:]))
+    return batches
+
+
+def checkpoint_step(path: Path) -> int:
+    """``checkpoints/step_0000500`` -> 500."""
+    return int(path.name.removeprefix("step_"))
+
+
+def _tokens_per_step(run: Path) -> int:
+    try:
+        return int(json.loads((run / "meta.json").read_text())["train"]["tokens_per_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{run}: meta.json with train.tokens_per_step is missing") from None
+
+
+def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5) -> Path:
+    """Activation ratio at PPL-p% sparsity for every checkpoint of ``run``; writes
+    ``sparsing_law.csv`` (step, tokens, layer ('all' or index), activation_ratio, cett,
+    ppl_ratio) and ``sparsing_law.json`` into the run directory; returns the CSV's path.
+
+    Memory: the last ``last`` models are held at once during the search; each layer keeps
+    ``GRID_SIZE + 1`` numbers of its CETT curve, never the activations.
+    """
+    run = Path(run)
+    if not p > 0:
+        raise UserError(f"p must be > 0 (percent of perplexity); got {p}")
+    if tokens < 1 or last < 1:
+        raise UserError(f"tokens and last must be >= 1; got tokens={tokens}, last={last}")
+    ckpts = list_checkpoints(run)
+    if not ckpts:
+        raise UserError(f"{run}: no checkpoint to evaluate")
+    per_step = _tokens_per_step(run)
+    _, cfg = load_trained_model(run, ckpts[-1])
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
+    device = resolve_device("auto")
+
+    def subject(ckpt: Path) -> Subject:
+        model, _ = load_trained_model(run, ckpt)
+        model.to(device)
+        return Subject(model, transformer_down_projections(model), batches)
+
+    finals = {ckpt: subject(ckpt) for ckpt in ckpts[-last:]}
+    search = find_cett(list(finals.values()), p)
+    rows: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    passes = 0
+    for ckpt in ckpts:
+        s = finals.pop(ckpt, None) or subject(ckpt)  # a final checkpoint is freed once measured
+        m = s.measure(search.x)
+        step = checkpoint_step(ckpt)
+        rows += _rows(step, step * per_step, m)
+        results.append(_result(step, step * per_step, s, m))
+        passes += s.passes
+    csv = run / CSV_NAME
+    atomic_write_text(csv, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
+    summary = {
+        "run": str(run), "p": p, "target_ppl_ratio": target_ratio(p), "cett": search.x,
+        "search": {
+            "checkpoints": [checkpoint_step(c) for c in ckpts[-last:]],
+            "mean_ppl_ratio": search.value, "bracket": [search.lo, search.hi],
+            "candidates": len(search.points), "ppl_tolerance": PPL_TOL * p / 100,
+        },
+        "tokens_evaluated": sum(b.n_targets for b in batches), "grid_size": GRID_SIZE,
+        "passes": passes, "checkpoints": results,
+    }  # fmt: skip
+    atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
+    return csv
+
+
+def _rows(step: int, tokens: int, m: Measurement) -> list[dict[str, Any]]:
+    layers = [
+        {"layer": layer_index(name), "activation_ratio": lm.activation_ratio, "cett": lm.cett}
+        for name, lm in m.layers.items()
+    ]
+    overall = {
+        "layer": "all", "activation_ratio": m.activation_ratio,
+        "cett": sum(lm.cett for lm in m.layers.values()) / len(m.layers),
+    }  # fmt: skip
+    return [
+        {"step": step, "tokens": tokens, **row, "ppl_ratio": m.ppl_ratio}
+        for row in [overall, *layers]
+    ]
+
+
+def _result(step: int, tokens: int, s: Subject, m: Measurement) -> dict[str, Any]:
+    return {
+        "step": step, "tokens": tokens, "activation_ratio": m.activation_ratio,
+        "dense_activation_ratio": s.reference.dense.mean_activation_ratio,
+        "ppl_ratio": m.ppl_ratio, "loss_dense": m.loss_dense, "loss_sparse": m.loss_sparse,
+        "layers": {str(layer_index(name)): asdict(lm) for name, lm in m.layers.items()},
+    }  # fmt: skip

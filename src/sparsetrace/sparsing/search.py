@@ -1,0 +1,267 @@
+"""PPL-p% sparsity: the CETT shared by all layers at which truncation costs p% perplexity.
+
+Sparsing Law, "PPL-p% sparsity": find c with ``exp(loss_sparse - loss_dense) = 1 + p/100``, each
+layer truncated at its threshold for CETT c (the largest tau with CETT_l(tau) <= c).
+
+A :class:`Subject` is one model on a fixed evaluation set. Its dense reference takes two passes
+(one to place each layer's candidate thresholds, one to evaluate CETT at all of them, see
+:mod:`sparsetrace.sparsing.cett`); nothing of the activations is kept but a sample of at most
+``SAMPLE_SIZE`` unit norms per layer during the first pass and ``GRID_SIZE + 1`` numbers per layer
+after it. The outer search then runs the model once per candidate c (the loss must be measured),
+never per candidate threshold; candidates that map to the same thresholds are evaluated once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor, nn
+
+from sparsetrace.sparsing.cett import GRID_SIZE, CettCurve, CettThreshold, ThresholdGrid
+from sparsetrace.sparsing.truncation import Observer, Rule, Threshold, Truncation
+
+PPL_TOL = 0.01  # stop when |PPL ratio - (1 + p/100)| <= PPL_TOL * p/100 ...
+C_TOL = 1e-6  # ... or when the bracket on the searched parameter is narrower than this
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Inputs and next-token targets (batch, seq); ``valid`` marks real tokens (None: all)."""
+
+    inputs: Tensor
+    targets: Tensor
+    valid: Tensor | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return self.targets.numel() if self.valid is None else int(self.valid.sum())
+
+    def to(self, device: torch.device) -> TokenBatch:
+        valid = None if self.valid is None else self.valid.to(device)
+        return TokenBatch(self.inputs.to(device), self.targets.to(device), valid)
+
+
+LossFn = Callable[[nn.Module, TokenBatch], Tensor]  # mean loss over the batch's valid targets
+
+
+def transformer_loss(model: nn.Module, batch: TokenBatch) -> Tensor:
+    """Mean next-token cross-entropy of our Transformer (packed windows: no padding)."""
+    return model(batch.inputs, batch.targets).loss
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One pass over the evaluation set, dense or truncated; per-layer dicts by layer name."""
+
+    loss: float
+    activation_ratio: dict[str, float]
+    dead_units: dict[str, int]
+
+    @property
+    def mean_activation_ratio(self) -> float:
+        """Averaged over layers (Sparsing Law, "PPL-p% sparsity")."""
+        return sum(self.activation_ratio.values()) / len(self.activation_ratio)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The dense model on the evaluation set: its pass, and each layer's CETT curve."""
+
+    dense: Evaluation
+    curves: dict[str, CettCurve]
+
+
+@dataclass(frozen=True)
+class LayerMeasurement:
+    """One layer at a shared CETT: threshold and achieved CETT (dense activations), activation
+    ratio in the truncated pass and on the dense activations, the grid's ratio tolerance, and
+    dead units in the truncated pass."""
+
+    tau: float
+    cett: float
+    activation_ratio: float
+    activation_ratio_dense: float
+    ratio_gap: float
+    dead_units: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A model truncated at one shared CETT c."""
+
+    cett: float
+    ppl_ratio: float
+    loss_dense: float
+    loss_sparse: float
+    activation_ratio: float  # mean over layers, truncated pass
+    layers: dict[str, LayerMeasurement]
+
+
+class Subject:
+    """One model on a fixed evaluation set; counts its passes over that set in ``passes``.
+
+    ``down`` maps layer names to down projections (see :mod:`sparsetrace.sparsing.truncation`);
+    ``loss_fn`` gives a batch's mean loss (default: our Transformer's).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        down: Mapping[str, nn.Linear],
+        batches: Sequence[TokenBatch],
+        loss_fn: LossFn = transformer_loss,
+        grid_size: int = GRID_SIZE,
+    ) -> None:
+        if not batches:
+            raise ValueError("empty evaluation set")
+        self.model, self.down, self.batches = model.eval(), dict(down), list(batches)
+        self.loss_fn, self.grid_size = loss_fn, grid_size
+        self.passes = 0
+        self._memo: dict[tuple, Evaluation] = {}
+
+    @torch.no_grad()
+    def run(
+        self, rules: Mapping[str, Rule] | None = None, observe: Observer | None = None
+    ) -> Evaluation:
+        """One pass over the evaluation set with ``rules`` applied (none: dense)."""
+        device = next(self.model.parameters()).device
+        total, count = 0.0, 0
+        with Truncation(self.down, rules, observe) as trunc:
+            for batch in self.batches:
+                batch = batch.to(device)
+                trunc.valid = batch.valid
+                n = batch.n_targets
+                total += float(self.loss_fn(self.model, batch)) * n
+                count += n
+        self.passes += 1
+        return Evaluation(total / count, trunc.activation_ratio(), trunc.dead_units())
+
+    @cached_property
+    def reference(self) -> Reference:
+        """Dense pass (loss, candidate thresholds), then a second pass for the CETT curves."""
+        grids = {name: ThresholdGrid(m.weight) for name, m in self.down.items()}
+        dense = self.run(observe=lambda name, rows, _: grids[name].update(rows))
+        curves = {
+            name: CettCurve(self.down[name].weight, g.grid(self.grid_size))
+            for name, g in grids.items()
+        }
+        self.run(observe=lambda name, rows, _: curves[name].update(rows))
+        return Reference(dense, curves)
+
+    def evaluate(self, rules: Mapping[str, Rule]) -> Evaluation:
+        """A truncated pass, memoised by the rules (frozen dataclasses)."""
+        key = tuple(sorted(rules.items(), key=lambda item: item[0]))
+        if key not in self._memo:
+            self._memo[key] = self.run(rules)
+        return self._memo[key]
+
+    def ppl_ratio(self, evaluation: Evaluation) -> float:
+        return math.exp(evaluation.loss - self.reference.dense.loss)
+
+    def thresholds(self, c: float) -> dict[str, CettThreshold]:
+        """Each layer's threshold for the shared CETT c."""
+        return {name: curve.threshold(c) for name, curve in self.reference.curves.items()}
+
+    def at_cett(self, c: float) -> Evaluation:
+        return self.evaluate({name: Threshold(t.tau) for name, t in self.thresholds(c).items()})
+
+    def measure(self, c: float) -> Measurement:
+        """The model truncated at shared CETT c: PPL ratio and per-layer results."""
+        chosen, ev = self.thresholds(c), self.at_cett(c)
+        layers = {
+            name: LayerMeasurement(
+                tau=t.tau, cett=t.cett, activation_ratio=ev.activation_ratio[name],
+                activation_ratio_dense=t.activation_ratio, ratio_gap=t.ratio_gap,
+                dead_units=ev.dead_units[name],
+            )
+            for name, t in chosen.items()
+        }  # fmt: skip
+        return Measurement(
+            cett=c, ppl_ratio=self.ppl_ratio(ev), loss_dense=self.reference.dense.loss,
+            loss_sparse=ev.loss, activation_ratio=ev.mean_activation_ratio, layers=layers,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Bisection:
+    """Result of :func:`bisect`: the evaluated x whose value is closest to the target."""
+
+    x: float
+    value: float
+    target: float
+    lo: float
+    hi: float
+    points: list[tuple[float, float]] = field(default_factory=list)
+
+
+def bisect(
+    f: Callable[[float], float],
+    lo: float,
+    hi: float,
+    target: float,
+    tol: float,
+    x_tol: float = C_TOL,
+    increasing: bool = True,
+) -> Bisection:
+    """Solve f(x) = target for f monotone on [lo, hi], evaluating midpoints only.
+
+    Stops when ``|f(x) - target| <= tol`` or the bracket is narrower than ``x_tol``.
+    """
+    if not hi - lo > x_tol:
+        raise ValueError(f"empty bracket [{lo}, {hi}]")
+    points: list[tuple[float, float]] = []
+    while hi - lo > x_tol:
+        x = (lo + hi) / 2
+        y = f(x)
+        points.append((x, y))
+        if abs(y - target) <= tol:
+            break
+        if (y < target) == increasing:
+            lo = x
+        else:
+            hi = x
+    x, y = min(points, key=lambda p: abs(p[1] - target))
+    return Bisection(x=x, value=y, target=target, lo=lo, hi=hi, points=points)
+
+
+def target_ratio(p: float) -> float:
+    if not p > 0:
+        raise ValueError(f"p must be > 0 (percent of perplexity); got {p}")
+    return 1.0 + p / 100.0
+
+
+def find_cett(subjects: Sequence[Subject], p: float, c_tol: float = C_TOL) -> Bisection:
+    """Binary search of the shared CETT c in [0, 1] so that the PPL ratio, averaged over
+    ``subjects`` (one model, or a run's final checkpoints), equals 1 + p/100.
+
+    Tolerance: ``|ratio - (1 + p/100)| <= PPL_TOL * p/100`` or a bracket on c below ``c_tol``;
+    with finitely many candidate thresholds the ratio is a step function of c, and the result is
+    the evaluated c whose ratio is closest to the target.
+    """
+    target = target_ratio(p)
+
+    def mean_ratio(c: float) -> float:
+        return sum(s.ppl_ratio(s.at_cett(c)) for s in subjects) / len(subjects)
+
+    return bisect(mean_ratio, 0.0, 1.0, target, PPL_TOL * (target - 1.0), c_tol)
+
+
+@dataclass(frozen=True)
+class PplSparsity:
+    """PPL-p% sparsity of one model: the search and the model at the c found."""
+
+    p: float
+    search: Bisection
+    measurement: Measurement
+    passes: int
+
+
+def ppl_sparsity(subject: Subject, p: float = 1.0) -> PplSparsity:
+    """PPL-p% sparsity of one model (Sparsing Law, "PPL-p% sparsity"; the paper's p = 1)."""
+    search = find_cett([subject], p)
+    measurement = subject.measure(search.x)
+    return PplSparsity(p=p, search=search, measurement=measurement, passes=subject.passes)

@@ -1,0 +1,121 @@
+"""Applying truncation rules to a model: forward pre-hooks on its MLP down projections.
+
+Generic over ``{name: down projection (nn.Linear)}``: the hidden activation is the input of the
+down projection for plain and gated MLPs alike, so the same hooks serve any model once the
+mapping is given (:func:`transformer_down_projections` for ours; for a Hugging Face Llama it would
+be ``{f"layers.{i}": layer.mlp.down_proj}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from sparsetrace.sparsing.cett import DEAD_FRACTION, is_dead, kept, unit_norms
+
+Observer = Callable[[str, Tensor, Tensor], None]  # (layer name, valid hidden rows, W_out) -> None
+
+
+class Rule(Protocol):
+    """A truncation rule: which entries of a hidden activation (..., d_ff) to keep."""
+
+    def keep(self, h: Tensor, w_out: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """CETT-style truncation: zero entries with ``|a| * ||W_out[:, i]|| < tau``.
+
+    Sparsing Law, "PPL-p% sparsity": at inference the rule prunes ``|a| < tau / ||W_out[:, i]||``;
+    the hook evaluates it in the n-form so that it agrees bit for bit with the metrics.
+    """
+
+    tau: float
+
+    def keep(self, h: Tensor, w_out: Tensor) -> Tensor:
+        return kept(unit_norms(h, w_out), self.tau)
+
+
+def transformer_down_projections(model: nn.Module) -> dict[str, nn.Linear]:
+    """Our Transformer's down projections by hidden-activation name (``blocks.{i}.mlp.hidden``)."""
+    return {name: mlp.w_out for name, mlp in model.mlps().items()}
+
+
+class Truncation:
+    """Context manager: hooks on each down projection that apply ``rules`` (none: dense) and count,
+    per unit, the valid tokens on which it is active (nonzero after truncation).
+
+    Set ``valid`` to a (batch, seq) mask before a forward to leave padding out of the counts;
+    ``observe`` sees each layer's valid hidden rows after truncation. The hooks are removed on
+    exit, leaving the model as it was.
+    """
+
+    def __init__(
+        self,
+        down: Mapping[str, nn.Linear],
+        rules: Mapping[str, Rule] | None = None,
+        observe: Observer | None = None,
+    ) -> None:
+        self.down, self.rules, self.observe = dict(down), dict(rules or {}), observe
+        unknown = set(self.rules) - set(self.down)
+        if unknown:
+            raise KeyError(f"rules for unknown layers: {sorted(unknown)}")
+        self.valid: Tensor | None = None
+        self.active = {
+            name: torch.zeros(m.in_features, dtype=torch.int64, device=m.weight.device)
+            for name, m in self.down.items()
+        }
+        self.tokens = dict.fromkeys(self.down, 0)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> Truncation:
+        for name, module in self.down.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple], tuple | None]:
+        rule = self.rules.get(name)
+
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            h = args[0]
+            if rule is not None:
+                h = h.masked_fill(~rule.keep(h, module.weight), 0)
+            rows = h.reshape(-1, h.shape[-1])
+            if self.valid is not None:
+                rows = rows[self.valid.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+            self.active[name] += (rows != 0).sum(0)
+            self.tokens[name] += rows.shape[0]
+            if self.observe is not None and rows.shape[0]:
+                self.observe(name, rows, module.weight)
+            return None if rule is None else (h, *args[1:])
+
+        return hook
+
+    def activation_ratio(self) -> dict[str, float]:
+        """Per layer: active (token, unit) pairs / (valid tokens * d_ff)."""
+        return {
+            name: float(active.sum()) / max(self.tokens[name] * active.numel(), 1)
+            for name, active in self.active.items()
+        }
+
+    def dead_units(self, min_frac: float = DEAD_FRACTION) -> dict[str, int]:
+        """Per layer: units active on fewer than ``min_frac`` of the valid tokens."""
+        return {
+            name: int(is_dead(active, self.tokens[name], min_frac).sum())
+            for name, active in self.active.items()
+        }

@@ -1,0 +1,146 @@
+"""Sparsing Law fits: parameters and curves recovered from noisy synthetic data (deterministic),
+and the ``fit-law`` verb's inputs, outputs and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sparsetrace.errors import UserError
+from sparsetrace.sparsing import verbs
+from sparsetrace.sparsing.laws import fit_law, relu_law, silu_law
+
+D = np.linspace(0.8, 400.0, 40)  # billions of tokens, like the paper's runs
+NOISE = 1e-4
+
+
+def noisy(values: np.ndarray, seed: int) -> np.ndarray:
+    return values + np.random.default_rng(seed).normal(0.0, NOISE, values.shape)
+
+
+# (alpha, b, c, A0): well-determined over D's range (the decay spans it)
+RELU_SETS = [(0.449, -3.05, 0.286, 0.067), (0.683, -3.46, 0.079, 0.069), (1.33, -3.89, 9e-4, 0.078)]
+# (alpha, c, A0)
+SILU_SETS = [(0.479, 0.102, 0.409), (0.844, 0.208, 0.39), (0.3, 0.05, 0.5)]
+
+
+@pytest.mark.parametrize("params", RELU_SETS)
+def test_relu_law_recovered(params: tuple[float, ...]) -> None:
+    alpha, b, c, a0 = params
+    truth = relu_law(D, *params)
+    fit = fit_law(D * 1e9, noisy(truth, 0), "relu")
+    assert np.abs(fit.curve(D) - truth).max() < 5 * NOISE
+    assert fit.mse < 2 * NOISE**2
+    p = fit.params
+    assert p["alpha"] == pytest.approx(alpha, rel=0.05)
+    assert p["c"] == pytest.approx(c, rel=0.25)  # c and alpha trade off: c**(1/alpha) is sharp
+    assert p["b"] == pytest.approx(b, abs=0.05)
+    assert p["A0"] == pytest.approx(a0, abs=5 * NOISE)
+    assert fit.baseline is not None and fit.baseline.mse > fit.mse
+
+
+def test_relu_law_ill_determined_curve_still_recovered() -> None:
+    # alpha 0.1: the decay has mostly happened before the first point; parameters trade off,
+    # the curve does not
+    truth = relu_law(D, 0.101, -0.0151, 3.2, 0.0614)
+    fit = fit_law(D * 1e9, noisy(truth, 1), "relu")
+    assert np.abs(fit.curve(D) - truth).max() < 5 * NOISE
+
+
+@pytest.mark.parametrize("params", SILU_SETS)
+def test_silu_law_recovered(params: tuple[float, ...]) -> None:
+    alpha, c, a0 = params
+    truth = silu_law(D, *params)
+    fit = fit_law(D * 1e9, noisy(truth, 2), "silu")
+    assert np.abs(fit.curve(D) - truth).max() < 5 * NOISE
+    assert fit.params["b"] is None
+    assert fit.params["alpha"] == pytest.approx(alpha, rel=0.03)
+    assert fit.params["c"] == pytest.approx(c, rel=0.03)
+    assert fit.params["A0"] == pytest.approx(a0, abs=5 * NOISE)
+    assert fit.baseline is not None and fit.baseline.mse > fit.mse
+
+
+def test_log_baseline_recovered_and_fits_deterministic() -> None:
+    # A0 + c*log(a*D + b) with a = 2, b = 1 is A0 + c*log(2) + c*log(D + 0.5) in our a = 1 form
+    truth = 0.3 - 0.02 * np.log(2.0 * D + 1.0)
+    first = fit_law(D * 1e9, noisy(truth, 3), "silu")
+    base = first.baseline
+    assert base is not None and base.params["a"] == 1.0
+    assert base.params["b"] == pytest.approx(0.5, rel=0.1)
+    assert base.params["c"] == pytest.approx(-0.02, rel=0.02)
+    assert np.abs(base.curve(D) - truth).max() < 5 * NOISE
+    assert fit_law(D * 1e9, noisy(truth, 3), "silu") == first
+
+
+def _write_csv(path: Path, n: int = 20) -> Path:
+    d = np.linspace(1.0, 100.0, n)
+    pd.DataFrame({"tokens": d * 1e9, "activation_ratio": silu_law(d, 0.5, 0.1, 0.4)}).to_csv(
+        path, index=False
+    )
+    return path
+
+
+def test_fit_law_verb_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    verbs.fit_law(_write_csv(tmp_path / "a.csv"), form="silu", json=True)
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON object
+    assert set(out) == {"form", "params", "mae", "mse", "baseline"}
+    assert out["form"] == "silu" and out["params"]["b"] is None
+    assert set(out["params"]) == {"alpha", "b", "c", "A0"}
+    assert out["params"]["alpha"] == pytest.approx(0.5, rel=1e-3)
+    assert set(out["baseline"]) == {"form", "params", "mae", "mse"}
+    assert out["baseline"]["form"] == "log"
+    assert set(out["baseline"]["params"]) == {"a", "b", "c", "A0"}
+    assert not list(tmp_path.glob("*.png"))  # --json: no plot
+
+
+def test_fit_law_verb_text_and_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    verbs.fit_law(_write_csv(tmp_path / "a.csv"), form="silu")
+    text = capsys.readouterr().out
+    assert "silu: alpha = 0.5" in text and "log:" in text
+    assert (tmp_path / "a_fit_silu.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"plot: {tmp_path / 'a_fit_silu.png'}" in text
+    # a run directory: its sparsing_law.csv, overall rows only
+    run = tmp_path / "run"
+    run.mkdir()
+    d = np.linspace(1.0, 50.0, 6)
+    ratio = relu_law(d, 0.5, -1.0, 1.0, 0.1)
+    rows = [
+        {"step": i, "tokens": d[i] * 1e9, "layer": layer, "activation_ratio": ratio[i], "cett": 0.2,
+         "ppl_ratio": 1.01}
+        for i in range(len(d)) for layer in ("all", "0")
+    ]  # fmt: skip
+    pd.DataFrame(rows).to_csv(run / "sparsing_law.csv", index=False)
+    verbs.fit_law(run)
+    assert capsys.readouterr().out.startswith("6 points")
+    assert (run / "sparsing_law_fit_relu.png").exists()
+    # the authors' JSON (in a .txt file): token counts and ratios
+    authors = tmp_path / "0.1b_relu.txt"
+    authors.write_text(json.dumps({"token_passed": list(d * 1e9), "activation_ratio": list(ratio)}))
+    verbs.fit_law(authors, json=True)
+    assert json.loads(capsys.readouterr().out)["params"]["alpha"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_fit_law_verb_errors(tmp_path: Path) -> None:
+    good = _write_csv(tmp_path / "a.csv")
+    with pytest.raises(UserError, match="--form"):
+        verbs.fit_law(good, form="gelu")
+    with pytest.raises(UserError, match="no such file"):
+        verbs.fit_law(tmp_path / "missing.csv")
+    with pytest.raises(UserError, match=r"no sparsing_law\.csv"):
+        verbs.fit_law(tmp_path)
+    pd.DataFrame({"tokens": [1, 2, 3, 4, 5], "ratio": [0.1] * 5}).to_csv(tmp_path / "b.csv")
+    with pytest.raises(UserError, match=r"missing column.*activation_ratio"):
+        verbs.fit_law(tmp_path / "b.csv")
+    with pytest.raises(UserError, match="at least 5"):
+        verbs.fit_law(_write_csv(tmp_path / "c.csv", n=4))
+    zero = pd.DataFrame({"tokens": [0, 1, 2, 3, 4], "activation_ratio": [0.1] * 5})
+    zero.to_csv(tmp_path / "d.csv")
+    with pytest.raises(UserError, match="positive"):
+        verbs.fit_law(tmp_path / "d.csv")
+    (tmp_path / "e.json").write_text('{"token_passed": [1, 2]}')
+    with pytest.raises(UserError, match="expected"):
+        verbs.fit_law(tmp_path / "e.json")

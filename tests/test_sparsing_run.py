@@ -1,0 +1,152 @@
+"""Sparsing Law on a tiny trained ReLU model: PPL-p% search, p -> 0, baselines, over training and
+the ``sparsing-law`` verb."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from sparsetrace.config import load_config
+from sparsetrace.data import prepare_data
+from sparsetrace.errors import UserError
+from sparsetrace.sparsing import verbs
+from sparsetrace.sparsing.baselines import evaluate_baseline, match_ppl
+from sparsetrace.sparsing.cett import cett
+from sparsetrace.sparsing.figures import plot_activation_ratio
+from sparsetrace.sparsing.over_training import COLUMNS, sparsing_law, validation_batches
+from sparsetrace.sparsing.search import PPL_TOL, Subject, ppl_sparsity
+from sparsetrace.sparsing.truncation import transformer_down_projections
+from sparsetrace.train.checkpoint import load_trained_model
+from sparsetrace.train.loop import train
+
+TOKENS = 4096  # evaluation tokens: 128 windows of the tiny preset's 32
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tiny preset, 20 steps, checkpoints every 5 (steps 5, 10, 15, 20)."""
+    base = tmp_path_factory.mktemp("sparsing")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSETRACE_CACHE", str(base / "cache"))
+        cfg = load_config("tiny", ["--out_dir", str(base), "--run_name", "r",
+                                   "--checkpoint.every", "5", "--train.threads", "1"])  # fmt: skip
+        yield train(cfg)
+
+
+@pytest.fixture(scope="module")
+def subject(run_dir: Path) -> Subject:
+    model, cfg = load_trained_model(run_dir)
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, TOKENS)
+    return Subject(model, transformer_down_projections(model), batches)
+
+
+@pytest.fixture(scope="module")
+def dense_hidden(subject: Subject) -> dict[str, torch.Tensor]:
+    """Each layer's hidden activation on the evaluation set, captured with plain hooks."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in subject.down}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0]))
+        for name, m in subject.down.items()
+    ]
+    with torch.no_grad():
+        for batch in subject.batches:
+            subject.model(batch.inputs)
+    for h in handles:
+        h.remove()
+    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+
+
+def test_ppl_search_lands_on_target(subject: Subject, dense_hidden: dict) -> None:
+    result = ppl_sparsity(subject, p=1.0)
+    m = result.measurement
+    assert abs(m.ppl_ratio - 1.01) <= PPL_TOL * 0.01
+    assert m.ppl_ratio == result.search.value and m.cett == result.search.x
+    # the outer loop runs the model once per distinct candidate c, plus the 2 dense passes
+    assert result.passes <= 2 + len(result.search.points) <= 2 + 20
+    dense = subject.reference.dense.mean_activation_ratio
+    assert 0 < m.activation_ratio < dense
+    for name, layer in m.layers.items():
+        # each layer's CETT at its threshold, by the direct definition on the dense activations
+        direct = float(cett(dense_hidden[name], subject.down[name].weight.detach(), layer.tau))
+        assert layer.cett == pytest.approx(direct, abs=1e-5)
+        assert layer.cett <= m.cett
+        assert 0 <= layer.ratio_gap < 1e-3
+
+
+def test_relu_activation_ratio_tends_to_the_nonzero_fraction(
+    subject: Subject, dense_hidden: dict
+) -> None:
+    nonzero = {name: float((a != 0).double().mean()) for name, a in dense_hidden.items()}
+    # c = 0: each layer's threshold is its smallest positive norm; only zeros go, the model is
+    # the dense one and the activation ratio is exactly the nonzero fraction
+    at_zero = subject.measure(0.0)
+    assert at_zero.ppl_ratio == 1.0
+    for name, layer in at_zero.layers.items():
+        assert layer.activation_ratio == pytest.approx(nonzero[name], rel=1e-12)
+    mean_nonzero = sum(nonzero.values()) / len(nonzero)
+    by_c = [subject.measure(c).activation_ratio for c in (1e-1, 1e-2, 1e-3, 1e-4)]
+    assert by_c == sorted(by_c) and by_c[-1] == pytest.approx(mean_nonzero, abs=5e-3)
+    # the PPL-p% search: a smaller p keeps more units, up to the nonzero fraction
+    by_p = [ppl_sparsity(subject, p).measurement.activation_ratio for p in (1.0, 1e-2)]
+    assert by_p[0] < by_p[1] < mean_nonzero
+
+
+def test_baselines_match_the_same_ppl(subject: Subject) -> None:
+    d_ff = next(iter(subject.down.values())).in_features
+    for baseline in ("topk", "fat"):
+        point = match_ppl(subject, baseline, p=1.0)
+        # Top-k moves in steps of one unit: its ratio lands near, not within 1e-4 of, the target
+        assert point.ppl_ratio == pytest.approx(1.01, abs=2e-3)
+        assert 0 < point.activation_ratio < subject.reference.dense.mean_activation_ratio
+    # nothing dropped: every unit kept (Top-k with k = d_ff) or eps 0 -> the dense model
+    for baseline, param in (("topk", 1.0), ("fat", 0.0)):
+        point = evaluate_baseline(subject, baseline, param)
+        assert point.ppl_ratio == 1.0
+        assert point.layers == subject.reference.dense.activation_ratio
+    assert evaluate_baseline(subject, "topk", 5 / d_ff).activation_ratio <= 5 / d_ff
+
+
+def test_sparsing_law_over_training(run_dir: Path) -> None:
+    csv = sparsing_law(run_dir, p=1.0, tokens=2048, last=2)
+    assert csv == run_dir / "sparsing_law.csv"
+    frame = pd.read_csv(csv, dtype={"layer": str})
+    assert list(frame.columns) == COLUMNS
+    assert sorted(frame.step.unique()) == [5, 10, 15, 20]
+    per_step = json.loads((run_dir / "meta.json").read_text())["train"]["tokens_per_step"]
+    assert (frame.tokens == frame.step * per_step).all()
+    assert sorted(frame.layer.unique()) == ["0", "1", "all"]
+    summary = json.loads((run_dir / "sparsing_law.json").read_text())
+    assert summary["search"]["checkpoints"] == [15, 20]
+    assert abs(summary["search"]["mean_ppl_ratio"] - 1.01) <= PPL_TOL * 0.01
+    # one c for every checkpoint: each layer's CETT stays at or below it
+    assert (frame[frame.layer != "all"].cett <= summary["cett"]).all()
+    final_two = frame[(frame.layer == "all") & frame.step.isin([15, 20])].ppl_ratio
+    assert final_two.mean() == pytest.approx(summary["search"]["mean_ppl_ratio"])
+    png = plot_activation_ratio(csv, run_dir / "ratio.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sparsing_law_verb(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    verbs.sparsing_law(run_dir, p=2.0, tokens=1024)
+    text = capsys.readouterr().out
+    assert "PPL-2% sparsity" in text and "CETT c =" in text
+    assert len([line for line in text.splitlines() if line.split()[:1] == ["20"]]) == 1
+    assert (run_dir / "sparsing_law.png").read_bytes()[:4] == b"\x89PNG"
+    verbs.sparsing_law(run_dir, p=2.0, tokens=1024, json=True)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["p"] == 2.0 and summary["tokens_evaluated"] == 1024
+    assert [c["step"] for c in summary["checkpoints"]] == [5, 10, 15, 20]
+
+
+def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="p must be > 0"):
+        verbs.sparsing_law(run_dir, p=0.0)
+    with pytest.raises(UserError, match="tokens"):
+        verbs.sparsing_law(run_dir, tokens=0)
+    with pytest.raises(UserError, match="no checkpoint"):
+        verbs.sparsing_law(tmp_path)
