@@ -107,9 +107,10 @@ def _command() -> str:
 
 
 def _verbs() -> list[Callable[..., Any]]:
+    from sparsetrace.analysis.verbs import analyze
     from sparsetrace.sparsing.verbs import fit_law, sparsing_law
 
-    return [run, train, report, metrics, sparsing_law, fit_law]
+    return [run, train, report, metrics, analyze, sparsing_law, fit_law]
 
 
 def _build_parser() -> argparse.ArgumentParser:

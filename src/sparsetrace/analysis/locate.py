@@ -1,0 +1,183 @@
+"""Where a model's MLP hidden activation lives, per architecture.
+
+The hidden activation is the input of the MLP's down projection, for plain MLPs
+(``act(x W_in)``) and gated ones (``act(x W_gate) * (x W_up)``) alike, so one forward pre-hook on
+the down projection reads it in every architecture. The names below were checked against
+transformers 5.x (``models/*/modeling_*.py``):
+
+=============  ============================================  ===================================
+architecture   down projection (hooked module)               hidden activation
+=============  ============================================  ===================================
+sparsetrace    ``blocks.{i}.mlp.w_out``                      ``act(w_in x)`` (gated: act(g)*u)
+gpt2           ``h.{i}.mlp.c_proj`` (a Conv1D)               ``mlp.act(c_fc x)``
+opt            ``decoder.layers.{i}.fc2``                    ``activation_fn(fc1 x)`` (ReLU)
+gpt_neox       ``layers.{i}.mlp.dense_4h_to_h``              ``mlp.act(dense_h_to_4h x)``
+llama          ``layers.{i}.mlp.down_proj``                  ``act_fn(gate_proj x) * up_proj x``
+=============  ============================================  ===================================
+
+Patterns match anywhere in the module path, so task heads (``transformer.``, ``model.``,
+``gpt_neox.`` prefixes) do not matter. ``gated="gate"`` measures ``act(gate)`` alone: the output
+of ``mlp.act_fn`` (Llama family) or ``act`` of the gate half of ``w_in`` (ours).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from torch import Tensor, nn
+
+from sparsetrace.errors import UserError
+from sparsetrace.model.transformer import Transformer, hidden_name
+
+Gated = Literal["product", "gate"]
+GATED_CHOICES: tuple[str, ...] = ("product", "gate")
+DOWN_INPUT = "down-projection input"
+GATE_OUTPUT = "gate activation"
+# A layer selection: None (all), a regex searched in the stable name, a predicate on the name
+# (TransformerLens' names_filter), or a list of stable names and layer indices.
+LayerSelection = str | Callable[[str], bool] | Sequence[str | int] | None
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where one layer's hidden activation is read."""
+
+    layer: int
+    name: str  # stable name: blocks.{layer}.mlp.hidden
+    path: str  # dotted path of the hooked module inside the model
+    module: nn.Module
+    output: bool  # False: the activation is the module's forward input; True: its output
+    measured: str  # DOWN_INPUT or GATE_OUTPUT
+    transform: Callable[[Tensor], Tensor] | None = None  # applied to the hooked tensor
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    down: re.Pattern[str]  # module path of the down projection; group 1 is the layer index
+    gate: str | None = None  # sibling module of the down projection whose output is act(gate)
+
+
+ARCHITECTURES = (
+    Architecture("gpt2", re.compile(r"(?:^|\.)h\.(\d+)\.mlp\.c_proj$")),
+    Architecture("opt", re.compile(r"(?:^|\.)layers\.(\d+)\.fc2$")),
+    Architecture("gpt_neox", re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.mlp\.dense_4h_to_h$")),
+    Architecture("llama", re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$"), gate="act_fn"),
+)
+
+
+def check_gated(gated: str) -> None:
+    if gated not in GATED_CHOICES:
+        raise UserError(f"gated must be one of {', '.join(GATED_CHOICES)}; got {gated!r}")
+
+
+def locate(
+    model: nn.Module, gated: Gated = "product", modules: Sequence[str] | None = None
+) -> tuple[str, list[Site]]:
+    """The architecture's name and its hidden-activation sites in layer order.
+
+    ``modules``: dotted paths of modules whose forward *input* is the hidden activation, in layer
+    order (layer ``k`` is the k-th path); they override the architecture table.
+    """
+    check_gated(gated)
+    if modules is not None:
+        return "custom", _custom_sites(model, modules)
+    if isinstance(model, Transformer):
+        return "sparsetrace", _own_sites(model, gated)
+    named = dict(model.named_modules())
+    for arch in ARCHITECTURES:
+        found = [(int(m.group(1)), path) for path in named if (m := arch.down.search(path))]
+        if found:
+            return arch.name, _hf_sites(arch, found, named, gated)
+    known = ", ".join(a.name for a in ARCHITECTURES)
+    raise UserError(
+        f"cannot find the MLPs of {type(model).__name__} (known: sparsetrace, {known}); "
+        "name the down projections with modules=[...]"
+    )
+
+
+def _own_sites(model: Transformer, gated: Gated) -> list[Site]:
+    if gated == "gate" and not any(mlp.gated for mlp in model.mlps().values()):
+        raise UserError(f"gated='gate' needs a gated MLP; this model's is {model.cfg.activation}")
+    sites = []
+    for layer, (name, mlp) in enumerate(model.mlps().items()):
+        prefix = name.removesuffix(".hidden")
+        if gated == "gate":
+            # w_in computes [gate | up]; the gate activation is act of its first half
+            gate = partial(_gate_half, mlp.act)
+            sites.append(Site(layer, name, f"{prefix}.w_in", mlp.w_in, True, GATE_OUTPUT, gate))
+        else:
+            sites.append(Site(layer, name, f"{prefix}.w_out", mlp.w_out, False, DOWN_INPUT))
+    return sites
+
+
+def _gate_half(act: Callable[[Tensor], Tensor], w_in_out: Tensor) -> Tensor:
+    return act(w_in_out.chunk(2, dim=-1)[0])
+
+
+def _hf_sites(
+    arch: Architecture, found: list[tuple[int, str]], named: dict[str, nn.Module], gated: Gated
+) -> list[Site]:
+    layers = dict(found)
+    if len(layers) != len(found):
+        raise UserError(f"{arch.name}: several MLP stacks share layer indices; pass modules=[...]")
+    if gated == "gate" and arch.gate is None:
+        raise UserError(f"gated='gate' needs a gated MLP; {arch.name} MLPs are not gated")
+    sites = []
+    for layer in sorted(layers):
+        path, output, measured = layers[layer], False, DOWN_INPUT
+        if gated == "gate":
+            path, output, measured = f"{path.rpartition('.')[0]}.{arch.gate}", True, GATE_OUTPUT
+            if path not in named:
+                raise UserError(f"gated='gate': {path} not found (this MLP has no {arch.gate})")
+        sites.append(Site(layer, hidden_name(layer), path, named[path], output, measured))
+    _check_distinct(sites)
+    return sites
+
+
+def _custom_sites(model: nn.Module, paths: Sequence[str]) -> list[Site]:
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise UserError("modules=[] names no module")
+    named = dict(model.named_modules())
+    missing = [p for p in paths if p not in named]
+    if missing:
+        raise UserError(f"modules not found in {type(model).__name__}: {', '.join(missing)}")
+    sites = [Site(k, hidden_name(k), p, named[p], False, DOWN_INPUT) for k, p in enumerate(paths)]
+    _check_distinct(sites)
+    return sites
+
+
+def _check_distinct(sites: list[Site]) -> None:
+    # A module shared by several layers fires its hook once per layer: they cannot be told apart.
+    if len({id(s.module) for s in sites}) != len(sites):
+        raise UserError("the same module serves several layers; hooks cannot tell them apart")
+
+
+def select(sites: list[Site], layers: LayerSelection) -> list[Site]:
+    """The sites chosen by ``layers`` (see :data:`LayerSelection`); none chosen: UserError."""
+    if layers is None:
+        return sites
+    names = ", ".join(s.name for s in sites)
+    if isinstance(layers, str):
+        try:
+            pattern = re.compile(layers)
+        except re.error as err:
+            raise UserError(f"layers: bad regular expression {layers!r} ({err})") from None
+        chosen = [s for s in sites if pattern.search(s.name)]
+    elif callable(layers):
+        chosen = [s for s in sites if layers(s.name)]
+    else:
+        wanted = set(layers)
+        unknown = wanted - {s.name for s in sites} - {s.layer for s in sites}
+        if unknown:
+            raise UserError(f"layers: unknown {sorted(map(str, unknown))}; the model has {names}")
+        chosen = [s for s in sites if s.name in wanted or s.layer in wanted]
+    if not chosen:
+        raise UserError(f"layers: {layers!r} selects none of {names}")
+    return chosen
