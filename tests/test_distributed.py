@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,16 @@ def torchrun(cache: Path, out: Path, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            "--standalone", "-m", "sparsetrace", "train", "--preset", "tiny",
            "--out_dir", str(out), *args]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A new session, so that a hung run's worker processes can be killed with torchrun itself.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun timed out: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
 
 
 def single(cache: Path, out: Path, monkeypatch, *args: str, resume: bool = False) -> Path:

@@ -108,9 +108,13 @@ def _command() -> str:
 
 def _verbs() -> list[Callable[..., Any]]:
     from sparsetrace.analysis.verbs import analyze
+    from sparsetrace.experiments.verbs import experiment_capacity, experiment_mask, prune, sweep
     from sparsetrace.sparsing.verbs import fit_law, sparsing_law
 
-    return [run, train, report, metrics, analyze, sparsing_law, fit_law]
+    return [
+        run, train, report, metrics, experiment_mask, experiment_capacity, sweep, prune,
+        analyze, sparsing_law, fit_law,
+    ]  # fmt: skip
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -159,14 +163,20 @@ def _param_help(fn: Callable[..., Any]) -> dict[str, str]:
 
 
 def _converter(typ: Any) -> Callable[[str], Any]:
-    if typ in (int, float, Path, Path | None):
-        return Path if typ == Path | None else typ
+    optional = {Path | None: Path, int | None: int, float | None: float}
+    if typ in optional:
+        return optional[typ]
+    if typ in (int, float, Path):
+        return typ
     if typ == list[Path]:
         return Path
     return str
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["experiment"] and len(argv) > 1:  # `experiment mask` == `experiment-mask`
+        argv = [f"experiment-{argv[1]}", *argv[2:]]
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     fn = args._fn

@@ -1,0 +1,100 @@
+"""The experiments' CLI verbs: each function's signature is its command-line schema (see cli.py).
+
+Positional parameters are positional arguments, keyword parameters ``--options`` (bool: a flag),
+``overrides`` takes free ``--section.key value`` config overrides; the first docstring line is the
+verb's help. docs/experiments.md describes every verb, its defaults and its run time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def experiment_mask(
+    preset: str = "cpu",
+    at: int = 0,
+    seeds: int = 3,
+    prune: bool = False,
+    quick: bool = False,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Masking experiment (paper 4.1.1): control vs dead vs random unit masks from step --at on.
+
+    Args:
+        preset: preset name or YAML file (plus --section.key value overrides)
+        at: the masking step K; 0 = a quarter of training, at least two warm-ups
+        seeds: runs per arm (Welch's t-test needs at least 2)
+        prune: add an arm with the dead units physically removed (sparsetrace prune)
+        quick: a small byte-level model, 300 steps (minutes on a CPU)
+        out: experiment directory (default: OUT_DIR/mask-PRESET[-quick])
+    """
+    from sparsetrace.experiments.mask import run_mask_experiment
+
+    index = run_mask_experiment(preset, at, seeds, prune, quick, out, overrides)
+    print(f"report: {index}")
+
+
+def prune(run: Path, at: int, out: Path | None = None, steps: int | None = None) -> None:
+    """Remove the units unused in step AT's batch from a run's checkpoint and train on.
+
+    Args:
+        run: the run directory; it must hold a checkpoint at step AT
+        at: the step whose batch decides which units are unused (checkpoint step_AT)
+        out: the new run directory (default: RUN-pruned-AT next to RUN)
+        steps: total training steps of the pruned run (default: the run's own)
+    """
+    import json
+
+    from sparsetrace.experiments.prune import PRUNE_FILE, prune_run
+
+    out = out or run.with_name(f"{run.name}-pruned-{at}")
+    run_dir = prune_run(run, at, out, steps)
+    info = json.loads((run_dir / PRUNE_FILE).read_text())
+    print(f"pruned {info['pruned_fraction']:.1%} of the units at step {at}: widths "
+          f"{info['widths']} of {info['hidden']}")  # fmt: skip
+    print(f"run directory: {run_dir}")
+
+
+def experiment_capacity(
+    preset: str = "cpu",
+    quick: bool = False,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Capacity round 2 (paper 4.4, Table 4): retrain with each layer as wide as round 1 used.
+
+    Args:
+        preset: preset name or YAML file (plus --section.key value overrides)
+        quick: a small byte-level model, 300 steps (minutes on a CPU)
+        out: experiment directory (default: OUT_DIR/capacity-PRESET[-quick])
+    """
+    from sparsetrace.experiments.capacity import run_capacity_experiment
+
+    print(f"report: {run_capacity_experiment(preset, quick, out, overrides)}")
+
+
+def sweep(
+    preset: str = "cpu",
+    sweep: str = "",
+    name: str = "",
+    arm: int = -1,
+    list: bool = False,
+    quick: bool = False,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Sensitivity sweep (paper 5, Table 5, Figures 3-4) over config keys or a named grid.
+
+    Args:
+        preset: preset name or YAML file (plus --section.key value overrides)
+        sweep: KEY=V1,V2,... e.g. train.lr=1e-3,2e-3; several keys separated by ; make a grid
+        name: a paper grid scaled to the preset: lr, width or depth (instead of --sweep)
+        arm: train only arm I (one process per arm, e.g. a SLURM array job); -1 = all
+        list: print the arms (index, status, values) and exit
+        quick: a small byte-level model, 300 steps (minutes on a CPU)
+        out: experiment directory (default: OUT_DIR/sweep-NAME-PRESET[-quick])
+    """
+    from sparsetrace.experiments.sweep import run_sweep
+
+    run_sweep(preset, sweep, name, arm, list, quick, out, overrides)
