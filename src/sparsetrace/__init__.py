@@ -1,3 +1,14 @@
 """sparsetrace: measure, trace and exploit activation sparsity in Transformer MLPs."""
 
+from typing import Any
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # `sparsetrace.trace(model)` without importing torch-heavy modules for every CLI call.
+    if name == "trace":
+        from sparsetrace.analysis import trace
+
+        return trace
+    raise AttributeError(f"module 'sparsetrace' has no attribute {name!r}")

@@ -108,12 +108,19 @@ def _command() -> str:
 
 def _verbs() -> list[Callable[..., Any]]:
     from sparsetrace.analysis.verbs import analyze
-    from sparsetrace.experiments.verbs import experiment_capacity, experiment_mask, prune, sweep
+    from sparsetrace.experiments.verbs import (
+        experiment_activations,
+        experiment_capacity,
+        experiment_mask,
+        experiment_width_depth,
+        prune,
+        sweep,
+    )
     from sparsetrace.sparsing.verbs import fit_law, sparsing_law
 
     return [
         run, train, report, metrics, experiment_mask, experiment_capacity, sweep, prune,
-        analyze, sparsing_law, fit_law,
+        analyze, sparsing_law, fit_law, experiment_activations, experiment_width_depth,
     ]  # fmt: skip
 
 

@@ -98,3 +98,55 @@ def sweep(
     from sparsetrace.experiments.sweep import run_sweep
 
     run_sweep(preset, sweep, name, arm, list, quick, out, overrides)
+
+
+def experiment_activations(
+    preset: str = "cpu",
+    activations: str = "relu,silu",
+    p: float = 1.0,
+    tokens: int = 16384,
+    quick: bool = False,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Sparsing Law: activation ratio over training per activation (ReLU falls, SiLU rises?).
+
+    Args:
+        preset: preset name or YAML file (plus --section.key value overrides)
+        activations: comma-separated model.activation values, one run each
+        p: PPL-p% sparsity: the perplexity increase allowed, in percent (paper: 1)
+        tokens: validation tokens each checkpoint is measured on
+        quick: a small byte-level model, 300 steps (minutes on a CPU)
+        out: experiment directory (default: OUT_DIR/activations-PRESET[-quick])
+    """
+    from sparsetrace.experiments.activations import run_activations_experiment
+
+    index = run_activations_experiment(preset, activations, p, tokens, quick, out, overrides)
+    print(f"report: {index}")
+
+
+def experiment_width_depth(
+    preset: str = "cpu",
+    ratios: str = "",
+    activation: str = "swiglu",
+    p: float = 1.0,
+    tokens: int = 16384,
+    quick: bool = False,
+    out: Path | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Sparsing Law: activation ratio vs width-depth ratio at the preset's parameter budget.
+
+    Args:
+        preset: preset name or YAML file (plus --section.key value overrides)
+        ratios: comma-separated target d_model / n_layers ratios (default 4,8,16,32,64)
+        activation: gated MLP activation: swiglu, reglu or geglu (d_ff = 2.5 d_model)
+        p: PPL-p% sparsity: the perplexity increase allowed, in percent (paper: 1)
+        tokens: validation tokens the final checkpoint is measured on
+        quick: a small byte-level model, 300 steps (minutes on a CPU)
+        out: experiment directory (default: OUT_DIR/width-depth-PRESET[-quick])
+    """
+    from sparsetrace.experiments.width_depth import run_width_depth_experiment
+
+    index = run_width_depth_experiment(preset, ratios, activation, p, tokens, quick, out, overrides)
+    print(f"report: {index}")

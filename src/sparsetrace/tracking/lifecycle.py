@@ -35,8 +35,14 @@ class LayerLifecycle:
     def start(cls, step: int, used: torch.Tensor) -> LayerLifecycle:
         never = torch.full(used.shape, -1, dtype=torch.long)
         seen = torch.where(used, step, never)
-        return cls(used.clone(), used.clone(), used.clone(), seen.clone(), seen.clone(),
-                   [(step, int(used.sum()), 0, 0)])
+        return cls(
+            used.clone(),
+            used.clone(),
+            used.clone(),
+            seen.clone(),
+            seen.clone(),
+            [(step, int(used.sum()), 0, 0)],
+        )
 
     @property
     def hidden(self) -> int:
@@ -48,7 +54,9 @@ class LayerLifecycle:
         self.transitions.append((step, int(used.sum()), off, on))
         self.first_step_used = torch.where(self.ever_used | ~used, self.first_step_used, step)
         self.last_step_used = torch.where(used, step, self.last_step_used)
-        self.ever_used |= used
+        # A new tensor, not in place: state_dict() hands out these tensors, and a snapshot kept
+        # in memory must not change as training goes on.
+        self.ever_used = self.ever_used | used
         self.latest_used = used.clone()
 
     def summary(self) -> dict[str, float]:

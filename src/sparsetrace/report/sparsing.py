@@ -1,0 +1,247 @@
+"""Reports of the Sparsing Law experiments: activation functions over training, width/depth.
+
+Sparsing Law (Luo et al., arXiv 2411.02335): with PPL-p% sparsity, ReLU's activation ratio falls
+over training (a logspace power law) while SiLU's rises and converges (a power law); at a fixed
+parameter count the activation ratio rises with the width-depth ratio ``d_model / n_layers`` up to
+a bottleneck. The finding on ReLU vs SiLU is checked on the runs themselves (:func:`trend`,
+:func:`check_finding`); the pages render with the run report's document model and figure style.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+
+from sparsetrace.report import experiments as rx
+from sparsetrace.report import figures
+from sparsetrace.report.document import Section, Table, Text, Verdict
+from sparsetrace.report.findings import NA, NOT_SHOWN, PARTLY, YES
+from sparsetrace.sparsing.laws import TOKENS_PER_UNIT, LawFit
+
+EXPECTED = {"relu": "falls", "silu": "rises"}  # Sparsing Law: direction over training, by form
+HEADLINE = {YES: "shown", PARTLY: "partly shown", NOT_SHOWN: "not shown", NA: "not checkable"}
+RATIO_LABEL = "activation ratio (PPL-p%)"
+
+
+def _four(v: float) -> str:
+    return f"{v:.4f}"
+
+
+def _general(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _sci(v: float) -> str:
+    return f"{v:.3e}"
+
+
+def _whole(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One run's activation ratio (mean of layers, PPL-p%) against training tokens, and the
+    Sparsing Law form fitted to it (``fit`` None: ``note`` says why)."""
+
+    label: str
+    form: str  # 'relu' or 'silu'
+    tokens: np.ndarray
+    ratio: np.ndarray
+    fit: LawFit | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Direction of an activation-ratio curve: least-squares slope of the ratio against
+    ln(tokens), and the mean ratio over the first and the last half of the checkpoints (the
+    middle one left out when their number is odd)."""
+
+    slope: float
+    first: float
+    last: float
+
+    @property
+    def direction(self) -> str:
+        """'falls' or 'rises' when the slope and the halves agree, else 'mixed'."""
+        if self.slope < 0 and self.last < self.first:
+            return "falls"
+        if self.slope > 0 and self.last > self.first:
+            return "rises"
+        return "mixed"
+
+    def __str__(self) -> str:
+        return (
+            f"slope {self.slope:+.4f} per ln(tokens), first half {self.first:.4f} -> "
+            f"last half {self.last:.4f}"
+        )
+
+
+def trend(tokens: np.ndarray, ratio: np.ndarray) -> Trend | None:
+    """The :class:`Trend` of a curve; None with fewer than two checkpoints."""
+    order = np.argsort(tokens)
+    x, y = np.log(np.asarray(tokens, float)[order]), np.asarray(ratio, float)[order]
+    if len(y) < 2:
+        return None
+    half = len(y) // 2
+    slope = float(np.polyfit(x, y, 1)[0])
+    return Trend(slope, float(y[:half].mean()), float(y[len(y) - half :].mean()))
+
+
+def curve_verdict(curve: Curve) -> Verdict:
+    """Does this run move the way the Sparsing Law says its activation family does?"""
+    t = trend(curve.tokens, curve.ratio)
+    if t is None:
+        return Verdict(NA, f"{len(curve.ratio)} checkpoint(s): no trend")
+    expected = EXPECTED[curve.form]
+    shown = t.direction == expected
+    return Verdict(YES if shown else NOT_SHOWN, f"{t.direction} (expected: {expected}); {t}")
+
+
+def check_finding(curves: list[Curve]) -> Verdict:
+    """Sparsing Law: ReLU's activation ratio falls over training, SiLU's rises. 'yes' when a
+    relu-like and a silu-like run both move as stated, 'partly' when only some do (or only one
+    family ran), 'not shown' when none does, 'n/a' without a trend."""
+    verdicts = {c.label: curve_verdict(c) for c in curves}
+    checked = {k: v for k, v in verdicts.items() if v.verdict != NA}
+    if not checked:
+        return Verdict(NA, "no run has two checkpoints")
+    evidence = "; ".join(f"{k}: {v.evidence}" for k, v in checked.items())
+    forms = {c.form for c in curves if c.label in checked}
+    shown = [k for k, v in checked.items() if v.verdict == YES]
+    if len(shown) == len(checked) and forms == set(EXPECTED):
+        return Verdict(YES, evidence)
+    return Verdict(PARTLY if shown else NOT_SHOWN, evidence)
+
+
+def activation_figure(curves: list[Curve]) -> MplFigure | None:
+    """Activation ratio against training tokens (log axis), one colour per run: measured points
+    joined by a line, the fitted Sparsing Law dashed."""
+    if not curves:
+        return None
+    with figures.style():
+        fig = MplFigure(figsize=figures.SINGLE, dpi=figures.DPI, layout="constrained")
+        ax = fig.add_subplot()
+        palette = mpl.colormaps["tab10"]
+        for i, c in enumerate(curves):
+            ax.plot(c.tokens, c.ratio, marker="o", markersize=4, color=palette(i), label=c.label)
+            if c.fit is not None:
+                grid = np.geomspace(c.tokens.min(), c.tokens.max(), 200)
+                with np.errstate(all="ignore"):
+                    fitted = c.fit.curve(grid / TOKENS_PER_UNIT)
+                ax.plot(grid, fitted, "--", color=palette(i), label=f"{c.label}: {c.form} law")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel(RATIO_LABEL)
+        ax.legend(loc="best")
+    return fig
+
+
+def _fit_row(c: Curve) -> dict[str, float | str]:
+    law = c.fit
+    params = law.params if law else {}
+    return {
+        "law": c.form, "checkpoints": float(len(c.ratio)),
+        "final activation ratio": float(c.ratio[-1]) if len(c.ratio) else math.nan,
+        **{k: params.get(k) if params.get(k) is not None else math.nan
+           for k in ("A0", "alpha", "b", "c")},
+        "MAE": law.mae if law else math.nan, "MSE": law.mse if law else math.nan,
+        "log baseline MSE": law.baseline.mse if law and law.baseline else math.nan,
+        "finding": curve_verdict(c), "note": c.note,
+    }  # fmt: skip
+
+
+def write_activations_report(out: Path, curves: list[Curve], p: float) -> Path:
+    """Activation ratio vs tokens per activation with the fitted laws, the fit table and the
+    ReLU-falls / SiLU-rises finding checked on these runs; returns index.html."""
+    report = out / "report"
+    finding = check_finding(curves)
+    frame = pd.DataFrame({c.label: _fit_row(c) for c in curves}).T
+    frame.index.name = "activation"
+    table = Table(
+        "laws", "Activation ratio and fitted Sparsing Law per activation",
+        f"Final activation ratio at PPL-{p:g}% (one CETT per run, chosen on its last "
+        "checkpoints), the law fitted to ratio vs D = tokens / 1e9 (relu form for relu-like, "
+        "silu form for silu/gelu-like activations), its MAE/MSE and the log baseline's MSE; "
+        "finding = the run's trend against the paper's direction.",
+        frame,
+        {"checkpoints": _whole, "final activation ratio": _four, "A0": _general,
+         "alpha": _general, "b": _general, "c": _general, "MAE": _sci, "MSE": _sci,
+         "log baseline MSE": _sci},
+    )  # fmt: skip
+    figure = rx.figure_block(
+        report / "figures", "activation_ratio", "Activation ratio over training",
+        f"Activation ratio at PPL-{p:g}% (mean of layers) against training tokens; dashed: the "
+        "fitted Sparsing Law. The paper: ReLU's ratio falls, SiLU's rises and converges.",
+        activation_figure(curves),
+    )  # fmt: skip
+    sections = [
+        Section("finding", "Finding: ReLU's activation ratio falls, SiLU's rises", [
+            Text(f"Sparsing Law finding on these runs: {HEADLINE[finding.verdict]}.", "note"),
+            Text(f"{finding.verdict}: {finding.evidence}"),
+        ]),
+        Section("figure", "Activation ratio vs training tokens", [figure]),
+        Section("laws", "Fitted laws", [table]),
+    ]  # fmt: skip
+    return rx.write_document(
+        report, "Sparsing Law: activation ratio over training by activation function",
+        f"PPL-{p:g}% sparsity; runs: {', '.join(c.label for c in curves)}", sections,
+    )  # fmt: skip
+
+
+def width_depth_figure(frame: pd.DataFrame) -> MplFigure | None:
+    """Activation ratio at the final checkpoint against the width-depth ratio."""
+    if frame.empty:
+        return None
+    with figures.style():
+        fig = MplFigure(figsize=figures.SINGLE, dpi=figures.DPI, layout="constrained")
+        ax = fig.add_subplot()
+        rows = frame.sort_values("width-depth ratio")
+        ax.plot(rows["width-depth ratio"], rows["activation ratio"], marker="o", color="black")
+        for _, row in rows.iterrows():
+            ax.annotate(f"{row['d_model']:.0f}×{row['n_layers']:.0f}",
+                        (row["width-depth ratio"], row["activation ratio"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+        ax.set_xlabel("width-depth ratio (d_model / n_layers)")
+        ax.set_ylabel(RATIO_LABEL)
+    return fig
+
+
+def write_width_depth_report(out: Path, frame: pd.DataFrame, budget: int, p: float) -> Path:
+    """Activation ratio vs width-depth ratio at a fixed parameter budget: plot and table
+    (``frame``: one row per arm with d_model, n_layers, n_heads, d_ff, parameters,
+    width-depth ratio, activation ratio, val loss); returns index.html."""
+    report = out / "report"
+    table = Table(
+        "width_depth", "Activation ratio by width-depth ratio",
+        f"Gated MLP, d_ff = 2.5 d_model, head dimension fixed; layers chosen to keep the "
+        f"non-embedding parameters near the budget of {budget:,}. Activation ratio at PPL-{p:g}% "
+        "at the final checkpoint (mean of layers).",
+        frame,
+        {"d_model": _whole, "n_layers": _whole, "n_heads": _whole, "d_ff": _whole,
+         "parameters": _whole, "width-depth ratio": lambda v: f"{v:.1f}",
+         "activation ratio": _four, "val loss": _four},
+    )  # fmt: skip
+    figure = rx.figure_block(
+        report / "figures", "width_depth", "Activation ratio vs width-depth ratio",
+        "Each point one arm (d_model × n_layers) at the same parameter budget. The paper: the "
+        "activation ratio rises linearly with the width-depth ratio up to a bottleneck, then "
+        "stops.",
+        width_depth_figure(frame),
+    )  # fmt: skip
+    sections = [
+        Section("figure", "Activation ratio vs width-depth ratio", [figure]),
+        Section("table", "Arms", [table]),
+    ]
+    return rx.write_document(
+        report, "Sparsing Law: activation ratio by width-depth ratio",
+        f"{len(frame)} arms at {budget:,} non-embedding parameters; PPL-{p:g}% sparsity",
+        sections,
+    )  # fmt: skip

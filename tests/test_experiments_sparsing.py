@@ -1,0 +1,149 @@
+"""Sparsing Law experiments: activation functions over training, width/depth at one budget.
+
+Parameter counts and the budget solver by hand, the ReLU-falls / SiLU-rises check on synthetic
+curves, and both experiments end to end on the tiny preset (arms typed, reports written, a second
+call neither trains nor measures again)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sparsetrace.config import load_config
+from sparsetrace.errors import UserError
+from sparsetrace.experiments import activations, runs, width_depth
+from sparsetrace.model.transformer import Transformer
+from sparsetrace.report.findings import NA, NOT_SHOWN, PARTLY, YES
+from sparsetrace.report.sparsing import check_finding, trend
+
+# tiny preset, 16 steps, a checkpoint every 2 (8 points); 1,024 validation tokens measured
+SHORT = ["--train.steps", "16", "--eval.every", "8"]
+TOKENS = 1024
+
+
+@pytest.fixture(autouse=True)
+def _small(tmp_path_factory, monkeypatch) -> None:
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _no_call(*_args, **_kwargs) -> None:
+    raise AssertionError("a finished arm was trained or measured again")
+
+
+def test_non_embedding_params_by_hand() -> None:
+    m = load_config("cpu").model  # 6 layers, d_model 128, d_ff 2048, ReLU, biases, LayerNorm
+    attention = 4 * 128 * 128 + 4 * 128  # qkv and output projection with biases
+    mlp = 128 * 2048 + 2048 + 2048 * 128 + 128
+    norms = 2 * 2 * 128  # two LayerNorms, gain and bias
+    assert width_depth.block_params(m, 2048) == attention + mlp + norms == 593_024
+    assert width_depth.non_embedding_params(m) == 6 * 593_024 + 256 == 3_558_400
+    for cfg in (load_config("tiny"), load_config("tiny", ["--model.activation", "swiglu",
+                                                         "--model.style", "t5"])):  # fmt: skip
+        model = Transformer(cfg.model.with_data(vocab_size=50, seq_len=32))
+        embeddings = sum(
+            p.numel() for name, p in model.named_parameters() if "emb" in name or "rel_" in name
+        )
+        assert width_depth.non_embedding_params(cfg.model) == model.num_params() - embeddings
+
+
+def test_shape_for_ratio_keeps_the_budget() -> None:
+    base = load_config("cpu").model  # head dimension 32, budget 3,558,400
+    budget = width_depth.non_embedding_params(base)
+    # d_model = (3,558,400 * 50 / 11.5) ** (1/3) = 249 -> 256 (8 heads), d_ff 640;
+    # a block: 4*256^2 + 4*256 + 256*1280 + 1280 + 640*256 + 256 + 4*256 = 757,248 -> 4.70 -> 5
+    shape = width_depth.shape_for_ratio(base, budget, 50, "swiglu")
+    assert shape == width_depth.Shape(d_model=256, n_layers=5, n_heads=8, d_ff=640)
+    assert shape.ratio == 51.2
+    # ratio 8: d_model 135 -> 128, block 190,464 (4*128^2 + 512 + 128*640 + 640 + 320*128 + 128
+    # + 512) -> 18.68 -> 19 layers
+    assert width_depth.shape_for_ratio(base, budget, 8, "swiglu") == width_depth.Shape(
+        128, 19, 4, 320
+    )
+    with pytest.raises(UserError, match="positive"):
+        width_depth.parse_ratios("4,-1")
+
+
+def _law_csv(path: Path, ratios: list[float]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    tokens = [2048 * 2**i for i in range(len(ratios))]
+    rows = [{"step": i, "tokens": t, "layer": layer, "activation_ratio": r + (layer != "all") * 0.5,
+             "cett": 0.1, "ppl_ratio": 1.01}
+            for i, (t, r) in enumerate(zip(tokens, ratios, strict=True))
+            for layer in ("all", "0")]  # fmt: skip
+    pd.DataFrame(rows).to_csv(path / "sparsing_law.csv", index=False)
+    return path / "sparsing_law.csv"
+
+
+def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
+    falling = [0.40, 0.35, 0.31, 0.28, 0.26, 0.25]
+    rising = falling[::-1]
+    t = trend(*activations.layer_mean(_law_csv(tmp_path / "f", falling)))
+    assert t.direction == "falls" and t.slope < 0 and t.first == pytest.approx(0.353333, 1e-4)
+
+    def curves(relu: list[float], silu: list[float]) -> list:
+        return [
+            activations.law_curve(name, activations.law_form(name),
+                                  _law_csv(tmp_path / f"{name}-{relu[0]}", values))
+            for name, values in (("relu", relu), ("silu", silu))
+        ]  # fmt: skip
+
+    shown = check_finding(curves(falling, rising))
+    assert shown.verdict == YES and "relu: falls" in shown.evidence
+    assert check_finding(curves(rising, falling)).verdict == NOT_SHOWN
+    assert check_finding(curves(falling, falling)).verdict == PARTLY
+    assert check_finding(curves(falling, rising)[:1]).verdict == PARTLY  # one family only
+    few = activations.law_curve("silu", "silu", _law_csv(tmp_path / "few", [0.3]))
+    assert few.fit is None and check_finding([few]).verdict == NA
+    short = activations.law_curve("gelu", "silu", _law_csv(tmp_path / "short", [0.2, 0.3, 0.4]))
+    assert short.fit is None and "needs at least 5" in short.note
+    assert check_finding([short]).verdict == PARTLY
+    assert activations.law_form("swiglu") == "silu" and activations.law_form("reglu") == "relu"
+    with pytest.raises(UserError):
+        activations.law_form("tanh")
+
+
+def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    args = ("tiny", "relu,silu", 1.0, TOKENS, False, tmp_path, SHORT)
+    index = activations.run_activations_experiment(*args)
+    assert index == tmp_path / "report" / "index.html" and index.is_file()
+    for name in ("report.md", "figures/activation_ratio.png", "tables/laws.csv"):
+        assert (index.parent / name).is_file(), name
+    laws = pd.read_csv(index.parent / "tables" / "laws.csv", index_col=0)
+    assert list(laws.index) == ["relu", "silu"] and (laws["checkpoints"] == 8).all()
+    assert list(laws["law"]) == ["relu", "silu"] and laws["MSE"].notna().all()
+    assert "Sparsing Law finding on these runs" in (index.parent / "report.md").read_text()
+    cfg = load_config("tiny", SHORT)
+    assert runs.status(tmp_path / "model.activation=silu", cfg.train.steps) == "finished"
+    monkeypatch.setattr(runs, "train", _no_call)
+    monkeypatch.setattr(activations, "sparsing_law", _no_call)
+    assert activations.run_activations_experiment(*args) == index
+    with pytest.raises(UserError, match="another experiment"):
+        activations.run_activations_experiment("tiny", "relu", 1.0, TOKENS, False, tmp_path, SHORT)
+
+
+def test_width_depth_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
+    # tiny budget 25,472: ratio 4 -> 16 x 8 layers, ratio 16 -> 32 x 2; ratio 17 gives 32 x 2 too
+    args = ("tiny", "4,16,17", "swiglu", 1.0, TOKENS, False, tmp_path, SHORT)
+    index = width_depth.run_width_depth_experiment(*args)
+    table = pd.read_csv(index.parent / "tables" / "width_depth.csv", index_col=0)
+    assert list(table.index) == ["d_model=16+n_layers=8", "d_model=32+n_layers=2"]
+    assert list(table["width-depth ratio"]) == [2.0, 16.0]
+    assert list(table["d_ff"]) == [40, 80] and list(table["n_heads"]) == [1, 2]
+    assert np.all(np.abs(table["parameters"] - 25_472) < 0.2 * 25_472)
+    assert table["activation ratio"].between(0, 1).all()
+    assert (index.parent / "figures" / "width_depth.png").is_file()
+    assert len(list((tmp_path / "d_model=16+n_layers=8" / "checkpoints").iterdir())) == 1
+    monkeypatch.setattr(runs, "train", _no_call)
+    monkeypatch.setattr(activations, "sparsing_law", _no_call)
+    assert width_depth.run_width_depth_experiment(*args) == index
+    with pytest.raises(UserError, match="gated"):
+        width_depth.run_width_depth_experiment("tiny", "4", "relu", 1.0, TOKENS, False,
+                                               tmp_path, SHORT)  # fmt: skip
