@@ -26,7 +26,7 @@ import torch
 
 from sparsetrace.config import RunConfig, load_config
 from sparsetrace.model.transformer import GATED, ModelConfig, Transformer
-from sparsetrace.train.loop import _optimizer
+from sparsetrace.train.loop import build_optimizer
 
 
 def flops_per_token(m: ModelConfig, widths: list[int]) -> dict[str, float]:
@@ -43,7 +43,7 @@ def flops_per_token(m: ModelConfig, widths: list[int]) -> dict[str, float]:
 
 
 def make_step(cfg: RunConfig, model: Transformer, batch: torch.Tensor):
-    optimizer = _optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def step() -> None:

@@ -200,4 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sparsetrace: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `sparsetrace metrics x.npy --json | head`
+        sys.stderr.close()
+        return 0
     return 0

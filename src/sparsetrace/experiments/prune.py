@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from sparsetrace.config import RunConfig, load_config, to_dict
-from sparsetrace.data import PreparedData, batch_indices, get_batch, prepare_data
+from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
 from sparsetrace.experiments.runs import copy_history, run_to_end
 from sparsetrace.metrics import use_stats_from_counts
@@ -36,7 +36,13 @@ from sparsetrace.train.checkpoint import (
     load_trained_model,
     save_checkpoint,
 )
-from sparsetrace.train.loop import autocast, model_identity, resolve_device, resolve_precision
+from sparsetrace.train.loop import (
+    autocast,
+    model_identity,
+    resolve_device,
+    resolve_precision,
+    train_batch,
+)
 from sparsetrace.train.parallelize import full_model_state
 
 PRUNE_FILE = "prune.json"
@@ -44,16 +50,6 @@ UNITS_FILE = "kept_units.json"
 
 # tensor name -> (dimension, indices to keep along it); a layer's hidden name -> its kept units
 UnitIndex = dict[str, tuple[int, torch.Tensor]]
-
-
-def train_batch(cfg: RunConfig, data: PreparedData, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets of step ``step``'s first micro-batch: the device batch the trainer
-    measures (and masks by) at that step (single process)."""
-    t = cfg.train
-    n = data.n_sequences("train")
-    idx = batch_indices(n, step * t.grad_accum, t.batch_size, t.seed)
-    batch = get_batch(data.train, idx, cfg.data.seq_len)
-    return batch[:, :-1], batch[:, 1:]
 
 
 @torch.no_grad()

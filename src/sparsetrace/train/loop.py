@@ -137,7 +137,7 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
     session = Session(
         cfg=cfg, run_dir=run_dir, data=data, model=model,
         step_model=torch.compile(wrapped) if cfg.train.compile else wrapped,
-        optimizer=_optimizer(model, cfg), tracker=LifecycleTracker(), device=device,
+        optimizer=build_optimizer(model, cfg), tracker=LifecycleTracker(), device=device,
         amp_dtype=resolve_precision(cfg.train.precision, device), dist=info,
     )  # fmt: skip
     if state is not None:
@@ -145,7 +145,7 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
     return session
 
 
-def _optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer:
     # Weight decay on matrices (embeddings included, as in GPT-2/nanoGPT), not on biases/gains.
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -213,17 +213,16 @@ def _checkpoint(session: Session, step: int) -> None:
     save_checkpoint(session.run_dir, step, weights, state, session.cfg.checkpoint.keep)
 
 
-def _batch(
-    session: Session, split: str, step: int, micro: int
+def train_batch(
+    cfg: RunConfig, data: PreparedData, step: int, micro: int = 0, rank: int = 0, world: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    t = session.cfg.train
-    tokens = session.data.train if split == "train" else session.data.val
-    n = session.data.n_sequences(split)
+    """Inputs and targets of one rank's micro-batch of a step (CPU); micro 0 is the measured
+    device batch. A pure function of the config and the step, hence exact resumes."""
+    t = cfg.train
     idx = batch_indices(
-        n, step * t.grad_accum + micro, t.batch_size, t.seed,
-        session.dist.rank, session.dist.world_size,
-    )  # fmt: skip
-    batch = get_batch(tokens, idx, session.cfg.data.seq_len).to(session.device, non_blocking=True)
+        data.n_sequences("train"), step * t.grad_accum + micro, t.batch_size, t.seed, rank, world
+    )
+    batch = get_batch(data.train, idx, cfg.data.seq_len)
     return batch[:, :-1], batch[:, 1:]
 
 
@@ -332,7 +331,10 @@ def _train_step(
         group["lr"] = lr_at(step, session.cfg)
     counts, loss_sum = None, torch.zeros((), device=session.device)
     for micro in range(t.grad_accum):
-        x, y = _batch(session, "train", step, micro)
+        x, y = train_batch(
+            session.cfg, session.data, step, micro, session.dist.rank, session.dist.world_size
+        )
+        x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
         last = micro == t.grad_accum - 1
         # DDP: all-reduce the gradients once, after the last micro-batch.
         sync = nullcontext() if last or not session.dist.enabled else _no_sync(session.step_model)
