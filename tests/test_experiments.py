@@ -51,8 +51,9 @@ def _no_training(*_args, **_kwargs) -> None:
 
 
 def test_default_mask_step() -> None:
-    t = load_config("cpu").train  # 2000 steps, warm-up 200
-    assert mask.default_mask_step(t) == 500
+    t = load_config("cpu").train
+    t.steps, t.warmup_steps = 2000, 200
+    assert mask.default_mask_step(t) == 500  # a quarter of training
     t.warmup_steps = 400
     assert mask.default_mask_step(t) == 800  # at least two warm-ups
     t.warmup_steps, t.steps = 10, 15
