@@ -1,0 +1,23 @@
+"""The main job's wiring: `sparsetrace run` trains, writes the report, prints the summary, and a
+second run never overwrites the first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparsetrace.cli import main
+from sparsetrace.rundir import load_run
+
+
+def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--preset", "tiny", "--out_dir", str(tmp_path), "--train.steps", "10"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'tiny' / 'report' / 'index.html'}" in out
+    assert "corr(per-token, per-batch)" in out  # the terminal summary of Tables 1-2
+    assert (tmp_path / "tiny" / "report" / "index.html").is_file()
+    assert load_run(tmp_path / "tiny").meta["status"] == "finished"
+    assert main(args) == 0
+    assert f"run directory: {tmp_path / 'tiny-2'}" in capsys.readouterr().out
+    assert load_run(tmp_path / "tiny").meta["status"] == "finished"  # the first run is untouched
