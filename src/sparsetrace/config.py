@@ -45,6 +45,13 @@ class TrainConfig:
 class TraceConfig:
     every: int = 25  # measure every N steps (and at the first and last step); 0: never
     percentiles: list[float] = field(default_factory=lambda: [50.0, 65.0, 75.0, 90.0])
+    # Sparsing Law PPL-p% activation ratio every N steps (0: off; each costs a few passes over
+    # `sparsing_tokens` validation tokens plus the CETT curves). `sparsing_cett` > 0 fixes the
+    # CETT c (comparable over training, as the paper does post hoc); 0 searches c for PPL +p%.
+    sparsing_every: int = 0
+    sparsing_cett: float = 0.0
+    sparsing_p: float = 1.0
+    sparsing_tokens: int = 8192
 
 
 @dataclass
@@ -228,6 +235,8 @@ def _check(cfg: RunConfig) -> None:
             raise UserError(f"{key} must be positive, got {value}")
     if not 0 <= cfg.mask.at_step < cfg.train.steps:
         raise UserError(f"mask.at_step must be in [0, train.steps), got {cfg.mask.at_step}")
+    if cfg.trace.sparsing_every < 0 or not 0 <= cfg.trace.sparsing_cett <= 1:
+        raise UserError("trace.sparsing_every must be >= 0 and trace.sparsing_cett in [0, 1]")
     if cfg.trace.every < 0:
         raise UserError(f"trace.every must be >= 0 (0: no tracing), got {cfg.trace.every}")
     if cfg.train.lr <= 0:

@@ -38,6 +38,7 @@ SPARSITY_BASE_COLUMNS = [
 ]  # fmt: skip
 TRAIN_COLUMNS = ["step", "tokens", "lr", "loss", "grad_norm", "step_time_s"]
 EVAL_COLUMNS = ["step", "tokens", "val_loss", "val_ppl", "val_acc"]
+SPARSING_LAW_COLUMNS = ["step", "tokens", "layer", "activation_ratio", "cett", "ppl_ratio"]
 
 
 def percentile_column(p: float) -> str:
@@ -118,6 +119,8 @@ class RunWriter:
         # The evaluation after N updates is part of the checkpoint's past: it is kept.
         keep_eval = None if resume_step is None else resume_step + 1
         self.eval = _CsvLog(self.run_dir / "eval.csv", EVAL_COLUMNS, keep_eval)
+        self.resume_step = resume_step
+        self.sparsing_law: _CsvLog | None = None  # created on first use (off by default)
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -168,12 +171,22 @@ class RunWriter:
             if key not in ("step", "tokens") and value is not None:
                 self.tb.add_scalar(f"{prefix}/{key}", float(value), int(row["step"]))
 
+    def log_sparsing_law(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """PPL-p% activation ratio rows measured during training (``sparsing_train.csv``)."""
+        if self.sparsing_law is None:
+            keep = None if self.resume_step is None else self.resume_step + 1
+            self.sparsing_law = _CsvLog(
+                self.run_dir / "sparsing_train.csv", SPARSING_LAW_COLUMNS, keep
+            )
+        self.sparsing_law.write(rows)
+
     def write_lifecycle(self, tracker: LifecycleTracker) -> None:
         atomic_write_text(self.run_dir / "lifecycle.json", json.dumps(lifecycle_json(tracker)))
 
     def close(self) -> None:
-        for log in (self.sparsity, self.train, self.eval):
-            log.close()
+        for log in (self.sparsity, self.train, self.eval, self.sparsing_law):
+            if log is not None:
+                log.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -101,7 +101,7 @@ def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5) 
         s = finals.pop(ckpt, None) or subject(ckpt)  # a final checkpoint is freed once measured
         m = s.measure(search.x)
         step = checkpoint_step(ckpt)
-        rows += _rows(step, step * per_step, m)
+        rows += measurement_rows(step, step * per_step, m)
         results.append(_result(step, step * per_step, s, m))
         passes += s.passes
     csv = run / CSV_NAME
@@ -120,7 +120,7 @@ def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5) 
     return csv
 
 
-def _rows(step: int, tokens: int, m: Measurement) -> list[dict[str, Any]]:
+def measurement_rows(step: int, tokens: int, m: Measurement) -> list[dict[str, Any]]:
     layers = [
         {"layer": layer_index(name), "activation_ratio": lm.activation_ratio, "cett": lm.cett}
         for name, lm in m.layers.items()

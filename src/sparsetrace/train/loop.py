@@ -118,6 +118,8 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     info, device = parallelize.init_distributed(resolve_device(cfg.train.device))
+    if info.enabled and cfg.train.parallel == "fsdp" and cfg.trace.sparsing_every:
+        raise UserError("trace.sparsing_every runs on rank 0 alone: not with train.parallel fsdp")
     # Every rank has checked the run directory before rank 0 writes into it; rank 0 builds the
     # token cache before the others read it.
     parallelize.barrier(info)
@@ -297,6 +299,9 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
                 if writer is not None:
                     writer.log_eval({"step": done, "tokens": done * session.tokens_per_step,
                                      **scores})  # fmt: skip
+            every = cfg.trace.sparsing_every
+            if every and done % every == 0 and writer is not None:
+                writer.log_sparsing_law(_sparsing_law_rows(session, done))
             if done % cfg.checkpoint.every == 0 or done == t.steps:
                 _checkpoint(session, done)
                 if meta is not None:
@@ -382,6 +387,23 @@ def _record_sparsity(
     if mask_now:  # the union over devices, so that every replica applies the same mask
         used = scopes.get("global", stats)
         _apply_unit_masks(session, step, {n: s.batch_used for n, s in used.items()})
+
+
+def _sparsing_law_rows(session: Session, done: int) -> list[dict[str, Any]]:
+    """Sparsing Law PPL-p% activation ratio of the current model (rank 0, on validation tokens)."""
+    from sparsetrace.sparsing.over_training import measurement_rows, validation_batches
+    from sparsetrace.sparsing.search import Subject, ppl_sparsity
+    from sparsetrace.sparsing.truncation import transformer_down_projections
+
+    tr, model = session.cfg.trace, session.model
+    batches = validation_batches(session.data.val, session.cfg.data.seq_len, tr.sparsing_tokens)
+    subject = Subject(model, transformer_down_projections(model), batches)
+    if tr.sparsing_cett > 0:
+        measured = subject.measure(tr.sparsing_cett)
+    else:
+        measured = ppl_sparsity(subject, tr.sparsing_p).measurement
+    model.train()
+    return measurement_rows(done, done * session.tokens_per_step, measured)
 
 
 def _apply_unit_masks(session: Session, step: int, batch_used: dict[str, torch.Tensor]) -> None:
