@@ -24,9 +24,10 @@ from sparsetrace.experiments.runs import (
     run_to_end,
 )
 from sparsetrace.report import experiments as rx
+from sparsetrace.report import paper as published
 from sparsetrace.report import write_report as write_runs_report
 from sparsetrace.report.analysis import prepare
-from sparsetrace.report.document import Section, Table, Text, Verdict
+from sparsetrace.report.document import Section, Table, Verdict
 from sparsetrace.report.findings import NOT_SHOWN, PARTLY, YES
 from sparsetrace.rundir import load_run
 
@@ -73,7 +74,7 @@ def _table4(round1: Path, round2: Path) -> pd.DataFrame:
             "used (%)": 100 * use["per_batch"] / use["hidden"],
         })  # fmt: skip
     paper = pd.DataFrame.from_dict(
-        rx.TABLE4, orient="index", columns=["round 1 used", "round 2 used", "round 1 (%)",
+        published.TABLE4, orient="index", columns=["round 1 used", "round 2 used", "round 1 (%)",
                                             "round 2 (%)"],
     )  # fmt: skip
     groups["paper (Table 4)"] = paper
@@ -137,10 +138,7 @@ def write_report(out: Path, round1: Path, round2: Path) -> Path:
             table4, fmt, shaded="paper (Table 4)",
         ), figure]),
         Section("scores", "Both rounds' final loss", [rx.scores_table("capacity_scores", scores)]),
-        Section("runs", "Both rounds in full", [Text(
-            "Tables 1-3, findings and training curves of both rounds: "
-            f"{runs_index.relative_to(report)}"
-        )]),
+        rx.runs_link_section("Both rounds in full", runs_index, report),
     ]  # fmt: skip
     return rx.write_document(
         report,

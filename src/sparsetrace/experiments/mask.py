@@ -33,6 +33,7 @@ from sparsetrace.experiments.runs import (
     run_to_end,
 )
 from sparsetrace.report import experiments as rx
+from sparsetrace.report import paper as published
 from sparsetrace.report.document import Section, Table, Text, Verdict
 from sparsetrace.report.findings import NA, NOT_SHOWN, PARTLY, YES
 from sparsetrace.rundir import load_run
@@ -289,9 +290,10 @@ def _claims(
         "paper": "performance collapse",
         "this run": rand,
     }
-    lo, hi = rx.PAPER_MASKED_PCT / 2, rx.PAPER_MASKED_PCT * 2
+    lo, hi = published.PAPER_MASKED_PCT / 2, published.PAPER_MASKED_PCT * 2
     rows["about 30 % of all units masked"] = {
-        "where": "§4.1.1", "paper": f"~{rx.PAPER_MASKED_PCT:g} % (at step {rx.PAPER_MASK_STEP:,})",
+        "where": "§4.1.1",
+        "paper": f"~{published.PAPER_MASKED_PCT:g} % (at step {published.PAPER_MASK_STEP:,})",
         "this run": Verdict(
             YES if lo <= masked_pct <= hi else NOT_SHOWN,
             f"{masked_pct:.1f} % at step {step} (yes within {lo:g}-{hi:g} %)",
@@ -350,7 +352,7 @@ def _masked_table(masked: pd.DataFrame) -> tuple[Table, float]:
         "mask_fraction", "Masked units per layer",
         "Units unused in step K's batch (dead) and the random mask's count (the same per layer, "
         "by construction), mean over seeds, from each run's mask.json. 'all' = over all layers "
-        f"(the paper: about {rx.PAPER_MASKED_PCT:g} % in aggregate; no per-layer values).",
+        f"(the paper: about {published.PAPER_MASKED_PCT:g} % in aggregate; no per-layer values).",
         frame, {c: _f(1) for c in frame.columns},
     )  # fmt: skip
     return table, overall

@@ -30,9 +30,10 @@ from sparsetrace.experiments.runs import (
     status,
 )
 from sparsetrace.report import experiments as rx
+from sparsetrace.report import paper as published
 from sparsetrace.report import write_report as write_runs_report
 from sparsetrace.report.analysis import prepare
-from sparsetrace.report.document import Section, Table, Text
+from sparsetrace.report.document import Section, Table
 from sparsetrace.rundir import load_run
 
 LR_FACTORS = (1 / 3, 2 / 3, 1.0, 5 / 3)  # the paper's 1e-3, 2e-3, 3e-3, 5e-3 over 3e-3
@@ -183,7 +184,9 @@ def _by_layer(layers: dict[str, pd.DataFrame], column: str) -> pd.DataFrame:
 
 
 def _paper_table5() -> pd.DataFrame:
-    cols = {f"LR={lr:g}": [*values, total] for lr, (values, total) in sorted(rx.TABLE5.items())}
+    cols = {
+        f"LR={lr:g}": [*values, total] for lr, (values, total) in sorted(published.TABLE5.items())
+    }
     return pd.DataFrame(cols, index=[*map(str, range(6)), "total"])
 
 
@@ -242,10 +245,7 @@ def write_report(out: Path, keys: list[str], arms: list[Arm]) -> Path:
         Section("per_token", "Per-token use per layer", [token_table]),
         Section("figure", "Use by layer", [figure]),
         Section("scores", "Final loss per arm", [rx.scores_table("sweep_scores", scores)]),
-        Section("runs", "Every arm in full", [Text(
-            "Tables 1-3, findings and training curves of all arms side by side: "
-            f"{runs_index.relative_to(report)}"
-        )]),
+        rx.runs_link_section("Every arm in full", runs_index, report),
     ]  # fmt: skip
     return rx.write_document(
         report,

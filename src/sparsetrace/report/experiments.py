@@ -1,5 +1,5 @@
-"""Reports of the experiments (masking, capacity round 2, sensitivity sweeps): the paper's published
-numbers for them, their figures, and one writer for a report built of document sections.
+"""Reports of the experiments (masking, capacity round 2, sensitivity sweeps): their figures and
+one writer for a report built of document sections (the paper's numbers: report/paper.py).
 
 The sections are built next to the analysis in :mod:`sparsetrace.experiments`; they render with
 the run report's own document model (:mod:`sparsetrace.report.document`) and figure style.
@@ -28,28 +28,6 @@ from sparsetrace.report.document import (
     render_markdown,
     write_csv,
 )
-
-# Section 4.1.1: "about 30% (calculated in aggregate over all layers)" masked at step 50k of 1M.
-PAPER_MASKED_PCT = 30.0
-PAPER_MASK_STEP = 50_000
-# Table 4, verbatim: layer -> (units used round 1, round 2, % used round 1, % used round 2).
-# Round 1 had 32768 units per layer; round 2 each layer's round-1 count.
-TABLE4 = {
-    0: (7455, 1364, 22.7, 18.2),
-    1: (24807, 18529, 75.7, 74.6),
-    2: (22743, 16079, 69.4, 70.6),
-    3: (24478, 19455, 74.7, 79.4),
-    4: (27926, 24171, 85.2, 86.5),
-    5: (32200, 31730, 98.2, 98.5),
-}
-# Table 5, verbatim: peak LR -> per-batch use (%) of layers 0-5 and the printed total.
-TABLE5 = {
-    3e-3: ([13.3, 79.3, 71.0, 73.0, 86.1, 95.6], 69.7),
-    2e-3: ([24.8, 83.2, 63.5, 71.7, 92.1, 98.0], 72.2),
-    1e-3: ([37.4, 93.4, 55.8, 78.4, 99.1, 99.0], 77.2),
-    5e-3: ([19.9, 75.6, 76.4, 79.6, 80.0, 88.1], 69.9),
-}
-PAPER_LR = 3e-3  # the paper's standard setting; Table 5's other LRs relative to it
 
 
 def write_document(out_dir: Path, title: str, subtitle: str, sections: list[Section]) -> Path:
@@ -80,6 +58,12 @@ def run_scores(rd: RunData) -> dict[str, float]:
         "val loss": float(ev["val_loss"].iloc[-1]) if len(ev) else math.nan,
         "val acc (%)": 100 * float(ev["val_acc"].iloc[-1]) if len(ev) else math.nan,
     }
+
+
+def runs_link_section(title: str, runs_index: Path, report: Path) -> Section:
+    """A section pointing at the multi-run report of every run behind an experiment."""
+    text = "Tables 1-3, findings and training curves of every run side by side: "
+    return Section("runs", title, [Text(f"{text}{runs_index.relative_to(report)}")])
 
 
 def scores_table(key: str, scores: pd.DataFrame) -> Table:

@@ -83,3 +83,26 @@ def layer_table() -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "layer"
     return frame
+
+
+# The experiments' published numbers (sections 4.1.1, 4.4, 5.1).
+# Section 4.1.1: "about 30% (calculated in aggregate over all layers)" masked at step 50k of 1M.
+PAPER_MASKED_PCT = 30.0
+PAPER_MASK_STEP = 50_000
+# Table 4, verbatim: layer -> (units used round 1, round 2, % used round 1, % used round 2).
+# Round 1 had 32768 units per layer; round 2 each layer's round-1 count.
+TABLE4 = {
+    0: (7455, 1364, 22.7, 18.2),
+    1: (24807, 18529, 75.7, 74.6),
+    2: (22743, 16079, 69.4, 70.6),
+    3: (24478, 19455, 74.7, 79.4),
+    4: (27926, 24171, 85.2, 86.5),
+    5: (32200, 31730, 98.2, 98.5),
+}
+# Table 5, verbatim: peak LR -> per-batch use (%) of layers 0-5 and the printed total.
+TABLE5 = {
+    3e-3: ([13.3, 79.3, 71.0, 73.0, 86.1, 95.6], 69.7),
+    2e-3: ([24.8, 83.2, 63.5, 71.7, 92.1, 98.0], 72.2),
+    1e-3: ([37.4, 93.4, 55.8, 78.4, 99.1, 99.0], 77.2),
+    5e-3: ([19.9, 75.6, 76.4, 79.6, 80.0, 88.1], 69.9),
+}
