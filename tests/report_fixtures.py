@@ -2,10 +2,13 @@
 
 Every layer's use is set by construction, so tests can state expected table cells by hand:
 in every sequence of a batch, each token uses ``token`` units out of the sequence's ``sequence``
-units (cyclically), and the sequences' windows tile a batch window of ``batch`` units starting at
-unit ``offset``. Hence, exactly: per-token use = token, per-sequence use = sequence, per-batch
-use = batch, and when seq_len * token is a multiple of sequence every used unit fires on
-token / sequence of the sequence's tokens, which is then every rescaled percentile.
+units, and the sequences' windows tile a batch window of ``batch`` units starting at unit
+``offset``. Within a sequence the first ``hot`` units of its window fire on every token and
+every token uses ``token - hot`` of the other units in turn (cyclically), so that units fire on
+two different shares of the sequence and the rescaled percentiles differ from one another
+(``hot`` is the largest count up to token / 4 that still lets the cycle cover the window).
+Hence, exactly: per-token use = token, per-sequence use = sequence, per-batch use = batch; the
+percentiles are checked against the naive A.6 transcription in tests/reference.py.
 
 Each quantity ramps linearly from its first to its last value over ``ramp`` (fractions of
 training). The batch window moves from [offset0, offset0 + batch0) to [offset1, offset1 + batch1)
@@ -29,7 +32,7 @@ from sparsetrace.metrics import use_stats
 from sparsetrace.rundir import RunWriter
 from sparsetrace.tracking import LifecycleTracker
 
-HIDDEN = 256
+HIDDEN = 1024
 N_SEQ = 8
 SEQ_LEN = 32
 STEPS = 1000
@@ -51,22 +54,24 @@ class LayerSpec:
 def paper_like() -> list[LayerSpec]:
     """Six layers that show every finding of the paper (warm-up: 10 % of training).
 
-    Final per-batch use 32/200/180/190/210/236 units of 256; layer 0 turns off 216 units;
-    turned on 0/2/4/8/12/16; never used 8/10/12/12/12/12; per-token and percentile use fall
-    first in the top layer (ramps start later with decreasing depth, all after warm-up).
+    Final per-batch use 128/800/720/760/840/944 units of 1024; layer 0 turns off 864 units;
+    use at the first batch falls by 32 units a layer; turned on 0/10/48/80/112/144; never used
+    32/54/48/48/48/48; per-token and percentile use fall first in the top layer (ramps start
+    60 steps later a layer down, all after warm-up); layer 0's percentiles rise (the paper's
+    reversal).
     """
-    first_batch = [248, 244, 240, 236, 232, 228]
-    last_end = [248, 246, 244, 244, 244, 244]  # last window's end: turned on = end - first_batch
-    last_batch = [32, 200, 180, 190, 210, 236]
-    token = [16, 12, 12, 10, 6, 4]
-    sequence = [32, 128, 96, 160, 192, 128]  # seq_len * token is a multiple of each
+    first_batch = [992, 960, 928, 896, 864, 832]
+    last_end = [992, 970, 976, 976, 976, 976]  # last window's end: turned on = end - first_batch
+    last_batch = [128, 800, 720, 760, 840, 944]
+    token = [64, 48, 48, 40, 24, 16]
+    sequence = [128, 512, 384, 640, 768, 512]
     return [
         LayerSpec(
-            token=(64, token[i]),
-            sequence=(224, sequence[i]),
+            token=(256, token[i]),
+            sequence=(768, sequence[i]),
             batch=(first_batch[i], last_batch[i]),
             offset=(0, last_end[i] - last_batch[i]),
-            ramp=(0.12 + 0.04 * (5 - i), 0.4 + 0.04 * (5 - i)),
+            ramp=(0.12 + 0.06 * (5 - i), 0.4 + 0.06 * (5 - i)),
         )
         for i in range(6)
     ]
@@ -80,20 +85,28 @@ def contrary() -> list[LayerSpec]:
     the last layer fires most often per sequence, use falls bottom-up during warm-up, and
     every unit is used at some point.
     """
-    first_batch = [236, 240, 244, 248, 252, 256]  # turned on = 256 - first_batch: 20, 16, ..., 0
-    last_batch = [236, 210, 190, 180, 200, 32]
-    token = [16, 12, 10, 8, 12, 4]
-    sequence = [192, 160, 128, 128, 160, 32]
+    first_batch = [944, 960, 976, 992, 1008, 1024]  # turned on = 1024 - first_batch: 80 ... 0
+    last_batch = [944, 840, 760, 720, 800, 128]
+    token = [64, 48, 40, 32, 48, 16]
+    sequence = [768, 640, 512, 512, 640, 128]
     return [
         LayerSpec(
-            token=(64, token[i]),
-            sequence=(224, sequence[i]),
+            token=(256, token[i]),
+            sequence=(768, sequence[i]),
             batch=(first_batch[i], last_batch[i]),
             offset=(0, HIDDEN - last_batch[i]),
             ramp=(0.02 + 0.02 * i, 0.06 + 0.02 * i),
         )
         for i in range(6)
     ]
+
+
+def hot_units(k: int, s: int) -> int:
+    """Units of a sequence's window that fire on every token: up to k / 4, as many as still let
+    the other k - hot units per token cycle over all s - hot others within SEQ_LEN tokens."""
+    if k >= s:
+        return 0
+    return max(0, min(k // 4, (SEQ_LEN * k - s) // (SEQ_LEN - 1)))
 
 
 def _at(pair: tuple[int, int], ramp: tuple[float, float], frac: float) -> float:
@@ -115,7 +128,10 @@ def activations(
     )
     b = end - start
     acts = torch.zeros(N_SEQ, SEQ_LEN, hidden)
-    cyclic = (torch.arange(SEQ_LEN)[:, None] * k + torch.arange(k)[None, :]) % s
+    hot = hot_units(k, s)
+    cold = k - hot
+    cycle = hot + (torch.arange(SEQ_LEN)[:, None] * cold + torch.arange(cold)[None, :]) % (s - hot)
+    cyclic = torch.cat([torch.arange(hot).expand(SEQ_LEN, -1), cycle], dim=1)
     rows = torch.arange(SEQ_LEN)[:, None].expand(-1, k)
     for seq in range(N_SEQ):
         first = start + round(seq * (b - s) / (N_SEQ - 1))

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
+from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE, NA
 from sparsetrace.config import load_config
 from sparsetrace.errors import UserError
 from sparsetrace.experiments import activations, runs, width_depth
 from sparsetrace.model.transformer import Transformer
-from sparsetrace.report.findings import NA, NOT_SHOWN, PARTLY, YES
 from sparsetrace.report.sparsing import check_finding, trend
 
 # tiny preset, 16 steps, a checkpoint every 2 (8 points); 1,024 validation tokens measured
@@ -96,15 +96,16 @@ def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
         ]  # fmt: skip
 
     shown = check_finding(curves(falling, rising))
-    assert shown.verdict == YES and "relu: falls" in shown.evidence
-    assert check_finding(curves(rising, falling)).verdict == NOT_SHOWN
-    assert check_finding(curves(falling, falling)).verdict == PARTLY
-    assert check_finding(curves(falling, rising)[:1]).verdict == PARTLY  # one family only
+    assert shown.outcome == HOLDS and "relu: falls" in shown.evidence
+    assert check_finding(curves(rising, falling)).outcome == FAILS
+    assert check_finding(curves(falling, falling)).outcome == FAILS  # silu moves the wrong way
+    one = check_finding(curves(falling, rising)[:1])  # one family only: the claim contrasts two
+    assert one.outcome == INCONCLUSIVE and "both families" in one.decide
     few = activations.law_curve("silu", "silu", _law_csv(tmp_path / "few", [0.3]))
-    assert few.fit is None and check_finding([few]).verdict == NA
+    assert few.fit is None and check_finding([few]).outcome == NA
     short = activations.law_curve("gelu", "silu", _law_csv(tmp_path / "short", [0.2, 0.3, 0.4]))
     assert short.fit is None and "needs at least 5" in short.note
-    assert check_finding([short]).verdict == PARTLY
+    assert check_finding([short]).outcome == INCONCLUSIVE
     assert activations.law_form("swiglu") == "silu" and activations.law_form("reglu") == "relu"
     with pytest.raises(UserError):
         activations.law_form("tanh")

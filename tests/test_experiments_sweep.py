@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -114,19 +115,34 @@ def test_sweep_arms_one_at_a_time_then_report(tmp_path: Path, monkeypatch, capsy
 
 
 def test_capacity_round2_widths_are_round1_use(tmp_path: Path, monkeypatch) -> None:
-    capacity.run_capacity_experiment("tiny", False, tmp_path, SHORT)
-    sp = load_run(tmp_path / "round1").sparsity
-    end = sp[sp.step == 9].sort_values("layer")  # the last measured step
-    widths = [max(1, round(v)) for v in end.per_batch]
-    assert widths == capacity.round2_widths(tmp_path / "round1")
-    round2 = load_run(tmp_path / "round2")
-    assert round2.meta["model"]["d_ff"] == widths and round2.meta["status"] == "finished"
-    assert set(round2.sparsity.hidden) == set(widths) and min(widths) < 128
+    capacity.run_capacity_experiment("tiny", 2, False, tmp_path, SHORT)
+    ends = []
+    for seed in (0, 1):
+        sp = load_run(tmp_path / f"round1-seed{seed}").sparsity
+        ends.append(sp[sp.step == 9].sort_values("layer").per_batch.to_numpy())  # last measured
+    widths = [max(1, round(v)) for v in np.mean(ends, axis=0)]
+    round1 = [tmp_path / f"round1-seed{s}" for s in (0, 1)]
+    assert widths == capacity.round2_widths(round1)
+    for seed in (0, 1):
+        round2 = load_run(tmp_path / f"round2-seed{seed}")
+        assert round2.meta["model"]["d_ff"] == widths and round2.meta["status"] == "finished"
+        assert round2.config["train"]["seed"] == seed
+    assert set(load_run(tmp_path / "round2-seed0").sparsity.hidden) == set(widths)
+    assert min(widths) < 128
     table4 = pd.read_csv(tmp_path / "report/tables/table4.csv", index_col=0)
     assert list(table4["round 2: width"].iloc[:2]) == widths
     assert table4["paper (Table 4): round 1 used"].iloc[0] == 7455
+    # Used % is the mean over seeds of each seed's own share.
+    share = np.mean([100 * e[0] / 128 for e in ends])
+    assert table4["round 1: used (%)"].iloc[0] == pytest.approx(share)
+    claims = pd.read_csv(tmp_path / "report/tables/capacity_claims.csv", index_col=0)
+    paper, run = claims.iloc[0]["paper"], claims.iloc[1]["this experiment"]
+    assert paper.startswith("holds")  # Table 4's largest per-layer gap is 4.7 pp
+    assert run.split(":")[0] in {"holds", "does not hold", "inconclusive"} and "CI" in run
     monkeypatch.setattr(runs, "train", _no_training)
     monkeypatch.setattr(capacity, "write_report", lambda *_: None)  # written and checked above
-    capacity.run_capacity_experiment("tiny", False, tmp_path, SHORT)
+    capacity.run_capacity_experiment("tiny", 2, False, tmp_path, SHORT)
     with pytest.raises(UserError, match=r"trace\.every must be positive"):
-        capacity.run_capacity_experiment("tiny", False, tmp_path / "x", ["--trace.every", "0"])
+        capacity.run_capacity_experiment("tiny", 1, False, tmp_path / "x", ["--trace.every", "0"])
+    with pytest.raises(UserError, match="seeds"):
+        capacity.run_capacity_experiment("tiny", 0, False, tmp_path / "y", SHORT)

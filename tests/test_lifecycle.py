@@ -32,7 +32,7 @@ def naive_layer(history: list[tuple[int, np.ndarray]]) -> dict[str, object]:
         counts["turned_on"] += (not col[0]) and col[-1]
         counts["turned_off"] += col[0] and not col[-1]
         counts["final_use"] += col[-1]
-        counts["never_used"] += not any(col)
+        counts["never_used"] += not col[0] and not col[-1]  # Table 2: 100 - first - turned on
     transitions = []
     for t, (step, mask) in enumerate(history):
         prev = mask if t == 0 else masks[t - 1]
@@ -118,7 +118,8 @@ def test_hand_case() -> None:
     #   unit 1: on  off off  -> turned off (first 10, last 10)
     #   unit 2: off on  on   -> turned on (first 20, last 30)
     #   unit 3: off off off  -> never used
-    #   unit 4: off on  off  -> used in between only: neither turned on nor off, not never used
+    #   unit 4: off on  off  -> used in between only: neither turned on nor off; never used by
+    #                           Table 2's arithmetic (off at the first and at the last batch)
     masks = [[1, 1, 0, 0, 0], [1, 0, 1, 0, 1], [1, 0, 1, 0, 0]]
     tracker = LifecycleTracker()
     for step, m in zip((10, 20, 30), masks, strict=True):
@@ -128,8 +129,13 @@ def test_hand_case() -> None:
         "turned_on": 1 / 5,
         "turned_off": 1 / 5,
         "final_use": 2 / 5,
-        "never_used": 1 / 5,
+        "never_used": 2 / 5,
     }
+    # Table 2 adds up: never used = 100 % - on at batch 0 - turned on.
+    summary = tracker.summary()["layer"]
+    assert summary["never_used"] == pytest.approx(
+        1 - summary["on_first_batch"] - summary["turned_on"]
+    )
     lc = tracker.layers["layer"]
     assert lc.first_step_used.tolist() == [10, 10, 20, -1, 20]
     assert lc.last_step_used.tolist() == [30, 10, 30, -1, 20]

@@ -111,3 +111,53 @@ def test_compiled_model_measures_the_same() -> None:
     for name, c in eager.use_counts.items():
         assert torch.equal(c, compiled.use_counts[name])
     assert torch.allclose(eager.loss, compiled.loss, atol=1e-5)
+
+
+def test_sinusoidal_positions_are_the_fixed_table() -> None:
+    """pos sinusoidal adds Vaswani's table (sin in the first half, cos in the second, as Flax's
+    sinusoidal_init) to the token embeddings; it is not a parameter and not saved."""
+    model = make(pos="sinusoidal", n_layers=1)
+    table = model.pos_table
+    d, t = 32, 16
+    for pos in (0, 3, 15):
+        for i in (0, 5, 15):
+            freq = 10000 ** (-i / (d // 2))
+            assert table[pos, i].item() == pytest.approx(math.sin(pos * freq), abs=1e-6)
+            assert table[pos, d // 2 + i].item() == pytest.approx(math.cos(pos * freq), abs=1e-6)
+    assert "pos_table" not in model.state_dict()
+    assert all("pos_table" not in n for n, _ in model.named_parameters())
+    idx = torch.randint(0, 50, (2, t))
+    seen = {}
+    model.blocks[0].ln_attn.register_forward_pre_hook(lambda _m, a: seen.setdefault("x", a[0]))
+    model(idx)
+    assert torch.allclose(seen["x"], model.tok_emb(idx) + table[:t])
+
+
+def test_initialisation_options() -> None:
+    torch.manual_seed(0)
+    big = dict(n_layers=1, d_model=256, n_heads=4, d_ff=1024, vocab_size=4000, seq_len=16)
+    plain = Transformer(ModelConfig(**big))
+    trunc = Transformer(ModelConfig(**big, mlp_init="truncated_lecun_normal", emb_init_std=1.0))
+    w_plain, w_trunc = plain.blocks[0].mlp.w_in.weight, trunc.blocks[0].mlp.w_in.weight
+    std = 1 / math.sqrt(256)
+    # Both LeCun: variance 1/fan_in; truncated at 2 standard deviations of the underlying normal.
+    assert w_plain.std().item() == pytest.approx(std, rel=0.02)
+    assert w_trunc.std().item() == pytest.approx(std, rel=0.02)
+    assert w_trunc.abs().max().item() <= 2 * std / 0.87962566103423978 + 1e-7
+    assert w_plain.abs().max().item() > 2.5 * std  # the plain normal has tails
+    assert plain.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert trunc.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    with pytest.raises(ValueError, match="emb_init_std"):
+        ModelConfig(emb_init_std=0.0)
+
+
+def test_tied_logit_scale() -> None:
+    a = make(tie_embeddings=True)
+    b = make(tie_embeddings=True, tied_logit_scale=True)
+    b.load_state_dict(a.state_dict())
+    idx = torch.randint(0, 50, (2, 16))
+    assert torch.allclose(b(idx).logits, a(idx).logits * 32**-0.5, atol=1e-6)
+    untied = make(tie_embeddings=False, tied_logit_scale=True)  # only a tied head is scaled
+    plain = make(tie_embeddings=False)
+    plain.load_state_dict(untied.state_dict())
+    assert torch.equal(untied(idx).logits, plain(idx).logits)

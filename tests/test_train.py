@@ -175,6 +175,23 @@ def test_dead_and_random_unit_masks(tmp_path: Path) -> None:
         v["hidden"] for v in info_d["layers"].values()
     )
     assert info_d["masked_fraction"] == pytest.approx(expected)
+    # The random mask hides other units than the dead one, including units in use at step 5.
+    assert any(set(info_r["layers"][n]["units"]) != set(v["units"])
+               for n, v in info_d["layers"].items())  # fmt: skip
+    for run, info in ((dead, info_d), (rand, info_r)):
+        _assert_masked_units_stay_off(run, info, 5)
+
+
+def _assert_masked_units_stay_off(run: Path, info: dict, step: int) -> None:
+    """The masks act on the model: the trained model's unit_mask zeros exactly the recorded
+    units, and none of them is used in any batch measured after ``step``."""
+    model, _ = checkpoint.load_trained_model(run)
+    lifecycle = load_run(run).lifecycle["layers"]
+    for i, (name, mlp) in enumerate(model.mlps().items()):
+        units = sorted(info["layers"][name]["units"])
+        assert (mlp.unit_mask == 0).nonzero().flatten().tolist() == units
+        last_used = torch.tensor(lifecycle[str(i)]["last_step_used"])
+        assert (last_used[units] <= step).all()
 
 
 def test_masks_survive_resume(tmp_path: Path, monkeypatch) -> None:
@@ -196,3 +213,25 @@ def test_masks_survive_resume(tmp_path: Path, monkeypatch) -> None:
     a, b = _frames(straight), _frames(resumed)
     for key in a:
         pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)
+    # The resumed model still masks (its checkpoint restored the mask, not only the logs).
+    info = json.loads((resumed / "mask.json").read_text())
+    assert info["masked_fraction"] > 0
+    _assert_masked_units_stay_off(resumed, info, 5)
+
+
+def test_mlp_lr_mult_scales_only_the_mlp_updates(tmp_path: Path) -> None:
+    """AdamW's first update is lr * m / sqrt(v) (~ ±lr) plus lr * wd * p: with the MLP matrices'
+    LR tripled, their first step moves them exactly three times as far; nothing else changes."""
+    deltas = {}
+    for mult in ("1", "3"):
+        cfg = tiny(tmp_path, f"m{mult}", "--train.mlp_lr_mult", mult, "--train.warmup_steps", "1")
+        session = loop.setup(cfg)
+        before = {n: p.detach().clone() for n, p in session.model.named_parameters()}
+        loop._train_step(session, 0, measure=False)
+        deltas[mult] = {n: p.detach() - before[n] for n, p in session.model.named_parameters()}
+    for name, d1 in deltas["1"].items():
+        d3 = deltas["3"][name]
+        if ".mlp.w_" in name and name.endswith("weight"):
+            assert torch.allclose(d3, 3 * d1, rtol=1e-4, atol=1e-9), name
+        else:
+            assert torch.allclose(d3, d1, rtol=1e-5, atol=1e-9), name

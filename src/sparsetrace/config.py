@@ -26,6 +26,8 @@ class TrainConfig:
     batch_size: int = 16  # device batch: the sparsity metrics are computed on it (paper: 16)
     grad_accum: int = 1
     lr: float = 3e-3
+    # The MLP matrices' LR relative to lr (muP-style per-layer LR; 1: one LR for all).
+    mlp_lr_mult: float = 1.0
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 200
     weight_decay: float = 0.1
@@ -239,8 +241,11 @@ def _check(cfg: RunConfig) -> None:
         raise UserError("trace.sparsing_every must be >= 0 and trace.sparsing_cett in [0, 1]")
     if cfg.trace.every < 0:
         raise UserError(f"trace.every must be >= 0 (0: no tracing), got {cfg.trace.every}")
-    if cfg.train.lr <= 0:
-        raise UserError(f"train.lr must be positive, got {cfg.train.lr}")
+    if cfg.train.lr <= 0 or cfg.train.mlp_lr_mult <= 0:
+        raise UserError(
+            f"train.lr and train.mlp_lr_mult must be positive, got {cfg.train.lr}, "
+            f"{cfg.train.mlp_lr_mult}"
+        )
     if any(w <= 0 for w in cfg.model.widths):
         raise UserError(f"model.d_ff must be positive, got {cfg.model.widths}")
     if any(not 0 <= p <= 100 for p in cfg.trace.percentiles):

@@ -12,15 +12,16 @@ random mask, with about 30 % of all units masked.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
 
+from sparsetrace import paper as published
+from sparsetrace.claims import RULES
+from sparsetrace.claims import rules as r
+from sparsetrace.claims.stats import Difference, Estimate, binomial_se_pct, detectable_effect, welch
 from sparsetrace.config import TrainConfig, load_config
 from sparsetrace.errors import UserError
 from sparsetrace.experiments.prune import PRUNE_FILE, prune_run
@@ -33,20 +34,14 @@ from sparsetrace.experiments.runs import (
     run_to_end,
 )
 from sparsetrace.report import experiments as rx
-from sparsetrace.report import paper as published
-from sparsetrace.report.document import Section, Table, Text, Verdict
-from sparsetrace.report.findings import NA, NOT_SHOWN, PARTLY, YES
+from sparsetrace.report.document import Section, Table, Text
 from sparsetrace.rundir import load_run
 
-ALPHA = 0.05
-POWER = 0.8
 MASK_FRACTION = 0.25  # default K: this share of training...
 MASK_WARMUPS = 2  # ...and at least this many warm-ups
 # "The pruned run follows the dead-masked one": training-loss gap over the first steps after K.
 # Rounding differs (other matrix shapes) and training amplifies it, so later gaps grow.
-PRUNE_STEPS = 10
-PRUNE_TOLERANCE = 1e-4  # nats
-FIRST_GAP = f"max |Δ loss| first {PRUNE_STEPS} steps"
+FIRST_GAP = f"max |Δ loss| first {r.PRUNE_STEPS} steps"
 
 
 def default_mask_step(t: TrainConfig) -> int:
@@ -97,43 +92,6 @@ def run_mask_experiment(
 
 
 # --------------------------------------------------------------------------------------------------
-# Statistics
-
-
-@dataclass(frozen=True)
-class Welch:
-    """Welch's unequal-variance t-test of mean(a) - mean(b), with its 95 % confidence interval."""
-
-    diff: float
-    low: float
-    high: float
-    t: float
-    df: float
-    p: float
-
-
-def welch(a: np.ndarray, b: np.ndarray) -> Welch:
-    """Two-sided Welch t-test (scipy); NaN where a sample has fewer than two values."""
-    if len(a) < 2 or len(b) < 2:
-        return Welch(float(np.mean(a) - np.mean(b)), *[math.nan] * 5)
-    r = stats.ttest_ind(a, b, equal_var=False)
-    ci = r.confidence_interval(1 - ALPHA)
-    return Welch(float(np.mean(a) - np.mean(b)), float(ci.low), float(ci.high),
-                 float(r.statistic), float(r.df), float(r.pvalue))  # fmt: skip
-
-
-def detectable_effect(n1: int, n2: int, alpha: float = ALPHA, power: float = POWER) -> float:
-    """Smallest difference, in standard deviations (Cohen's d), that a two-sided t-test at level
-    ``alpha`` detects with probability ``power`` (equal variances, noncentral t)."""
-    if min(n1, n2) < 2:
-        return math.nan
-    df = n1 + n2 - 2
-    crit = stats.t.ppf(1 - alpha / 2, df)
-    scale = math.sqrt(1 / n1 + 1 / n2)
-    return optimize.brentq(lambda d: stats.nct.sf(crit, df, d / scale) - power, 1e-6, 1e3)
-
-
-# --------------------------------------------------------------------------------------------------
 # Data of the arms
 
 
@@ -179,7 +137,7 @@ def pruned_vs_dead(runs: dict[str, list[Path]], step: int) -> pd.DataFrame:
         rows.append({
             "seed": seed, "kept widths": ", ".join(map(str, info["widths"])),
             "pruned (%)": 100 * info["pruned_fraction"],
-            FIRST_GAP: float(gap.loc[: step + PRUNE_STEPS - 1].max()),
+            FIRST_GAP: float(gap.loc[: step + r.PRUNE_STEPS - 1].max()),
             "max |Δ loss| after K": float(gap.max()),
             "dead-mask step (ms)": 1000 * time_dead, "pruned step (ms)": 1000 * time_pruned,
             "speed-up": time_dead / time_pruned,
@@ -209,11 +167,15 @@ def _summary(finals: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def comparisons(finals: pd.DataFrame) -> dict[tuple[str, str, str], Welch]:
-    """Welch tests of final val loss and accuracy for each pair of arms compared."""
+Comparisons = dict[tuple[str, str, str], Difference | None]
+
+
+def comparisons(finals: pd.DataFrame) -> Comparisons:
+    """Welch comparisons of final val loss and accuracy for each pair of arms compared (None
+    where an arm has fewer than two seeds)."""
     arms = set(finals["arm"])
     pairs = [("dead", "control"), ("random", "control"), ("random", "dead"), ("pruned", "dead")]
-    out = {}
+    out: Comparisons = {}
     for a, b in pairs:
         if a in arms and b in arms:
             for metric in ("val_loss", "val_acc"):
@@ -223,119 +185,94 @@ def comparisons(finals: pd.DataFrame) -> dict[tuple[str, str, str], Welch]:
     return out
 
 
-def _tests_table(tests: dict[tuple[str, str, str], Welch], finals: pd.DataFrame) -> Table:
-    sd = finals.groupby("arm")[["val_loss", "val_acc"]].std()
+def _tests_table(tests: Comparisons, finals: pd.DataFrame) -> Table:
     rows = {}
-    for (a, b, metric), w in tests.items():
-        n_a, n_b = (int((finals["arm"] == x).sum()) for x in (a, b))
-        pooled = math.sqrt((sd.loc[a, metric] ** 2 + sd.loc[b, metric] ** 2) / 2)
+    for (a, b, metric), d in tests.items():
+        if d is None:
+            continue
         rows[f"{a} − {b}: {metric}"] = {
-            "difference": w.diff, "95 % CI low": w.low, "95 % CI high": w.high,
-            "t": w.t, "df": w.df, "p": w.p,
-            "detectable (80 % power)": detectable_effect(n_a, n_b) * pooled,
+            "difference": d.diff, "95 % CI low": d.low, "95 % CI high": d.high,
+            "t": d.t, "df": d.df, "p": d.p,
+            "detectable (80 % power)": detectable_effect(d.n_a, d.n_b) * d.pooled_sd,
         }  # fmt: skip
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "comparison (final)"
     fmt = {c: _f(4) for c in frame.columns}
     fmt.update({"t": _f(2), "df": _f(1), "p": _p})
     return Table(
-        "mask_tests", "Welch's t-tests between arms",
-        "Two-sided Welch t-test (unequal variances, scipy.stats.ttest_ind(equal_var=False)) of "
-        "the final validation loss (nats) and next-token accuracy (fraction) across seeds; "
-        "difference = mean(first arm) − mean(second). 'detectable' = the difference this test "
-        f"finds with 80 % probability at α = {ALPHA} (Cohen's d from the noncentral t for these "
-        "seed counts, times the two arms' pooled seed-to-seed standard deviation).",
+        "mask_tests", "Welch comparisons between arms",
+        "Welch's unequal-variance t statistics of the final validation loss (nats) and "
+        "next-token accuracy (fraction) across seeds (scipy.stats.ttest_ind(equal_var=False)); "
+        "difference = mean(first arm) − mean(second). 'detectable' = the difference a two-sided "
+        "test at α = 0.05 finds with 80 % probability (Cohen's d from the noncentral t for these "
+        "seed counts, times the arms' pooled seed-to-seed standard deviation). The claims use "
+        "equivalence margins and effect sizes, not these p-values (docs/verdicts.md).",
         frame, fmt,
     )  # fmt: skip
 
 
 def _claims(
-    tests: dict[tuple[str, str, str], Welch], curves: pd.DataFrame, masked_pct: float, step: int,
-    n_seeds: int, prune_table: pd.DataFrame | None,
+    tests: Comparisons, finals: pd.DataFrame, masked: pd.DataFrame, step: int,
+    prune_table: pd.DataFrame | None,
 ) -> Table:  # fmt: skip
-    d = detectable_effect(n_seeds, n_seeds)
-    rows = {}
-    dl, da = tests.get(("dead", "control", "val_loss")), tests.get(("dead", "control", "val_acc"))
-    if dl is None or math.isnan(dl.p):
-        dead = Verdict(NA, "needs at least 2 seeds per arm")
-    else:
-        over = _significant_evaluations(curves, step)
-        ok = dl.p >= ALPHA and da.p >= ALPHA
-        dead = Verdict(
-            YES if ok else NOT_SHOWN,
-            f"final val loss {dl.diff:+.4f} nats (p = {dl.p:.3g}), accuracy "
-            f"{100 * da.diff:+.2f} points (p = {da.p:.3g}); accuracy differs significantly at "
-            f"{over}. With {n_seeds} seeds per arm only differences of about {d:.1f} seed standard "
-            "deviations are detected reliably: 'no difference' is weak evidence of equivalence.",
-        )
-    rows["dead mask: no statistical difference in accuracy vs control"] = {
-        "where": "§4.1.1",
-        "paper": "no statistical difference",
-        "this run": dead,
-    }
-    rl = tests.get(("random", "control", "val_loss"))
-    if rl is None or math.isnan(rl.p):
-        rand = Verdict(NA, "needs at least 2 seeds per arm")
-    else:
-        worse = rl.diff > 0
-        ra = tests[("random", "control", "val_acc")]
-        rand = Verdict(
-            YES if worse and rl.p < ALPHA else PARTLY if worse else NOT_SHOWN,
-            f"final val loss {rl.diff:+.4f} nats (p = {rl.p:.3g}), accuracy "
-            f"{100 * ra.diff:+.2f} points (p = {ra.p:.3g}); yes = significantly worse than "
-            f"control (α = {ALPHA}), partly = worse but not significantly.",
-        )
-    rows["random mask of the same size: performance collapse"] = {
-        "where": "§4.1.1",
-        "paper": "performance collapse",
-        "this run": rand,
-    }
-    lo, hi = published.PAPER_MASKED_PCT / 2, published.PAPER_MASKED_PCT * 2
-    rows["about 30 % of all units masked"] = {
-        "where": "§4.1.1",
-        "paper": f"~{published.PAPER_MASKED_PCT:g} % (at step {published.PAPER_MASK_STEP:,})",
-        "this run": Verdict(
-            YES if lo <= masked_pct <= hi else NOT_SHOWN,
-            f"{masked_pct:.1f} % at step {step} (yes within {lo:g}-{hi:g} %)",
+    n = finals.groupby("arm").size()
+    seeds = {arm: int(n.get(arm, 0)) for arm in ("control", "dead", "random")}
+    verdicts = {
+        "mask_dead_equivalent": r.equivalence(
+            tests.get(("dead", "control", "val_loss")), tests.get(("dead", "control", "val_acc")),
+            seeds["dead"], seeds["control"],
         ),
+        "mask_random_collapse": r.collapse(
+            tests.get(("random", "control", "val_loss")),
+            tests.get(("random", "dead", "val_loss")), seeds["random"], seeds["control"],
+        ),
+        "mask_fraction_about_30": r.per_layer_band(
+            {f"at step {step}": masked_share(masked)}, published.PAPER_MASKED_PCT,
+            "the masked share",
+        ),
+    }  # fmt: skip
+    paper_column = {
+        "mask_dead_equivalent": "no statistical difference (§4.1.1: no numbers published)",
+        "mask_random_collapse": "performance collapse (§4.1.1: no numbers published)",
+        "mask_fraction_about_30": f"about {published.PAPER_MASKED_PCT:g} % (at step "
+        f"{published.PAPER_MASK_STEP:,} of {published.TOTAL_STEPS:,})",
     }  # fmt: skip
     if prune_table is not None:
         first = float(prune_table[FIRST_GAP].max())
         late = float(prune_table["max |Δ loss| after K"].max())
-        pl = tests.get(("pruned", "dead", "val_loss"))
-        final = "" if pl is None or math.isnan(pl.p) else f", final val loss p = {pl.p:.3g}"
-        rows["pruning the dead units instead of masking them changes nothing"] = {
-            "where": "beyond the paper (§4.1.1 suggests it)", "paper": "–",
-            "this run": Verdict(
-                YES if first <= PRUNE_TOLERANCE else NOT_SHOWN,
-                f"training-loss gap to the dead-masked run over the first {PRUNE_STEPS} steps "
-                f"after K: {first:.2g} nats (yes ≤ {PRUNE_TOLERANCE:g}); over all steps after K "
-                f"{late:.2g} (rounding, amplified by training){final}; median step "
-                f"{prune_table['speed-up'].mean():.2f}× as fast",
-            ),
-        }  # fmt: skip
+        verdicts["mask_pruned_equal"] = r.pruned_equal(
+            first,
+            f"over all steps after K {late:.2g} (rounding, amplified by training); median "
+            f"step {prune_table['speed-up'].mean():.2f}× as fast",
+        )
+        paper_column["mask_pruned_equal"] = "–"
+    rows = {
+        RULES[key].claim: {
+            "where": RULES[key].source, "rule": RULES[key].line,
+            "paper": RULES[key].no_data(paper_column[key]), "this experiment": verdict,
+        }
+        for key, verdict in verdicts.items()
+    }  # fmt: skip
     frame = pd.DataFrame.from_dict(rows, orient="index")
-    frame.index.name = "claim"
-    return Table("mask_claims", "The paper's claims checked on this run",
-                 "Verdicts: yes / partly / not shown / n/a, with the numbers behind them.",
-                 frame)  # fmt: skip
+    frame.index.name = "claim (the paper's words)"
+    return Table("mask_claims", "The paper's claims checked on this experiment",
+                 "Each claim decided by its rule (docs/verdicts.md): holds / does not hold / "
+                 "inconclusive (with what would decide it) / n/a.", frame)  # fmt: skip
 
 
-def _significant_evaluations(curves: pd.DataFrame, step: int) -> str:
-    """'k of m evaluations after K' at which dead vs control accuracy differs (Welch, α)."""
-    after = curves[curves["step"] > step]
-    hits, total = 0, 0
-    for _, group in after.groupby("step"):
-        a = group.loc[group["arm"] == "dead", "val_acc"].to_numpy()
-        b = group.loc[group["arm"] == "control", "val_acc"].to_numpy()
-        w = welch(a, b)
-        if not math.isnan(w.p):
-            total += 1
-            hits += w.p < ALPHA
-    return f"{hits} of {total} evaluations after step {step}"
+def masked_share(masked: pd.DataFrame) -> Estimate:
+    """The dead mask's share of all units (%): mean over seeds with its standard error (one
+    seed: the binomial error of that share)."""
+    dead = masked[masked["arm"] == "dead"].groupby("seed")[["hidden", "masked"]].sum()
+    shares = 100 * dead["masked"] / dead["hidden"]
+    if len(shares) >= 2:
+        return Estimate(float(shares.mean()), float(shares.std(ddof=1) / np.sqrt(len(shares))),
+                        len(shares))  # fmt: skip
+    value = float(shares.iloc[0]) if len(shares) else float("nan")
+    return Estimate(value, binomial_se_pct(value, int(dead["hidden"].sum())), 1)
 
 
-def _masked_table(masked: pd.DataFrame) -> tuple[Table, float]:
+def _masked_table(masked: pd.DataFrame) -> Table:
     per = masked.groupby(["arm", "layer"])[["hidden", "masked"]].mean()
     frame = pd.DataFrame({
         "hidden": per.loc["dead", "hidden"], "dead: masked units": per.loc["dead", "masked"],
@@ -348,14 +285,13 @@ def _masked_table(masked: pd.DataFrame) -> tuple[Table, float]:
                         100 * per.loc["random", "masked"].sum() / total["hidden"]]  # fmt: skip
     frame.index = frame.index.astype(str)
     frame.index.name = "layer"
-    table = Table(
+    return Table(
         "mask_fraction", "Masked units per layer",
         "Units unused in step K's batch (dead) and the random mask's count (the same per layer, "
         "by construction), mean over seeds, from each run's mask.json. 'all' = over all layers "
         f"(the paper: about {published.PAPER_MASKED_PCT:g} % in aggregate; no per-layer values).",
         frame, {c: _f(1) for c in frame.columns},
     )  # fmt: skip
-    return table, overall
 
 
 def _over_training(curves: pd.DataFrame, step: int) -> Table:
@@ -386,7 +322,8 @@ def write_report(out: Path, step: int, runs: dict[str, list[Path]]) -> Path:
     curves = eval_curves(runs)
     finals = final_scores(curves)
     tests = comparisons(finals)
-    mask_table, overall = _masked_table(masked_units(runs))
+    masked = masked_units(runs)
+    mask_table = _masked_table(masked)
     prune_table = pruned_vs_dead(runs, step) if "pruned" in runs else None
     n_seeds = len(runs["control"])
     summary = Table(
@@ -411,7 +348,7 @@ def write_report(out: Path, step: int, runs: dict[str, list[Path]]) -> Path:
     sections = [
         Section("setup", "Setup", [setup]),
         Section("claims", "The paper's claims", [
-            _claims(tests, curves, overall, step, n_seeds, prune_table)
+            _claims(tests, finals, masked, step, prune_table)
         ]),
         Section("final", "End of training", [summary, _tests_table(tests, finals)]),
         Section("masked", "Masked units", [mask_table]),

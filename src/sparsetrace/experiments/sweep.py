@@ -17,6 +17,10 @@ from typing import Any
 
 import pandas as pd
 
+from sparsetrace import paper as published
+from sparsetrace.claims import RULES, Verdict
+from sparsetrace.claims import rules as r
+from sparsetrace.claims.stats import Estimate
 from sparsetrace.config import RunConfig, load_config
 from sparsetrace.errors import UserError
 from sparsetrace.experiments.runs import (
@@ -30,10 +34,10 @@ from sparsetrace.experiments.runs import (
     status,
 )
 from sparsetrace.report import experiments as rx
-from sparsetrace.report import paper as published
 from sparsetrace.report import write_report as write_runs_report
 from sparsetrace.report.analysis import prepare
 from sparsetrace.report.document import Section, Table
+from sparsetrace.report.findings import end_estimates, end_total
 from sparsetrace.rundir import load_run
 
 LR_FACTORS = (1 / 3, 2 / 3, 1.0, 5 / 3)  # the paper's 1e-3, 2e-3, 3e-3, 5e-3 over 3e-3
@@ -190,6 +194,74 @@ def _paper_table5() -> pd.DataFrame:
     return pd.DataFrame(cols, index=[*map(str, range(6)), "total"])
 
 
+# The paper's claims a one-key sweep can check: swept key -> rule keys.
+SWEEP_CLAIMS = {
+    "train.lr": ("lr_first_fewest", "lr_top_two_most", "lr_use_falls"),
+    "model.d_ff": ("width_use_falls",),
+    "model.n_layers": ("depth_batch_use_rises",),
+}
+
+
+def _paper_lr_verdicts() -> dict[str, Verdict]:
+    """The LR claims applied to the paper's Table 5 (printed values, taken as exact)."""
+    arms = {lr: {k: Estimate(v) for k, v in enumerate(values)} for lr, (values, _) in
+            sorted(published.TABLE5.items())}  # fmt: skip
+    totals = [(lr, Estimate(total)) for lr, (_, total) in published.TABLE5.items()]
+    return {
+        "lr_first_fewest": r.every_arm({f"LR={lr:g}": r.layer_extreme(v, 0, False, "use")
+                                        for lr, v in arms.items()}),
+        "lr_top_two_most": r.every_arm({f"LR={lr:g}": r.top_two_most(v)
+                                        for lr, v in arms.items()}),
+        "lr_use_falls": r.order_with({"all layers": totals,
+                                      "layer 0": [(lr, v[0]) for lr, v in arms.items()]},
+                                     rising=False),
+    }  # fmt: skip
+
+
+def _claims(key: str, arms: list[Arm], dirs: dict[str, Path]) -> Table | None:
+    """The paper's claims about this sweep's key, decided on the arms (None: no claim)."""
+    if key not in SWEEP_CLAIMS or any(len(a.values) != 1 for a in arms):
+        return None
+    rds = {a.label: prepare(load_run(dirs[a.label]), a.label) for a in arms}
+    value = {a.label: float(a.values[key]) for a in arms}
+    batch = {label: end_estimates(rd, "per_batch_frac") for label, rd in rds.items()}
+    total = {label: end_total(rd, "per_batch") for label, rd in rds.items()}
+    token = {label: end_total(rd, "per_token") for label, rd in rds.items()}
+    verdicts: dict[str, Verdict] = {
+        "lr_first_fewest": r.every_arm({
+            k: r.layer_extreme(v, min(v, default=0), False, "per-batch use")
+            for k, v in batch.items()}),
+        "lr_top_two_most": r.every_arm({k: r.top_two_most(v) for k, v in batch.items()}),
+        "lr_use_falls": r.order_with({
+            "all layers": [(value[k], v) for k, v in total.items()],
+            "layer 0": [(value[k], v[min(v)]) for k, v in batch.items() if v],
+        }, rising=False),
+        "width_use_falls": r.order_with({
+            "per token": [(value[k], v) for k, v in token.items()],
+            "per batch": [(value[k], v) for k, v in total.items()],
+        }, rising=False),
+        "depth_batch_use_rises": r.order_with({
+            "per batch": [(value[k], v) for k, v in total.items()]}, rising=True),
+    }  # fmt: skip
+    paper = _paper_lr_verdicts() if key == "train.lr" else {}
+    rows = {
+        RULES[k].claim: {
+            "where": RULES[k].source, "rule": RULES[k].line,
+            "paper": paper.get(k) or RULES[k].no_data(f"{RULES[k].source}: plots only"),
+            "this sweep": verdicts[k],
+        }
+        for k in SWEEP_CLAIMS[key]
+    }  # fmt: skip
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "claim (the paper's words)"
+    return Table(
+        "sweep_claims", "The paper's claims checked on this sweep",
+        "Each claim decided by its rule (docs/verdicts.md) on end-of-training values (mean ± "
+        "standard error over the last 10 % of each arm); the paper column applies the same rule "
+        "to Table 5 where it publishes numbers.", frame,
+    )  # fmt: skip
+
+
 def _figure_title(keys: list[str]) -> str:
     paper = {"model.d_ff": "Figure 3: ", "model.n_layers": "Figure 4: ", "train.lr": "Table 5: "}
     prefix = paper.get(keys[0], "") if len(keys) == 1 else ""
@@ -240,7 +312,9 @@ def write_report(out: Path, keys: list[str], arms: list[Arm]) -> Path:
                            for label, p in dirs.items()}).T  # fmt: skip
     scores.index.name = "arm"
     runs_index = write_runs_report(list(dirs.values()), report / "runs")
+    claims = _claims(keys[0], arms, dirs) if len(keys) == 1 else None
     sections = [
+        *([Section("claims", "The paper's claims", [claims])] if claims else []),
         Section("table5", "Per-batch use per layer", [table5]),
         Section("per_token", "Per-token use per layer", [token_table]),
         Section("figure", "Use by layer", [figure]),

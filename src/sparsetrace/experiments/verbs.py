@@ -58,6 +58,7 @@ def prune(run: Path, at: int, out: Path | None = None, steps: int | None = None)
 
 def experiment_capacity(
     preset: str = "cpu",
+    seeds: int = 2,
     quick: bool = False,
     out: Path | None = None,
     overrides: list[str] | None = None,
@@ -66,12 +67,13 @@ def experiment_capacity(
 
     Args:
         preset: preset name or YAML file (plus --section.key value overrides)
+        seeds: runs per round ("substantially worse" needs at least 2 to be decided)
         quick: a small byte-level model, 300 steps (minutes on a CPU)
         out: experiment directory (default: OUT_DIR/capacity-PRESET[-quick])
     """
     from sparsetrace.experiments.capacity import run_capacity_experiment
 
-    print(f"report: {run_capacity_experiment(preset, quick, out, overrides)}")
+    print(f"report: {run_capacity_experiment(preset, seeds, quick, out, overrides)}")
 
 
 def sweep(

@@ -10,9 +10,13 @@ geglu) measure ``act(gate) * up``, the input of ``W_out``.
 
 Conventions (``style``): ``gpt2`` = biases, LayerNorm, learned absolute positions; ``t5`` = no
 biases, RMSNorm, T5 relative position bias (bucketed, shared by all layers, as in T5). Any of
-bias / norm / pos can be set on its own. Initialisation: MLP kernels LeCun normal
-(std 1/sqrt(fan_in), the paper); embeddings and attention weights N(0, 0.02) with the attention
-output projection scaled by 1/sqrt(2 * n_layers) (GPT-2); biases zero; norms one.
+bias / norm / pos can be set on its own; ``pos sinusoidal`` adds the fixed sine/cosine table of
+Vaswani et al. (Flax's ``AddPositionEmbs`` default). Initialisation: MLP kernels LeCun normal
+(std 1/sqrt(fan_in), the paper), plain or truncated at two standard deviations with the variance
+kept (Flax's ``variance_scaling(1, "fan_in", "truncated_normal")``); embeddings
+N(0, ``emb_init_std``) (GPT-2: 0.02; T5/Flax: 1.0); attention weights N(0, 0.02) with the output
+projection scaled by 1/sqrt(2 * n_layers) (GPT-2); biases zero; norms one. A tied head can scale
+its logits by d_model**-0.5 (t5x's ``logits_via_embedding``), which embeddings of std 1 need.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ class ModelConfig:
     # None: take the style's convention.
     bias: bool | None = None
     norm: Literal["layernorm", "rmsnorm"] | None = None
-    pos: Literal["learned", "rope", "relative", "none"] | None = None
+    pos: Literal["learned", "sinusoidal", "rope", "relative", "none"] | None = None
     tie_embeddings: bool = True
+    tied_logit_scale: bool = False  # tied head: logits * d_model**-0.5 (t5x)
+    emb_init_std: float = 0.02
+    mlp_init: Literal["lecun_normal", "truncated_lecun_normal"] = "lecun_normal"
     relative_buckets: int = 32
     relative_max_distance: int = 128
     # Set from the data (tokenizer and packing); 0 means "not yet known".
@@ -70,6 +77,10 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.pos == "rope" and (self.d_model // self.n_heads) % 2:
             raise ValueError("rope needs an even head dimension")
+        if self.pos == "sinusoidal" and self.d_model % 2:
+            raise ValueError("sinusoidal positions need an even d_model")
+        if self.emb_init_std <= 0:
+            raise ValueError(f"emb_init_std must be positive, got {self.emb_init_std}")
 
     def with_data(self, vocab_size: int, seq_len: int) -> ModelConfig:
         return replace(self, vocab_size=vocab_size, seq_len=seq_len)
@@ -173,6 +184,11 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.pos == "learned" else None
+        if cfg.pos == "sinusoidal":  # fixed, not a parameter; rebuilt, not saved
+            self.register_buffer("pos_table", sinusoidal_table(cfg.seq_len, cfg.d_model),
+                                 persistent=False)  # fmt: skip
+        else:
+            self.pos_table = None
         self.rel_bias = (
             nn.Embedding(cfg.relative_buckets, cfg.n_heads) if cfg.pos == "relative" else None
         )
@@ -188,9 +204,11 @@ class Transformer(nn.Module):
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif ".mlp.w_" in name:  # LeCun normal: std = 1/sqrt(fan_in) (paper, 2.2)
-                nn.init.normal_(p, std=1.0 / math.sqrt(p.shape[1]))
+                lecun_normal_(p, truncated=self.cfg.mlp_init == "truncated_lecun_normal")
             elif name.endswith("attn.proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+            elif "emb" in name:
+                nn.init.normal_(p, std=self.cfg.emb_init_std)
             elif p.dim() >= 2 or "emb" in name:
                 nn.init.normal_(p, std=0.02)
             else:  # norm gains
@@ -209,6 +227,8 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(t, device=idx.device))
+        if self.pos_table is not None:
+            x = x + self.pos_table[:t].to(x.dtype)
         bias = self._relative_bias(t, idx.device) if self.rel_bias is not None else None
         rope = self._rope(t, idx.device) if self.cfg.pos == "rope" else None
         counts: dict[str, torch.Tensor] = {}
@@ -217,6 +237,8 @@ class Transformer(nn.Module):
             if c is not None:
                 counts[hidden_name(i)] = c
         logits = self.head(self.ln_f(x))
+        if self.cfg.tie_embeddings and self.cfg.tied_logit_scale:
+            logits = logits * self.cfg.d_model**-0.5
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -236,6 +258,27 @@ class Transformer(nn.Module):
         bias = self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
         return bias.masked_fill(~causal, float("-inf"))
+
+
+def lecun_normal_(weight: torch.Tensor, truncated: bool = False) -> None:
+    """std 1/sqrt(fan_in); truncated: at +-2 std of the underlying normal, rescaled so that the
+    variance stays 1/fan_in (Flax's variance_scaling(1.0, "fan_in", "truncated_normal"))."""
+    std = 1.0 / math.sqrt(weight.shape[1])
+    if not truncated:
+        nn.init.normal_(weight, std=std)
+        return
+    # Variance of a standard normal truncated to [-2, 2]: 0.7737...; its sqrt 0.87962566.
+    std /= 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """(length, dim): sin in the first half of the features, cos in the second (Flax's
+    ``sinusoidal_init`` layout); frequency i is 10000**(-i / (dim / 2)) (Vaswani et al.)."""
+    half = dim // 2
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], dim=1)
 
 
 def _t5_bucket(distance: torch.Tensor, n_buckets: int, max_distance: int) -> torch.Tensor:

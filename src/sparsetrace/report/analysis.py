@@ -129,6 +129,9 @@ def _layer_table(end_rows: pd.DataFrame, lifecycle: dict[str, Any]) -> pd.DataFr
         orient="index",
         columns=list(LIFECYCLE_COLUMNS),
     )
+    # Never used by Table 2's arithmetic, also for lifecycle.json files written before the
+    # summary's definition became it (they held "off in every measured batch").
+    life["never_used"] = 100.0 - life["on_first_batch"] - life["turned_on"]
     table = use.join(life, how="outer")
     table.index = table.index.astype(int)
     table.index.name = "layer"

@@ -10,9 +10,10 @@ from typing import Any
 
 import pandas as pd
 
-from sparsetrace import __version__
+from sparsetrace import __version__, paper
+from sparsetrace.claims import HOLDS
 from sparsetrace.errors import UserError
-from sparsetrace.report import figures, paper
+from sparsetrace.report import figures
 from sparsetrace.report.analysis import (
     EARLY_FRACTION,
     EARLY_WARMUPS,
@@ -263,8 +264,10 @@ def _table_sections(runs: list[RunData]) -> list[Section]:
         "table2", "Table 2: units on at the first batch, turned on, turned off, final use",
         "% of the layer's hidden units, from lifecycle.json: relative to the first measured "
         "batch, turned on = off then and on in the latest measured batch, turned off = the "
-        "reverse; never used = off in every measured batch. The paper publishes no per-layer "
-        f"never-used values: its column repeats the text's 'about {paper.NEVER_USED_PCT:g} %'.",
+        "reverse; never used = off at the first and at the latest measured batch (Table 2's "
+        "arithmetic: 100 % − on at batch 0 − turned on; it does not depend on how often the run "
+        "measures). The paper publishes no never-used column: its values here are that "
+        f"arithmetic on its Table 2 (the text says 'about {paper.NEVER_USED_PCT:g} %').",
         runs, list(LIFECYCLE_COLUMNS),
     )  # fmt: skip
     pcts = sorted(
@@ -322,22 +325,23 @@ def _findings_section(runs: list[RunData]) -> Section:
     verdicts = {rd.label: evaluate(rd) for rd in runs}
     rows = {}
     for i, f in enumerate(FINDINGS, 1):
-        row: dict[str, Any] = {"finding": f.claim, "where": f.source, paper.LABEL: f.paper}
+        row: dict[str, Any] = {"finding": f.claim, "where": f.rule.source, "rule": f.rule.line,
+                               paper.LABEL: f.paper}  # fmt: skip
         row.update({label: v[f.key] for label, v in verdicts.items()})
         rows[f"F{i}"] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "#"
     intro = Text(
-        "Each qualitative finding of the paper, recomputed on each run. yes: the run shows it; "
-        "partly: a weaker form (e.g. a trend but not a strict order); not shown: the run does "
-        "not show it; n/a: the run lacks the data to decide. End-of-training findings use the "
-        "tables below; the paper column applies the same test to the paper's published tables."
+        "Each finding of the paper, decided on each run by a stated rule (docs/verdicts.md has "
+        "every rule's threshold and the reason for it). holds / does not hold: the statistic "
+        "clears the threshold beyond its uncertainty; inconclusive: it does not, and the verdict "
+        "says what would decide it; n/a: the run lacks the data. End-of-training values are "
+        "means over the last 10 % of the run with their standard errors; shares of units carry "
+        "binomial errors. The paper column applies the same rule to the paper's published "
+        "tables, or says that the paper states the claim without numbers."
     )
     table = Table(
-        "findings", "Findings", "Drop order (F7, F8): per layer, the first measured step at "
-        "which the metric is halfway between its first and last value. Death timing (F10): "
-        "units switching off between measurements, all layers, against the end of warm-up; "
-        "'yes' needs at least twice the per-step rate after warm-up as during it.",
+        "findings", "Findings", "The rule column states each decision rule in one line.",
         frame, shaded=paper.LABEL,
     )  # fmt: skip
     title = "Findings of the paper, checked on " + ("this run" if len(runs) == 1 else "each run")
@@ -499,4 +503,9 @@ def summary(run_dir: Path) -> str:
         f"corr(per-token, per-batch) across layers: {_fmt_r(token_batch_correlation(rd.layers))} "
         f"(paper states {paper.TOKEN_BATCH_CORRELATION:+.2f})"
     )
+    verdicts = evaluate(rd)
+    held = sum(v.outcome == HOLDS for v in verdicts.values())
+    lines.append(f"findings (docs/verdicts.md): {held} of {len(FINDINGS)} hold")
+    for i, f in enumerate(FINDINGS, 1):
+        lines.append(f"  F{i:<3}{verdicts[f.key].outcome:<14} {f.claim} (paper: {f.paper.outcome})")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-VERDICTS = ("yes", "partly", "not shown", "n/a")
+from sparsetrace.claims import Verdict
 
 
 def fmt_pct(value: float) -> str:
@@ -25,17 +25,6 @@ def fmt_pct(value: float) -> str:
 
 def fmt_ratio(value: float) -> str:
     return f"{value:.3f}"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """A finding checked on one run: ``verdict`` is one of VERDICTS, ``evidence`` the numbers."""
-
-    verdict: str
-    evidence: str
-
-    def __str__(self) -> str:
-        return f"{self.verdict}: {self.evidence}"
 
 
 @dataclass
@@ -129,10 +118,10 @@ thead th.paper { background: #e9e9e3; }
 tbody tr:hover td, tbody tr:hover th { background: #fff8dc; }
 .badge { display: inline-block; min-width: 62px; text-align: center; border-radius: 10px;
          padding: 0 8px; font-size: 12px; font-weight: 600; margin-right: 6px; }
-.v-yes { background: #d6f0dc; color: #1d6b32; }
-.v-partly { background: #fbeccb; color: #8a5a00; }
-.v-not-shown { background: #f7d9d7; color: #9b2a22; }
-.v-n-a { background: #e6e8eb; color: #55606b; }
+.v-holds { background: #d6f0dc; color: #1d6b32; }
+.v-inconclusive { background: #fbeccb; color: #8a5a00; }
+.v-does-not-hold { background: #f7d9d7; color: #9b2a22; }
+.v-n-a, .v-stated-in-the-text-no-data { background: #e6e8eb; color: #55606b; }
 .ev { color: #3d4650; font-size: 12.5px; }
 td.verdict { min-width: 200px; vertical-align: top; }
 figure { margin: 14px 0 22px; }
@@ -153,10 +142,9 @@ def _head(name: Any) -> str:
 
 
 def _badge(v: Verdict) -> str:
-    cls = "v-" + v.verdict.replace(" ", "-").replace("/", "-")
+    cls = "v-" + "".join(c if c.isalnum() else "-" for c in v.outcome).replace("--", "-")
     return (
-        f'<span class="badge {cls}">{_esc(v.verdict)}</span> '
-        f'<span class="ev">{_esc(v.evidence)}</span>'
+        f'<span class="badge {cls}">{_esc(v.outcome)}</span> <span class="ev">{_esc(v.text)}</span>'
     )
 
 
@@ -248,7 +236,7 @@ def render_html(title: str, subtitle: str, sections: list[Section], footer: str)
 
 def _md_cell(table: Table, column: Any, value: Any) -> str:
     if isinstance(value, Verdict):
-        text = f"**{value.verdict}**: {value.evidence}"
+        text = f"**{value.outcome}**: {value.text}"
     else:
         text = value if isinstance(value, str) else table.cell(column, value)
     return text.replace("|", "\\|").replace("\n", " ")
@@ -288,6 +276,6 @@ def render_markdown(title: str, subtitle: str, sections: list[Section], footer: 
 
 
 def write_csv(table: Table, path: Path) -> None:
-    """The table's numbers at full precision (verdicts as 'verdict: evidence')."""
+    """The table's numbers at full precision (verdicts as 'outcome: evidence')."""
     flat = table.flat().map(lambda v: str(v) if isinstance(v, Verdict) else v)
     flat.to_csv(path, float_format="%.10g")

@@ -1,5 +1,5 @@
 """Reports of the experiments (masking, capacity round 2, sensitivity sweeps): their figures and
-one writer for a report built of document sections (the paper's numbers: report/paper.py).
+one writer for a report built of document sections (the paper's numbers: paper.py).
 
 The sections are built next to the analysis in :mod:`sparsetrace.experiments`; they render with
 the run report's own document model (:mod:`sparsetrace.report.document`) and figure style.

@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 
+from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE, NA, RULES, Verdict
+from sparsetrace.claims.rules import direction
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import figures
-from sparsetrace.report.document import Section, Table, Text, Verdict
-from sparsetrace.report.findings import NA, NOT_SHOWN, PARTLY, YES
+from sparsetrace.report.document import Section, Table, Text
 from sparsetrace.sparsing.laws import TOKENS_PER_UNIT, LawFit
 
 EXPECTED = {"relu": "falls", "silu": "rises"}  # Sparsing Law: direction over training, by form
-HEADLINE = {YES: "shown", PARTLY: "partly shown", NOT_SHOWN: "not shown", NA: "not checkable"}
 RATIO_LABEL = "activation ratio (PPL-p%)"
 
 
@@ -99,26 +99,29 @@ def curve_verdict(curve: Curve) -> Verdict:
     """Does this run move the way the Sparsing Law says its activation family does?"""
     t = trend(curve.tokens, curve.ratio)
     if t is None:
-        return Verdict(NA, f"{len(curve.ratio)} checkpoint(s): no trend")
+        return Verdict(NA, f"{len(curve.ratio)} checkpoint(s): no trend", "two or more checkpoints")
     expected = EXPECTED[curve.form]
-    shown = t.direction == expected
-    return Verdict(YES if shown else NOT_SHOWN, f"{t.direction} (expected: {expected}); {t}")
+    outcome = direction(t.slope, t.first, t.last, expected)
+    return Verdict(outcome, f"{t.direction} (expected: {expected}); {t}")
 
 
 def check_finding(curves: list[Curve]) -> Verdict:
-    """Sparsing Law: ReLU's activation ratio falls over training, SiLU's rises. 'yes' when a
-    relu-like and a silu-like run both move as stated, 'partly' when only some do (or only one
-    family ran), 'not shown' when none does, 'n/a' without a trend."""
+    """Sparsing Law: ReLU's activation ratio falls over training, SiLU's rises (rule
+    ``sparsing_direction``): holds when every run moves as stated and both families ran, does
+    not hold when any run moves the other way, inconclusive otherwise."""
     verdicts = {c.label: curve_verdict(c) for c in curves}
-    checked = {k: v for k, v in verdicts.items() if v.verdict != NA}
+    checked = {k: v for k, v in verdicts.items() if v.outcome != NA}
     if not checked:
-        return Verdict(NA, "no run has two checkpoints")
+        return Verdict(NA, "no run has two checkpoints", "two or more checkpoints per run")
     evidence = "; ".join(f"{k}: {v.evidence}" for k, v in checked.items())
     forms = {c.form for c in curves if c.label in checked}
-    shown = [k for k, v in checked.items() if v.verdict == YES]
-    if len(shown) == len(checked) and forms == set(EXPECTED):
-        return Verdict(YES, evidence)
-    return Verdict(PARTLY if shown else NOT_SHOWN, evidence)
+    if any(v.outcome == FAILS for v in checked.values()):
+        return Verdict(FAILS, evidence)
+    if forms != set(EXPECTED):
+        return Verdict(INCONCLUSIVE, evidence, "runs of both families (relu-like and silu-like)")
+    if all(v.outcome == HOLDS for v in checked.values()):
+        return Verdict(HOLDS, evidence)
+    return Verdict(INCONCLUSIVE, evidence, "more checkpoints (slope and halves disagree)")
 
 
 def activation_figure(curves: list[Curve]) -> MplFigure | None:
@@ -184,8 +187,9 @@ def write_activations_report(out: Path, curves: list[Curve], p: float) -> Path:
     )  # fmt: skip
     sections = [
         Section("finding", "Finding: ReLU's activation ratio falls, SiLU's rises", [
-            Text(f"Sparsing Law finding on these runs: {HEADLINE[finding.verdict]}.", "note"),
-            Text(f"{finding.verdict}: {finding.evidence}"),
+            Text(f"Sparsing Law finding on these runs: {finding.outcome} (rule: "
+                 f"{RULES['sparsing_direction'].line}).", "note"),
+            Text(str(finding)),
         ]),
         Section("figure", "Activation ratio vs training tokens", [figure]),
         Section("laws", "Fitted laws", [table]),

@@ -6,7 +6,11 @@ The tracker is fed, at every measured step, each layer's per-batch use mask (a u
 a batch when any token of the batch uses it). Relative to the *first measured batch*:
 - turned on  = off in the first batch, on in the latest;
 - turned off = on in the first batch, off in the latest;
-- never used = off in every measured batch (the paper's "~5% never turn on").
+- never used = off in the first batch and never turned on, i.e. off in the first and in the
+  latest batch: Table 2's arithmetic (100 % - on at batch 0 - turned on), the paper's "~5 % ...
+  at or below zero for every token at initialization and never turn on". It does not depend on
+  how often a run measures (a share "off in every measured batch" shrinks the more batches are
+  measured); ``ever_used`` keeps the latter for who needs it.
 Between consecutive measured batches it also counts the units switching off and on, for the
 "when do units die" plot (section 4.2). State is a handful of (hidden,) arrays per layer plus one
 small row per measured step; it round-trips through :meth:`state_dict` / :meth:`load_state_dict`.
@@ -67,7 +71,7 @@ class LayerLifecycle:
             "turned_on": float((~self.first_used & self.latest_used).sum()) / n,
             "turned_off": float((self.first_used & ~self.latest_used).sum()) / n,
             "final_use": float(self.latest_used.sum()) / n,
-            "never_used": float((~self.ever_used).sum()) / n,
+            "never_used": float((~self.first_used & ~self.latest_used).sum()) / n,
         }
 
 

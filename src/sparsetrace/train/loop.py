@@ -148,14 +148,19 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
 
 
 def build_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer:
-    # Weight decay on matrices (embeddings included, as in GPT-2/nanoGPT), not on biases/gains.
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW. Weight decay on matrices (embeddings included, as in GPT-2/nanoGPT), not on biases
+    or gains; with ``train.mlp_lr_mult`` != 1 the MLP matrices form a group of their own whose
+    ``lr_mult`` the schedule applies (:func:`_train_step`)."""
     t = cfg.train
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    split_mlp = t.mlp_lr_mult != 1.0
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in named:
+        mult = t.mlp_lr_mult if split_mlp and ".mlp.w_" in name and p.dim() >= 2 else 1.0
+        groups.setdefault((t.weight_decay if p.dim() >= 2 else 0.0, mult), []).append(p)
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": ps, "weight_decay": wd, "lr_mult": mult}
+         for (wd, mult), ps in groups.items()],
         lr=t.lr, betas=(t.beta1, t.beta2),
     )  # fmt: skip
 
@@ -164,7 +169,10 @@ def _restore_model(model: Transformer, cfg: RunConfig, path: Path) -> dict[str, 
     """Load a checkpoint's weights (before any sharding) and return its training state."""
     state = load_state(path)
     current = model_identity(cfg.model)
-    saved = state.get("model_config", {})
+    # Fields added after a checkpoint was written were at their defaults then.
+    defaults = model_identity(ModelConfig())
+    saved = {**{k: v for k, v in defaults.items() if k in NEW_MODEL_FIELDS},
+             **state.get("model_config", {})}  # fmt: skip
     if saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         raise UserError(
@@ -186,6 +194,10 @@ def _restore_state(session: Session, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     session.start_step = int(state["step"])
     session.elapsed_s = float(state.get("elapsed_s", 0.0))
+
+
+# Model fields that checkpoints from before 2026-12 lack (their value then was the default).
+NEW_MODEL_FIELDS = ("tied_logit_scale", "emb_init_std", "mlp_init")
 
 
 def model_identity(m: ModelConfig) -> dict[str, Any]:
@@ -333,7 +345,7 @@ def _train_step(
     """
     t = session.cfg.train
     for group in session.optimizer.param_groups:
-        group["lr"] = lr_at(step, session.cfg)
+        group["lr"] = lr_at(step, session.cfg) * group.get("lr_mult", 1.0)
     counts, loss_sum = None, torch.zeros((), device=session.device)
     for micro in range(t.grad_accum):
         x, y = train_batch(
@@ -418,7 +430,8 @@ def _apply_unit_masks(session: Session, step: int, batch_used: dict[str, torch.T
             keep = torch.ones_like(keep)
             keep[torch.randperm(keep.numel(), generator=gen)[:n_masked]] = False
         mlp.set_unit_mask(keep.float())
-        layers[name] = {"hidden": keep.numel(), "masked": int((~keep).sum())}
+        layers[name] = {"hidden": keep.numel(), "masked": int((~keep).sum()),
+                        "units": (~keep).nonzero().flatten().tolist()}  # fmt: skip
     total = sum(v["hidden"] for v in layers.values())
     masked = sum(v["masked"] for v in layers.values())
     info = {"step": step, "kind": session.cfg.mask.kind, "layers": layers,

@@ -22,8 +22,8 @@ SETUP = (
 # Section 3, result 1: "a moderate (-0.15) negative correlation between token and batch hidden unit
 # use". Pearson r of Table 1's printed per-token and per-batch columns is -0.054; we show both.
 TOKEN_BATCH_CORRELATION = -0.15
-# Section 1: "about 5% of the total hidden dimension of a layer ... never turn on" (no per-layer
-# values are published).
+# Section 1: "about 5% of the total hidden dimension of a layer ... never turn on". No per-layer
+# values are published; Table 2's arithmetic gives them: 100 - on at batch 0 - turned on.
 NEVER_USED_PCT = 5.0
 
 # Table 1: per-token, per-sequence, per-batch use (%), Token/Seq and Seq/Batch dimension ratios.
@@ -75,7 +75,7 @@ def layer_table() -> pd.DataFrame:
             "per_token": tok, "per_sequence": seq, "per_batch": batch,
             "token_seq_ratio": tok_seq, "seq_batch_ratio": seq_batch,
             "on_first_batch": first, "turned_on": on, "turned_off": off, "final_use": final,
-            "never_used": NEVER_USED_PCT,
+            "never_used": 100.0 - first - on,
         }  # fmt: skip
         rows[layer].update(
             {f"p{p:g}": v for p, v in zip(TABLE3_PERCENTILES, TABLE3[layer], strict=True)}
