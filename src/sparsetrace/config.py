@@ -125,10 +125,19 @@ def _read_preset(preset: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{preset}: invalid YAML ({err})") from None
+        raise UserError(f"{preset}: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{preset}: a config must be a mapping of sections")
     return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where the YAML parser stopped and why (its own message spans several lines
+    with an excerpt of the file)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"invalid YAML at {where}{problem}"
 
 
 def _parse_overrides(args: list[str]) -> list[tuple[str, str]]:

