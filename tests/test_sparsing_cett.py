@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsetrace.model.transformer import ModelConfig, Transformer
-from sparsetrace.sparsing.baselines import Fat, TopK
+from sparsetrace.sparsing.baselines import Fat, TopK, TopKBatch
 from sparsetrace.sparsing.cett import (
     CettCurve,
     ThresholdGrid,
@@ -22,7 +22,12 @@ from sparsetrace.sparsing.cett import (
     threshold_for_cett,
     unit_norms,
 )
-from sparsetrace.sparsing.truncation import Threshold, Truncation, transformer_down_projections
+from sparsetrace.sparsing.truncation import (
+    Threshold,
+    Truncation,
+    transformer_down_projections,
+    transformer_gates,
+)
 
 # Hand layer: d_model 2, d_ff 3, W_out columns w0 = (1, 0), w1 = (0, 2), w2 = (3, 4): norms 1, 2, 5.
 W = torch.tensor([[1.0, 0.0, 3.0], [0.0, 2.0, 4.0]])
@@ -208,3 +213,47 @@ def test_truncation_leaves_the_model_unchanged_after_exit() -> None:
         raise RuntimeError("inside the context")
     assert all(not m._forward_pre_hooks for m in down.values())
     assert torch.equal(model(idx).logits, before)
+
+
+def test_reference_topk_is_global_over_the_batch_on_the_gate() -> None:
+    """The public code's Top-k: one threshold over the whole (batch, seq, d_ff) tensor of
+    |act(gate)|, zeroing int(numel * (1 - k)) entries — so tokens keep different counts."""
+    gate = torch.tensor([[[0.9, 0.8, 0.7, 0.6], [0.05, 0.04, 0.03, 0.5]]])  # (1, 2, 4)
+    h = torch.full_like(gate, 2.0)  # the product the down projection sees: not what decides
+    keep = TopKBatch(0.5).keep(h, torch.ones(3, 4), gate)
+    # numel 8, zero int(8 * 0.5) = 4 smallest |gate|: 0.03, 0.04, 0.05, 0.5.
+    expected = torch.tensor([[[True, True, True, True], [False, False, False, False]]])
+    assert torch.equal(keep, expected)
+    per_token = TopK(2).keep(gate, torch.ones(3, 4), gate)  # ours: two per token
+    assert (per_token.sum(-1) == 2).all()
+    zeros = torch.tensor([[[0.0, 0.0, 0.3, 0.2]]])  # exact zeros stay zero even if "kept"
+    assert torch.equal(TopKBatch(1.0).keep(zeros, torch.ones(3, 4), zeros), zeros != 0)
+
+
+def test_reference_baselines_decide_on_act_gate_in_a_gated_mlp() -> None:
+    """In a gated MLP the reference FAT-ε and Top-k read act(gate), captured from w_in's output;
+    'ours' reads the product act(gate) * up."""
+    cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, vocab_size=40, seq_len=8,
+                      activation="reglu")  # fmt: skip
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    mlp = model.blocks[0].mlp
+    captured = {}
+    mlp.w_in.register_forward_hook(lambda _m, _a, y: captured.update(gate=y.chunk(2, -1)))
+    idx = torch.randint(0, 40, (2, 8))
+    down, gates = transformer_down_projections(model), transformer_gates(model)
+    assert set(gates) == set(down)
+    seen = []
+    rules = dict.fromkeys(down, Fat(0.3))  # reference: |act(gate)| < 0.3 zeroed
+    with torch.no_grad(), Truncation(down, rules, lambda _n, rows, _w: seen.append(rows), gates):
+        model(idx)
+    gate, up = captured["gate"]
+    act_gate = torch.relu(gate).reshape(-1, 32)
+    product = (torch.relu(gate) * up).reshape(-1, 32)
+    assert torch.equal(seen[0], torch.where(act_gate < 0.3, 0.0, product))
+    seen.clear()
+    with torch.no_grad(), Truncation(down, dict.fromkeys(down, Fat(0.3, on_gate=False)),
+                                     lambda _n, rows, _w: seen.append(rows), gates):  # fmt: skip
+        model(idx)
+    assert torch.equal(seen[0], torch.where(product.abs() < 0.3, 0.0, product))
+    assert len(mlp.w_in._forward_hooks) == 1  # only the test's own hook: the taps are gone

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.optimize import curve_fit
 
 from sparsetrace.errors import UserError
 from sparsetrace.sparsing import verbs
@@ -87,20 +88,24 @@ def _write_csv(path: Path, n: int = 20) -> Path:
 def test_fit_law_verb_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     verbs.fit_law(_write_csv(tmp_path / "a.csv"), form="silu", json=True)
     out = json.loads(capsys.readouterr().out)  # exactly one JSON object
-    assert set(out) == {"form", "params", "mae", "mse", "baseline"}
+    assert set(out) == {"form", "params", "mae", "mse", "skip_first", "mse_all_points", "se",
+                        "A0_interval", "A0_on_bound", "baselines"}  # fmt: skip
     assert out["form"] == "silu" and out["params"]["b"] is None
     assert set(out["params"]) == {"alpha", "b", "c", "A0"}
     assert out["params"]["alpha"] == pytest.approx(0.5, rel=1e-3)
-    assert set(out["baseline"]) == {"form", "params", "mae", "mse"}
-    assert out["baseline"]["form"] == "log"
-    assert set(out["baseline"]["params"]) == {"a", "b", "c", "A0"}
+    lo, hi = out["A0_interval"]
+    assert lo <= out["params"]["A0"] <= hi and set(out["se"]) == {"alpha", "c", "A0"}
+    assert set(out["baselines"]) == {"log", "sigmoid"}
+    assert set(out["baselines"]["log"]["params"]) == {"a", "b", "c", "A0"}
+    assert set(out["baselines"]["sigmoid"]["params"]) == {"a", "b", "c", "d"}
     assert not list(tmp_path.glob("*.png"))  # --json: no plot
 
 
 def test_fit_law_verb_text_and_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     verbs.fit_law(_write_csv(tmp_path / "a.csv"), form="silu")
     text = capsys.readouterr().out
-    assert "silu: alpha = 0.5" in text and "log:" in text
+    assert "silu: alpha = 0.5" in text and "log:" in text and "sigmoid:" in text
+    assert "limit activation ratio A0 = 0.4" in text
     assert (tmp_path / "a_fit_silu.png").read_bytes()[:4] == b"\x89PNG"
     assert f"plot: {tmp_path / 'a_fit_silu.png'}" in text
     # a run directory: its sparsing_law.csv, overall rows only
@@ -144,3 +149,81 @@ def test_fit_law_verb_errors(tmp_path: Path) -> None:
     (tmp_path / "e.json").write_text('{"token_passed": [1, 2]}')
     with pytest.raises(UserError, match="expected"):
         verbs.fit_law(tmp_path / "e.json")
+    back = pd.DataFrame({"tokens": [1, 2, 3, 3, 5], "activation_ratio": [0.1] * 5})
+    back.to_csv(tmp_path / "f.csv")
+    with pytest.raises(UserError, match="increase"):
+        verbs.fit_law(tmp_path / "f.csv")
+    over = pd.DataFrame({"tokens": [1, 2, 3, 4, 5], "activation_ratio": [0.1, 0.2, 1.2, 0.3, 0.4]})
+    over.to_csv(tmp_path / "g.csv")
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        verbs.fit_law(tmp_path / "g.csv")
+    with pytest.raises(UserError, match="skip-first"):
+        verbs.fit_law(good, skip_first=17)  # 20 points: 3 left
+
+
+# --------------------------------------------------------------------------------------------------
+# The authors' published curves (tests/data/sparsing_law, SOURCE.md) and parameters (their
+# calc.py CURVE_PARAM = the paper's Table 2): (alpha, b, c, A0) and (alpha, c, A0).
+
+CURVES = Path(__file__).parent / "data" / "sparsing_law"
+PAPER = {
+    "relu_0.1B": (0.101, -0.0151, 3.20, 0.0614), "relu_0.2B": (0.449, -3.05, 0.286, 0.0674),
+    "relu_0.4B": (0.683, -3.46, 0.0790, 0.0690), "relu_0.8B": (1.01, -3.49, 0.00797, 0.0721),
+    "relu_1.2B": (1.33, -3.89, 0.000903, 0.0782),
+    "silu_0.1B": (0.479, 0.102, 0.409), "silu_0.2B": (0.844, 0.208, 0.390),
+    "silu_0.4B": (1.03, 0.420, 0.385), "silu_0.8B": (0.995, 0.562, 0.383),
+    "silu_1.2B": (0.967, 0.538, 0.382),
+}  # fmt: skip
+
+
+def _curve(name: str) -> tuple[np.ndarray, np.ndarray]:
+    frame = pd.read_csv(CURVES / f"{name}.csv")
+    return frame["tokens"].to_numpy(), frame["activation_ratio"].to_numpy()
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_published_curves_physical_limit_no_worse_than_the_paper(name: str) -> None:
+    """On every published curve: the limit is physical (ReLU 0 <= A0 <= lowest ratio; SiLU A0 >=
+    highest) and the fit's MSE over all points is no worse than the paper's own parameters'."""
+    tokens, ratio = _curve(name)
+    form = name.split("_")[0]
+    fit = fit_law(tokens, ratio, form)
+    a0 = fit.limit
+    if form == "relu":
+        assert 0.0 <= a0 <= ratio.min()
+    else:
+        assert a0 >= ratio.max()
+    law = relu_law if form == "relu" else silu_law
+    paper_mse = float(np.mean((law(tokens / 1e9, *PAPER[name]) - ratio) ** 2))
+    assert fit.mse_all <= paper_mse * (1 + 1e-9)
+    lo, hi = fit.a0_interval
+    assert lo <= a0 <= hi
+    assert fit.baselines["log"].mse >= fit.mse  # the power law beats the log baseline
+
+
+@pytest.mark.parametrize(
+    ("name", "skip"), [("relu_1.2B", 6), ("silu_0.1B", 5), ("silu_0.2B", 6), ("silu_0.4B", 8)]
+)
+def test_the_papers_parameters_come_back_with_its_dropped_checkpoints(name: str, skip: int) -> None:
+    """With the early checkpoints the authors dropped (1.2B ReLU: 6, their calc.py; the SiLU
+    counts found by refitting), the bounded fit returns the published parameters."""
+    tokens, ratio = _curve(name)
+    fit = fit_law(tokens, ratio, name.split("_")[0], skip_first=skip)
+    paper = PAPER[name]
+    assert fit.skip == skip
+    assert fit.params["alpha"] == pytest.approx(paper[0], rel=0.01)
+    assert fit.limit == pytest.approx(paper[-1], abs=5e-4)
+
+
+def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
+    """The authors' 0.4B ReLU curve does not determine its limit: unbounded, least squares
+    drives A0 below zero; bounded, A0 sits on 0 and the fit says the limit is undetermined."""
+    tokens, ratio = _curve("relu_0.4B")
+    with np.errstate(all="ignore"):  # the authors' method: Levenberg-Marquardt, no bounds
+        free, _ = curve_fit(relu_law, tokens / 1e9, ratio, p0=PAPER["relu_0.4B"], maxfev=40000)
+    assert free[3] < 0  # a negative limit activation ratio
+    fit = fit_law(tokens, ratio, "relu")
+    assert fit.limit_on_bound and fit.limit == pytest.approx(0.0, abs=1e-4)
+    assert fit.a0_interval[1] <= ratio.min() + 1e-12
+    well = fit_law(*_curve("relu_0.8B"), "relu")
+    assert not well.limit_on_bound

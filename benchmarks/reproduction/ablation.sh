@@ -28,10 +28,14 @@ declare -A ARMS=(
   [t5sin-constant]="train.min_lr_ratio=1.0 --model.style t5 --model.pos sinusoidal"
   [t5sin-mlp-lr-x3]="train.mlp_lr_mult=3 --model.style t5 --model.pos sinusoidal"
   [t5sin-beta2-0.999]="train.beta2=0.999 --model.style t5 --model.pos sinusoidal"
+  [t5sin-constant-lr1e-2]="train.lr=1e-2 --model.style t5 --model.pos sinusoidal --train.min_lr_ratio 1.0"
+  [t5sin-constant-2000]="train.steps=2000 --model.style t5 --model.pos sinusoidal --train.min_lr_ratio 1.0"
+  [t5sin-constant-emb-0.088]="model.emb_init_std=0.0884 --model.style t5 --model.pos sinusoidal --train.min_lr_ratio 1.0"
 )
 ORDER=(baseline pos-sinusoidal norm-rmsnorm bias-off beta2-0.999 emb-std-1 mlp-lr-x3 warmup-300
        t5-sinusoidal t5sin-constant lr-constant dff-4096 wd-0 mlp-init-truncated seq-512 batch-32
-       untied pos-relative t5sin-mlp-lr-x3 t5sin-beta2-0.999)
+       untied pos-relative t5sin-mlp-lr-x3 t5sin-beta2-0.999 t5sin-constant-lr1e-2
+       t5sin-constant-2000 t5sin-constant-emb-0.088)
 for arm in "${@:-${ORDER[@]}}"; do
   spec=${ARMS[$arm]}
   sweep=${spec%% *}; rest=${spec#"$sweep"}

@@ -43,7 +43,7 @@ from sparsetrace.metrics import DEFAULT_PERCENTILES
 from sparsetrace.model.transformer import Transformer
 from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.tracking import LifecycleTracker
-from sparsetrace.train.loop import resolve_device
+from sparsetrace.train.device import resolve_device
 
 TRAILING_NUMBER = re.compile(r"(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -36,13 +36,8 @@ from sparsetrace.train.checkpoint import (
     load_trained_model,
     save_checkpoint,
 )
-from sparsetrace.train.loop import (
-    autocast,
-    model_identity,
-    resolve_device,
-    resolve_precision,
-    train_batch,
-)
+from sparsetrace.train.device import autocast, resolve_device, resolve_precision
+from sparsetrace.train.loop import model_identity, train_batch
 from sparsetrace.train.parallelize import full_model_state
 
 PRUNE_FILE = "prune.json"

@@ -104,7 +104,7 @@ def sweep(
 
 def experiment_activations(
     preset: str = "cpu",
-    activations: str = "relu,silu",
+    activations: str = "reglu,swiglu",
     p: float = 1.0,
     tokens: int = 16384,
     quick: bool = False,
@@ -115,7 +115,8 @@ def experiment_activations(
 
     Args:
         preset: preset name or YAML file (plus --section.key value overrides)
-        activations: comma-separated model.activation values, one run each
+        activations: comma-separated model.activation values, one run each (default: the
+            paper's gated ReLU and gated SiLU, act(gate) * up; plain relu,silu as an option)
         p: PPL-p% sparsity: the perplexity increase allowed, in percent (paper: 1)
         tokens: validation tokens each checkpoint is measured on
         quick: a small byte-level model, 300 steps (minutes on a CPU)
@@ -130,7 +131,7 @@ def experiment_activations(
 def experiment_width_depth(
     preset: str = "cpu",
     ratios: str = "",
-    activation: str = "swiglu",
+    activation: str = "reglu",
     p: float = 1.0,
     tokens: int = 16384,
     quick: bool = False,
@@ -142,7 +143,8 @@ def experiment_width_depth(
     Args:
         preset: preset name or YAML file (plus --section.key value overrides)
         ratios: comma-separated target d_model / n_layers ratios (default 4,8,16,32,64)
-        activation: gated MLP activation: swiglu, reglu or geglu (d_ff = 2.5 d_model)
+        activation: gated MLP activation (the paper's width-depth study: gated ReLU, reglu;
+            swiglu or geglu as options); d_ff = 2.5 d_model
         p: PPL-p% sparsity: the perplexity increase allowed, in percent (paper: 1)
         tokens: validation tokens the final checkpoint is measured on
         quick: a small byte-level model, 300 steps (minutes on a CPU)

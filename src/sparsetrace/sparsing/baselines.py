@@ -3,6 +3,16 @@
 Both are truncation rules (:class:`~sparsetrace.sparsing.truncation.Rule`) evaluated exactly like
 the CETT thresholds (same passes, activation ratio and PPL ratio), so a report can put the three
 side by side, at a given parameter or at the same PPL ratio (:func:`match_ppl`).
+
+Two definitions (``definition``):
+- ``reference`` (the default): the public code's (thunlp/SparsingLaw ``src/model_utils.py``).
+  Both decide on the gate activation ``act(gate)`` of a gated MLP (the hidden activation of a
+  plain one); Top-k keeps the largest fraction ``k`` of ``|act(gate)|`` over the *whole batch*
+  tensor (batch x seq x d_ff, one threshold for all tokens), FAT-ε zeroes ``|act(gate)| < ε``.
+  ε values compare with the paper's.
+- ``ours``: the same rules on the product ``act(gate) * up`` that the down projection sees, Top-k
+  per token (``round(k * d_ff)`` units each). Equal to ``reference`` for plain MLPs except for
+  Top-k's scope.
 """
 
 from __future__ import annotations
@@ -17,29 +27,49 @@ from sparsetrace.sparsing.search import C_TOL, PPL_TOL, Subject, bisect, target_
 from sparsetrace.sparsing.truncation import Rule
 
 Baseline = Literal["topk", "fat"]
+Definition = Literal["reference", "ours"]
 _MAX_DOUBLINGS = 64  # FAT: eps doubles from 1 until the PPL target is passed
 
 
 @dataclass(frozen=True)
 class TopK:
-    """Keep the k largest |a| of each token, zero the rest (Sparsing Law, baselines: Top-k)."""
+    """Keep the k largest |a| of each token, zero the rest (``ours``: on the hidden activation)."""
 
     k: int
 
-    def keep(self, h: Tensor, w_out: Tensor) -> Tensor:
+    def keep(self, h: Tensor, w_out: Tensor, gate: Tensor) -> Tensor:
         mask = torch.zeros_like(h, dtype=torch.bool)
         k = min(max(self.k, 0), h.shape[-1])
         return mask.scatter_(-1, h.abs().topk(k, dim=-1).indices, True) if k else mask
 
 
 @dataclass(frozen=True)
+class TopKBatch:
+    """The reference Top-k: over the whole batch tensor of ``|act(gate)|``, zero the
+    ``int(numel * (1 - fraction))`` smallest entries (``prune_topk``); entries that are exactly
+    zero stay zero (its mask is ``|x| < 1e-18`` after the scatter)."""
+
+    fraction: float
+
+    def keep(self, h: Tensor, w_out: Tensor, gate: Tensor) -> Tensor:
+        flat = gate.abs().reshape(-1)
+        n_zero = int(flat.numel() * (1 - min(max(self.fraction, 0.0), 1.0)))
+        keep = flat >= 1e-18
+        if n_zero:
+            keep[flat.topk(n_zero, largest=False).indices] = False
+        return keep.reshape(gate.shape)
+
+
+@dataclass(frozen=True)
 class Fat:
-    """Zero every entry with |a| < eps (Sparsing Law, baselines: FAT-ε)."""
+    """Zero every entry whose decision value is below eps (FAT-ε): ``|act(gate)|`` for the
+    reference definition, ``|a|`` of the hidden activation for ``ours``."""
 
     eps: float
+    on_gate: bool = True
 
-    def keep(self, h: Tensor, w_out: Tensor) -> Tensor:
-        return h.abs() >= self.eps
+    def keep(self, h: Tensor, w_out: Tensor, gate: Tensor) -> Tensor:
+        return (gate if self.on_gate else h).abs() >= self.eps
 
 
 @dataclass(frozen=True)
@@ -53,31 +83,43 @@ class BaselinePoint:
     layers: dict[str, float]  # per-layer activation ratio
 
 
-def baseline_rules(subject: Subject, baseline: Baseline, param: float) -> dict[str, Rule]:
-    """Per-layer rules: ``topk`` keeps ``round(param * d_ff)`` units, ``fat`` uses eps = param."""
+def baseline_rules(
+    subject: Subject, baseline: Baseline, param: float, definition: Definition = "reference"
+) -> dict[str, Rule]:
+    """Per-layer rules: ``topk`` keeps the fraction ``param`` (reference: of the batch's gate
+    entries; ours: ``round(param * d_ff)`` units per token), ``fat`` uses eps = param."""
+    if definition not in ("reference", "ours"):
+        raise ValueError(f"unknown baseline definition {definition!r} (reference, ours)")
+    reference = definition == "reference"
     if baseline == "topk":
+        if reference:
+            return dict.fromkeys(subject.down, TopKBatch(param))
         return {name: TopK(round(param * m.in_features)) for name, m in subject.down.items()}
     if baseline == "fat":
-        return dict.fromkeys(subject.down, Fat(param))
+        return dict.fromkeys(subject.down, Fat(param, on_gate=reference))
     raise ValueError(f"unknown baseline {baseline!r} (topk, fat)")
 
 
-def evaluate_baseline(subject: Subject, baseline: Baseline, param: float) -> BaselinePoint:
-    ev = subject.evaluate(baseline_rules(subject, baseline, param))
+def evaluate_baseline(
+    subject: Subject, baseline: Baseline, param: float, definition: Definition = "reference"
+) -> BaselinePoint:
+    ev = subject.evaluate(baseline_rules(subject, baseline, param, definition))
     return BaselinePoint(
         baseline=baseline, param=param, activation_ratio=ev.mean_activation_ratio,
         ppl_ratio=subject.ppl_ratio(ev), layers=dict(ev.activation_ratio),
     )  # fmt: skip
 
 
-def match_ppl(subject: Subject, baseline: Baseline, p: float = 1.0) -> BaselinePoint:
+def match_ppl(
+    subject: Subject, baseline: Baseline, p: float = 1.0, definition: Definition = "reference"
+) -> BaselinePoint:
     """The baseline's parameter at which the PPL ratio is 1 + p/100 (same tolerance as
     :func:`~sparsetrace.sparsing.search.find_cett`): Top-k bisects its kept fraction in [0, 1]
     (the ratio falls as it grows), FAT bisects eps in [0, hi], hi doubled from 1 until past it."""
     target = target_ratio(p)
 
     def ratio(param: float) -> float:
-        return evaluate_baseline(subject, baseline, param).ppl_ratio
+        return evaluate_baseline(subject, baseline, param, definition).ppl_ratio
 
     tol = PPL_TOL * (target - 1.0)
     if baseline == "topk":
@@ -89,4 +131,4 @@ def match_ppl(subject: Subject, baseline: Baseline, p: float = 1.0) -> BaselineP
                 break
             hi *= 2
         found = bisect(ratio, 0.0, hi, target, tol, C_TOL * hi)
-    return evaluate_baseline(subject, baseline, found.x)
+    return evaluate_baseline(subject, baseline, found.x, definition)

@@ -1,16 +1,29 @@
-"""Activation ratio vs training tokens: the Sparsing Law's power laws and the log baseline.
+"""Activation ratio vs training tokens: the Sparsing Law's power laws, fitted with physical bounds.
 
-Sparsing Law, "Laws" (D = training tokens in billions):
+Sparsing Law (Luo et al.), "Laws" (D = training tokens in billions):
 - ReLU, a decreasing "logspace power law": ``A(D) = exp(-c * D**alpha + b) + A0``;
 - SiLU, increasing and converging: ``A(D) = -c * D**(-alpha) + A0``;
-- the logarithmic baseline they are compared with by MAE and MSE: ``A0 + c * log(a*D + b)``.
+- the baselines the authors compare them with by MAE and MSE (their SparsingLawData scripts
+  ``calc_log.py`` / ``calc_sigmoid.py``): logarithmic ``A0 + c * log(a*D + b)`` and
+  sigmoid-like ``a - 1 / (1 + b * exp(c*D + d))``.
 
-Fitting (scipy ``curve_fit``, trust-region reflective with bounds alpha > 0, c >= 0, and
-a*D + b > 0 on the data for the log form): for fixed alpha (and A0 for ReLU, b/a for log) each
-form is linear in its remaining parameters, so a grid over those nonlinear ones with a linear
-least-squares solve at each point gives robust starting points; the best few are refined and the
-fit with the lowest MSE wins. Deterministic: no random starts. The log form is fitted with a = 1:
-``c*log(a*D + b)`` equals ``c*log(a) + c*log(D + b/a)``, so a only trades off against A0 and b.
+**The limit A0 is the answer** to "what activation ratio does this model converge to", so it must
+be physical: the fit is bounded (ReLU: 0 <= A0 <= the lowest observed ratio, a falling curve
+converges below its points; SiLU: A0 >= the highest observed ratio, a rising one above them;
+alpha > 0, c >= 0). The authors fit unbounded (Levenberg-Marquardt), which on their own 0.4B
+ReLU curve returns A0 < 0. ``skip_first`` drops early checkpoints. The rule for choosing it (the
+authors' stated one, their Appendix E): drop the checkpoints taken during warm-up, and no more.
+Their published parameters for some models need further drops chosen by hand (1.2B ReLU: the
+first 6; docs/sparsing-law.md lists what reproduces each); when a fit's limit sits on its bound,
+the curve does not determine the limit, and the fit says so rather than dropping points until
+it moves.
+
+Fitting: for fixed alpha (and A0 for ReLU) each form is linear in its remaining parameters, so a
+grid over the nonlinear ones with a linear least-squares solve at each point gives robust starts;
+the best few are refined with scipy ``curve_fit`` (trust-region reflective, bounded) and the
+lowest MSE wins. Uncertainty: standard errors from the fit's covariance (A0's 95 % interval is
+A0 ± 1.96 SE, cut at the physical bound; a fit that sits on the bound says so), or on request a
+residual bootstrap (deterministic seed; ~0.1-0.5 s per resample here). Deterministic throughout.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +41,10 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from sparsetrace.errors import UserError
 
 FORMS = ("relu", "silu")
+BASELINES = ("log", "sigmoid")
 MIN_POINTS = 5  # more points than the 4 parameters of the ReLU law
 TOKENS_PER_UNIT = 1e9  # D is in billions of tokens
+BOOTSTRAP_EVALS = 400  # a bootstrap refit starts at the fit itself: few evaluations suffice
 _ALPHAS = np.geomspace(0.02, 4.0, 40)
 _REFINED = 6  # best grid starts refined by curve_fit
 
@@ -47,19 +62,50 @@ def silu_law(d: Array, alpha: float, c: float, a0: float) -> Array:
 
 
 def log_law(d: Array, a: float, b: float, c: float, a0: float) -> Array:
-    """Sparsing Law, logarithmic baseline: A(D) = A0 + c * log(a*D + b)."""
+    """Logarithmic baseline: A(D) = A0 + c * log(a*D + b)."""
     return a0 + c * np.log(a * d + b)
+
+
+def sigmoid_law(d: Array, a: float, b: float, c: float, e: float) -> Array:
+    """Sigmoid-like baseline (the authors' ``inv_exp_func``): a - 1 / (1 + b * exp(c*D + e))."""
+    return a - 1.0 / (1.0 + b * np.exp(c * d + e))
 
 
 @dataclass(frozen=True)
 class LawFit:
-    """A fitted form: its parameters by name (None: not part of the form), MAE and MSE."""
+    """A fitted form: parameters by name (None: not part of the form), their standard errors,
+    MAE / MSE on the fitted points and MSE on all points, the points skipped from the start,
+    A0's bootstrap interval, and the baselines fitted to the same points."""
 
     form: str
     params: dict[str, float | None]
     mae: float
     mse: float
-    baseline: LawFit | None = None
+    skip: int = 0
+    mse_all: float = float("nan")
+    se: dict[str, float] = field(default_factory=dict)
+    a0_interval: tuple[float, float] | None = None
+    baselines: dict[str, LawFit] = field(default_factory=dict)
+    a0_bounds: tuple[float, float] | None = None  # the physical range A0 was fitted in
+
+    @property
+    def limit_on_bound(self) -> bool:
+        """A0 sits on its physical bound (within 0.1 % of the bounding ratio): the curve does
+        not determine the limit, only that it lies at or beyond the data."""
+        if self.a0_bounds is None or self.limit is None:
+            return False
+        scale = max(abs(b) for b in self.a0_bounds if np.isfinite(b))
+        return any(abs(self.limit - b) <= 1e-3 * scale for b in self.a0_bounds if np.isfinite(b))
+
+    @property
+    def limit(self) -> float | None:
+        """The activation ratio the law converges to (A0); None for the baselines."""
+        return self.params.get("A0") if self.form in FORMS else None
+
+    @property
+    def baseline(self) -> LawFit | None:
+        """The logarithmic baseline (the one the Sparsing Law paper tabulates)."""
+        return self.baselines.get("log")
 
     def curve(self, d: Array) -> Array:
         """The fitted A at D (billions of tokens)."""
@@ -68,22 +114,29 @@ class LawFit:
             return relu_law(d, p["alpha"], p["b"], p["c"], p["A0"])
         if self.form == "silu":
             return silu_law(d, p["alpha"], p["c"], p["A0"])
+        if self.form == "sigmoid":
+            return sigmoid_law(d, p["a"], p["b"], p["c"], p["d"])
         return log_law(d, p["a"], p["b"], p["c"], p["A0"])
 
     def to_dict(self) -> dict:
         out = {"form": self.form, "params": self.params, "mae": self.mae, "mse": self.mse}
-        if self.baseline is not None:
-            out["baseline"] = self.baseline.to_dict()
+        if self.form in FORMS:
+            interval = list(self.a0_interval) if self.a0_interval else None
+            baselines = {k: v.to_dict() for k, v in self.baselines.items()}
+            out.update({"skip_first": self.skip, "mse_all_points": self.mse_all, "se": self.se,
+                        "A0_interval": interval, "A0_on_bound": self.limit_on_bound,
+                        "baselines": baselines})  # fmt: skip
         return out
 
 
 @dataclass(frozen=True)
 class _Form:
-    """A law as fitted: f(D, *free), the free parameters' bounds, grid starts, and how the free
-    parameters map to the reported ones."""
+    """A law as fitted: f(D, *free), the free parameters' bounds given the data, grid starts,
+    and how the free parameters map to the reported ones."""
 
     f: Callable[..., Array]
-    bounds: Callable[[Array], tuple[list[float], list[float]]]
+    names: tuple[str, ...]
+    bounds: Callable[[Array, Array], tuple[list[float], list[float]]]
     starts: Callable[[Array, Array], list[tuple[float, ...]]]
     report: Callable[..., dict[str, float | None]]
 
@@ -93,9 +146,8 @@ def _lstsq(columns: list[Array], y: Array) -> Array:
 
 
 def _relu_starts(d: Array, y: Array) -> list[tuple[float, ...]]:
-    """For each alpha and a floor A0 below min(y): log(y - A0) = b - c * D**alpha is linear."""
-    spread = max(float(np.ptp(y)), 1e-12)
-    floors = float(y.min()) - spread * np.array([1e-3, 1e-2, 0.05, 0.2, 1.0])
+    """For each alpha and a floor A0 in [0, min(y)): log(y - A0) = b - c * D**alpha is linear."""
+    floors = float(y.min()) * np.array([0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99, 0.999])
     starts = []
     for alpha in _ALPHAS:
         for a0 in floors:
@@ -105,10 +157,14 @@ def _relu_starts(d: Array, y: Array) -> list[tuple[float, ...]]:
 
 
 def _silu_starts(d: Array, y: Array) -> list[tuple[float, ...]]:
-    """For each alpha: y = A0 - c * D**(-alpha) is linear in (c, A0)."""
+    """For each alpha: y = A0 - c * D**(-alpha) is linear in (c, A0); A0 held at max(y) when
+    the free solution falls below it."""
     starts = []
     for alpha in _ALPHAS:
         a0, c = _lstsq([np.ones_like(d), -(d ** (-alpha))], y)
+        if a0 < y.max():
+            a0 = float(y.max())
+            (c,) = _lstsq([d ** (-alpha)], a0 - y)
         starts.append((alpha, max(c, 0.0), a0))
     return starts
 
@@ -128,20 +184,39 @@ def _log_starts(d: Array, y: Array) -> list[tuple[float, ...]]:
     return starts
 
 
+def _sigmoid_starts(d: Array, y: Array) -> list[tuple[float, ...]]:
+    """The authors' hand-set starts (ReLU and SiLU curves) and a grid over the rate c with the
+    level a at the curve's far end."""
+    starts = [(1.07, 0.41, -0.17, -2.517), (1.07, 0.35, -0.046, -2.587),
+              (1.07, 0.39, -0.025, -2.757), (0.38, 6.41, 0.06, 0.752)]  # fmt: skip
+    span = float(np.ptp(d)) or 1.0
+    for rate in np.geomspace(0.1, 30, 8) / span:
+        for sign in (-1.0, 1.0):
+            starts.append((float(y[-1]) + 1.0, 1.0, sign * rate, 0.0))
+    return starts
+
+
 _INF = np.inf
 _FORMS = {
     "relu": _Form(
-        relu_law, lambda d: ([1e-6, -_INF, 0.0, -_INF], [_INF] * 4), _relu_starts,
-        lambda alpha, b, c, a0: {"alpha": alpha, "b": b, "c": c, "A0": a0},
+        relu_law, ("alpha", "b", "c", "A0"),
+        lambda d, y: ([1e-6, -_INF, 0.0, 0.0], [_INF, _INF, _INF, float(y.min())]),
+        _relu_starts, lambda alpha, b, c, a0: {"alpha": alpha, "b": b, "c": c, "A0": a0},
     ),
     "silu": _Form(
-        silu_law, lambda d: ([1e-6, 0.0, -_INF], [_INF] * 3), _silu_starts,
-        lambda alpha, c, a0: {"alpha": alpha, "b": None, "c": c, "A0": a0},
+        silu_law, ("alpha", "c", "A0"),
+        lambda d, y: ([1e-6, 0.0, float(y.max())], [_INF, _INF, _INF]),
+        _silu_starts, lambda alpha, c, a0: {"alpha": alpha, "b": None, "c": c, "A0": a0},
     ),
     "log": _Form(
-        lambda d, b, c, a0: log_law(d, 1.0, b, c, a0),
-        lambda d: ([_log_lowest_b(d), -_INF, -_INF], [_INF] * 3), _log_starts,
+        lambda d, b, c, a0: log_law(d, 1.0, b, c, a0), ("b", "c", "A0"),
+        lambda d, y: ([_log_lowest_b(d), -_INF, -_INF], [_INF] * 3), _log_starts,
         lambda b, c, a0: {"a": 1.0, "b": b, "c": c, "A0": a0},
+    ),
+    "sigmoid": _Form(
+        sigmoid_law, ("a", "b", "c", "d"),
+        lambda d, y: ([-_INF, 1e-12, -_INF, -_INF], [_INF] * 4), _sigmoid_starts,
+        lambda a, b, c, e: {"a": a, "b": b, "c": c, "d": e},
     ),
 }  # fmt: skip
 
@@ -152,44 +227,116 @@ def _mse(form: _Form, d: Array, y: Array, params: tuple[float, ...]) -> float:
     return err if np.isfinite(err) else np.inf
 
 
+def _refine(
+    form: _Form, d: Array, y: Array, p0: tuple[float, ...], lower: Array, upper: Array,
+    max_evals: int = 20000,
+) -> tuple[tuple[float, ...], Array | None]:  # fmt: skip
+    """One bounded curve_fit from p0: (parameters, covariance) or (p0, None) without
+    convergence."""
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", OptimizeWarning)
+            popt, pcov = curve_fit(
+                form.f, d, y, p0=np.clip(p0, lower, upper), bounds=(lower, upper),
+                method="trf", maxfev=max_evals,
+            )  # fmt: skip
+        return tuple(float(v) for v in popt), pcov
+    except (RuntimeError, ValueError):  # no convergence from this start: the others remain
+        return p0, None
+
+
+def _best(form: _Form, d: Array, y: Array) -> tuple[tuple[float, ...], Array | None]:
+    lower, upper = (np.array(v, dtype=np.float64) for v in form.bounds(d, y))
+    starts = sorted(form.starts(d, y), key=lambda p: _mse(form, d, y, p))[:_REFINED]
+    candidates = [(tuple(np.clip(p, lower, upper)), None) for p in starts]
+    candidates += [_refine(form, d, y, p0, lower, upper) for p0 in starts]
+    return min(candidates, key=lambda c: _mse(form, d, y, c[0]))
+
+
 def _fit_form(name: str, d: Array, y: Array) -> LawFit:
     form = _FORMS[name]
-    lower, upper = (np.array(v) for v in form.bounds(d))
-    starts = sorted(form.starts(d, y), key=lambda p: _mse(form, d, y, p))[:_REFINED]
-    candidates = list(starts)
-    for p0 in starts:
-        try:
-            with warnings.catch_warnings(), np.errstate(all="ignore"):
-                warnings.simplefilter("ignore", OptimizeWarning)
-                popt, _ = curve_fit(
-                    form.f, d, y, p0=np.clip(p0, lower, upper), bounds=(lower, upper),
-                    method="trf", maxfev=20000,
-                )  # fmt: skip
-            candidates.append(tuple(popt))
-        except (RuntimeError, ValueError):  # no convergence from this start: the others remain
-            continue
-    best = min(candidates, key=lambda p: _mse(form, d, y, p))
+    best, pcov = _best(form, d, y)
     with np.errstate(all="ignore"):
         resid = form.f(d, *best) - y
     params = {k: None if v is None else float(v) for k, v in form.report(*best).items()}
-    return LawFit(name, params, float(np.mean(np.abs(resid))), float(np.mean(resid**2)))
+    se = {}
+    if pcov is not None and np.isfinite(pcov).all():
+        se = {k: float(np.sqrt(max(v, 0.0))) for k, v in zip(form.names, np.diag(pcov),
+                                                            strict=True)}  # fmt: skip
+    return LawFit(name, params, float(np.mean(np.abs(resid))), float(np.mean(resid**2)), se=se)
 
 
-def fit_law(tokens: Array, ratio: Array, form: str = "relu") -> LawFit:
-    """Fit the Sparsing Law's ``form`` ('relu' or 'silu') and the log baseline to activation
-    ratios over training tokens (counts, not billions); the baseline is in ``.baseline``."""
-    if form not in FORMS:
-        raise ValueError(f"unknown law form {form!r} ({', '.join(FORMS)})")
-    d = np.asarray(tokens, dtype=np.float64) / TOKENS_PER_UNIT
-    y = np.asarray(ratio, dtype=np.float64)
+def _covariance_interval(name: str, d: Array, y: Array, fit: LawFit) -> tuple[float, float]:
+    """A0 ± 1.96 standard errors (the fit's covariance), cut at A0's bounds."""
+    lower, upper = _FORMS[name].bounds(d, y)
+    i = _FORMS[name].names.index("A0")
+    a0, se = float(fit.params["A0"]), fit.se.get("A0", float("nan"))
+    return max(a0 - 1.96 * se, lower[i]), min(a0 + 1.96 * se, upper[i])
+
+
+def _bootstrap_interval(
+    name: str, d: Array, y: Array, fit: LawFit, resamples: int
+) -> tuple[float, float]:
+    """95 % interval of A0 from a residual bootstrap around the fit (fixed seed)."""
+    form = _FORMS[name]
+    center = tuple(float(fit.params[k]) for k in form.names)
+    base = form.f(d, *center)
+    resid = y - base
+    gen = np.random.default_rng(0)
+    a0s = []
+    for _ in range(resamples):
+        yb = base + gen.choice(resid, size=len(resid), replace=True)
+        # The bounds follow the resampled points, as in a fit to them.
+        lo, hi = (np.array(v, dtype=np.float64) for v in form.bounds(d, yb))
+        popt, _ = _refine(form, d, yb, center, lo, hi, BOOTSTRAP_EVALS)
+        a0s.append(popt[form.names.index("A0")])
+    return float(np.percentile(a0s, 2.5)), float(np.percentile(a0s, 97.5))
+
+
+def _check(d: Array, y: Array) -> None:
     if d.shape != y.shape or d.ndim != 1:
         raise ValueError(f"tokens and ratio must be 1-D of one length; got {d.shape}, {y.shape}")
     if len(d) < MIN_POINTS:
         raise ValueError(f"need at least {MIN_POINTS} points to fit, got {len(d)}")
     if not (np.isfinite(d).all() and np.isfinite(y).all()) or (d <= 0).any():
-        raise ValueError("tokens must be positive and finite, ratios finite")
+        raise ValueError("tokens must be positive numbers and ratios finite")
+    if (np.diff(d) <= 0).any():
+        raise ValueError("tokens must increase from one checkpoint to the next")
+    if (y < 0).any() or (y > 1).any():
+        raise ValueError("activation ratios must lie in [0, 1]")
+
+
+def fit_law(
+    tokens: Array, ratio: Array, form: str = "relu", skip_first: int = 0, bootstrap: int = 0
+) -> LawFit:
+    """Fit the Sparsing Law's ``form`` ('relu' or 'silu') and the baselines to activation ratios
+    over training tokens (counts, not billions), leaving out the first ``skip_first`` points.
+    The limit A0 is :attr:`LawFit.limit`; its interval comes from the covariance, or from
+    ``bootstrap`` residual resamples when > 0."""
+    if form not in FORMS:
+        raise ValueError(f"unknown law form {form!r} ({', '.join(FORMS)})")
+    d_all = np.asarray(tokens, dtype=np.float64) / TOKENS_PER_UNIT
+    y_all = np.asarray(ratio, dtype=np.float64)
+    _check(d_all, y_all)
+    skip = int(skip_first)
+    if not 0 <= skip <= len(d_all) - MIN_POINTS:
+        raise ValueError(
+            f"skip_first {skip} leaves {len(d_all) - skip} points; fitting needs {MIN_POINTS}"
+        )
+    d, y = d_all[skip:], y_all[skip:]
     fit = _fit_form(form, d, y)
-    return LawFit(fit.form, fit.params, fit.mae, fit.mse, baseline=_fit_form("log", d, y))
+    with np.errstate(all="ignore"):
+        mse_all = float(np.mean((fit.curve(d_all) - y_all) ** 2))
+    interval = (
+        _bootstrap_interval(form, d, y, fit, bootstrap)
+        if bootstrap > 0
+        else _covariance_interval(form, d, y, fit)
+    )
+    baselines = {name: _fit_form(name, d, y) for name in BASELINES}
+    lower, upper = _FORMS[form].bounds(d, y)
+    i = _FORMS[form].names.index("A0")
+    return LawFit(form, fit.params, fit.mae, fit.mse, skip, mse_all, fit.se, interval, baselines,
+                  (float(lower[i]), float(upper[i])))  # fmt: skip
 
 
 def read_law_data(path: Path) -> tuple[Array, Array]:
@@ -220,8 +367,10 @@ def read_law_data(path: Path) -> tuple[Array, Array]:
         raise UserError(f"{path}: tokens and activation_ratio must be numbers") from None
     if len(tokens) < MIN_POINTS:
         raise UserError(f"{path}: {len(tokens)} points; fitting needs at least {MIN_POINTS}")
-    if not (np.isfinite(tokens).all() and np.isfinite(ratio).all()) or (tokens <= 0).any():
-        raise UserError(f"{path}: tokens must be positive numbers and ratios finite")
+    try:
+        _check(tokens, ratio)
+    except ValueError as err:
+        raise UserError(f"{path}: {err}") from None
     return tokens, ratio
 
 

@@ -28,9 +28,9 @@ from sparsetrace.sparsing.search import (
     find_cett,
     target_ratio,
 )
-from sparsetrace.sparsing.truncation import transformer_down_projections
+from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
 from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.train.loop import resolve_device
+from sparsetrace.train.device import resolve_device
 
 CSV_NAME = "sparsing_law.csv"
 JSON_NAME = "sparsing_law.json"
@@ -90,7 +90,8 @@ def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5) 
     def subject(ckpt: Path) -> Subject:
         model, _ = load_trained_model(run, ckpt)
         model.to(device)
-        return Subject(model, transformer_down_projections(model), batches)
+        return Subject(model, transformer_down_projections(model), batches,
+                       gates=transformer_gates(model))  # fmt: skip
 
     finals = {ckpt: subject(ckpt) for ckpt in ckpts[-last:]}
     search = find_cett(list(finals.values()), p)

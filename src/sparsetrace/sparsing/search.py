@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsetrace.sparsing.cett import GRID_SIZE, CettCurve, CettThreshold, ThresholdGrid
-from sparsetrace.sparsing.truncation import Observer, Rule, Threshold, Truncation
+from sparsetrace.sparsing.truncation import GateTap, Observer, Rule, Threshold, Truncation
 
 PPL_TOL = 0.01  # stop when |PPL ratio - (1 + p/100)| <= PPL_TOL * p/100 ...
 C_TOL = 1e-6  # ... or when the bracket on the searched parameter is narrower than this
@@ -105,7 +105,8 @@ class Subject:
     """One model on a fixed evaluation set; counts its passes over that set in ``passes``.
 
     ``down`` maps layer names to down projections (see :mod:`sparsetrace.sparsing.truncation`);
-    ``loss_fn`` gives a batch's mean loss (default: our Transformer's).
+    ``gates`` the gated layers' gate activations (for rules that decide on them); ``loss_fn``
+    gives a batch's mean loss (default: our Transformer's).
     """
 
     def __init__(
@@ -115,10 +116,12 @@ class Subject:
         batches: Sequence[TokenBatch],
         loss_fn: LossFn = transformer_loss,
         grid_size: int = GRID_SIZE,
+        gates: Mapping[str, GateTap] | None = None,
     ) -> None:
         if not batches:
             raise ValueError("empty evaluation set")
         self.model, self.down, self.batches = model.eval(), dict(down), list(batches)
+        self.gates = dict(gates or {})
         self.loss_fn, self.grid_size = loss_fn, grid_size
         self.passes = 0
         self._memo: dict[tuple, Evaluation] = {}
@@ -130,7 +133,7 @@ class Subject:
         """One pass over the evaluation set with ``rules`` applied (none: dense)."""
         device = next(self.model.parameters()).device
         total, count = 0.0, 0
-        with Truncation(self.down, rules, observe) as trunc:
+        with Truncation(self.down, rules, observe, self.gates) as trunc:
             for batch in self.batches:
                 batch = batch.to(device)
                 trunc.valid = batch.valid

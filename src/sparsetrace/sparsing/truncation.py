@@ -4,6 +4,11 @@ Generic over ``{name: down projection (nn.Linear)}``: the hidden activation is t
 down projection for plain and gated MLPs alike, so the same hooks serve any model once the
 mapping is given (:func:`transformer_down_projections` for ours; for a Hugging Face Llama it would
 be ``{f"layers.{i}": layer.mlp.down_proj}``).
+
+Some rules decide on the *gate* of a gated MLP, ``act(W_gate x)``, rather than on the product
+``act(W_gate x) * (W_up x)`` the down projection sees (the Sparsing Law's Top-k and FAT-ε baselines
+in the public code act on ``act(gate)``). ``gates`` maps a layer to a :class:`GateTap` that
+captures it from the module producing it; for a plain MLP the gate is the hidden activation.
 """
 
 from __future__ import annotations
@@ -22,9 +27,18 @@ Observer = Callable[[str, Tensor, Tensor], None]  # (layer name, valid hidden ro
 
 
 class Rule(Protocol):
-    """A truncation rule: which entries of a hidden activation (..., d_ff) to keep."""
+    """A truncation rule: which entries of a hidden activation (..., d_ff) to keep, given the
+    down projection's weight and the layer's gate activation (``h`` itself for a plain MLP)."""
 
-    def keep(self, h: Tensor, w_out: Tensor) -> Tensor: ...
+    def keep(self, h: Tensor, w_out: Tensor, gate: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class GateTap:
+    """Where a gated MLP's gate activation comes from: ``act_of(output of module)``."""
+
+    module: nn.Module
+    act_of: Callable[[Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -37,13 +51,23 @@ class Threshold:
 
     tau: float
 
-    def keep(self, h: Tensor, w_out: Tensor) -> Tensor:
+    def keep(self, h: Tensor, w_out: Tensor, gate: Tensor) -> Tensor:
         return kept(unit_norms(h, w_out), self.tau)
 
 
 def transformer_down_projections(model: nn.Module) -> dict[str, nn.Linear]:
     """Our Transformer's down projections by hidden-activation name (``blocks.{i}.mlp.hidden``)."""
     return {name: mlp.w_out for name, mlp in model.mlps().items()}
+
+
+def transformer_gates(model: nn.Module) -> dict[str, GateTap]:
+    """Our Transformer's gate activations, ``act(gate)`` from the first half of ``w_in``'s output,
+    for its gated MLPs (plain MLPs need none: their gate is the hidden activation)."""
+    return {
+        name: GateTap(mlp.w_in, lambda out, act=mlp.act: act(out.chunk(2, dim=-1)[0]))
+        for name, mlp in model.mlps().items()
+        if mlp.gated
+    }
 
 
 class Truncation:
@@ -60,8 +84,11 @@ class Truncation:
         down: Mapping[str, nn.Linear],
         rules: Mapping[str, Rule] | None = None,
         observe: Observer | None = None,
+        gates: Mapping[str, GateTap] | None = None,
     ) -> None:
         self.down, self.rules, self.observe = dict(down), dict(rules or {}), observe
+        self.gates = dict(gates or {})
+        self._gate: dict[str, Tensor] = {}
         unknown = set(self.rules) - set(self.down)
         if unknown:
             raise KeyError(f"rules for unknown layers: {sorted(unknown)}")
@@ -76,7 +103,16 @@ class Truncation:
     def __enter__(self) -> Truncation:
         for name, module in self.down.items():
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        for name, tap in self.gates.items():
+            if name in self.rules:
+                self._handles.append(tap.module.register_forward_hook(self._tap(name, tap)))
         return self
+
+    def _tap(self, name: str, tap: GateTap) -> Callable[[nn.Module, tuple, Tensor], None]:
+        def hook(_module: nn.Module, _args: tuple, output: Tensor) -> None:
+            self._gate[name] = tap.act_of(output)
+
+        return hook
 
     def __exit__(
         self,
@@ -87,6 +123,7 @@ class Truncation:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._gate.clear()
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple], tuple | None]:
         rule = self.rules.get(name)
@@ -94,7 +131,8 @@ class Truncation:
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             h = args[0]
             if rule is not None:
-                h = h.masked_fill(~rule.keep(h, module.weight), 0)
+                gate = self._gate.pop(name) if name in self.gates else h
+                h = h.masked_fill(~rule.keep(h, module.weight, gate), 0)
             rows = h.reshape(-1, h.shape[-1])
             if self.valid is not None:
                 rows = rows[self.valid.reshape(-1).to(device=rows.device, dtype=torch.bool)]

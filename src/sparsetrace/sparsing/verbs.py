@@ -39,15 +39,32 @@ def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, json: bool = Fa
     print(f"wrote {csv}, {csv.parent / JSON_NAME}, {png}")
 
 
-def fit_law(data: Path, form: str = "relu", json: bool = False) -> None:
-    """Fit the Sparsing Law (relu or silu form, log baseline) to activation ratio vs tokens."""
+def fit_law(
+    data: Path, form: str = "relu", skip_first: int = 0, bootstrap: int = 0, json: bool = False
+) -> None:
+    """Fit the Sparsing Law (relu or silu form; log and sigmoid-like baselines) to activation
+    ratio vs tokens; prints the limit A0 the model converges to, with its 95 % interval.
+
+    Args:
+        data: a CSV (tokens, activation_ratio), a run directory (its sparsing_law.csv) or the
+            Sparsing Law authors' JSON
+        form: relu (falling, exp(-c D^alpha + b) + A0) or silu (rising, -c D^-alpha + A0)
+        skip_first: checkpoints dropped from the start; the rule: those taken during warm-up
+        bootstrap: residual bootstrap resamples for A0's interval (0: the fit's covariance)
+        json: print one JSON object instead of text and a plot
+    """
     from sparsetrace.sparsing import laws
     from sparsetrace.sparsing.figures import plot_law_fit
 
     if form not in laws.FORMS:
         raise UserError(f"--form must be one of {', '.join(laws.FORMS)}; got {form!r}")
     tokens, ratio = laws.read_law_data(data)
-    fit = laws.fit_law(tokens, ratio, form)
+    if not 0 <= skip_first <= len(tokens) - laws.MIN_POINTS:
+        raise UserError(f"--skip-first {skip_first} leaves {len(tokens) - skip_first} of "
+                        f"{len(tokens)} points; fitting needs {laws.MIN_POINTS}")  # fmt: skip
+    if bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
+    fit = laws.fit_law(tokens, ratio, form, skip_first, bootstrap)
     if json:
         print(jsonlib.dumps(fit.to_dict()))
         return
@@ -55,8 +72,14 @@ def fit_law(data: Path, form: str = "relu", json: bool = False) -> None:
     name = f"sparsing_law_fit_{form}.png" if data.is_dir() else f"{data.stem}_fit_{form}.png"
     png = plot_law_fit(tokens, ratio, fit, (data if data.is_dir() else data.parent) / name)
     d_lo, d_hi = tokens.min() / 1e9, tokens.max() / 1e9
-    print(f"{len(tokens)} points, D = tokens / 1e9 from {d_lo:.4g} to {d_hi:.4g}")
-    for law in (fit, fit.baseline):
+    print(f"{len(tokens)} points, D = tokens / 1e9 from {d_lo:.4g} to {d_hi:.4g}; fitted on the "
+          f"last {len(tokens) - fit.skip} (--skip-first {fit.skip})")  # fmt: skip
+    lo, hi = fit.a0_interval or (float("nan"), float("nan"))
+    how = f"bootstrap, {bootstrap} resamples" if bootstrap else "the fit's covariance"
+    print(f"limit activation ratio A0 = {fit.limit:.4g}, 95 % interval [{lo:.4g}, {hi:.4g}] "
+          f"({how})" + (" — on its bound: the curve does not determine the limit"
+                        if fit.limit_on_bound else ""))  # fmt: skip
+    for law in (fit, *fit.baselines.values()):
         params = ", ".join(f"{k} = {v:.4g}" for k, v in law.params.items() if v is not None)
-        print(f"{law.form:>5}: {params}; MAE {law.mae:.3e}, MSE {law.mse:.3e}")
+        print(f"{law.form:>7}: {params}; MAE {law.mae:.3e}, MSE {law.mse:.3e}")
     print(f"plot: {png}")

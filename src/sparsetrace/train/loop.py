@@ -34,6 +34,7 @@ from sparsetrace.train.checkpoint import (
     load_weights,
     save_checkpoint,
 )
+from sparsetrace.train.device import autocast, resolve_device, resolve_precision
 
 
 class TrainingDiverged(UserError):
@@ -48,36 +49,6 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return t.lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * cosine)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(
-            f"train.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA GPU is available")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: fp32). auto = bf16 on CUDA and on CPUs with native bf16 units."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if native else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @dataclass
@@ -405,11 +376,12 @@ def _sparsing_law_rows(session: Session, done: int) -> list[dict[str, Any]]:
     """Sparsing Law PPL-p% activation ratio of the current model (rank 0, on validation tokens)."""
     from sparsetrace.sparsing.over_training import measurement_rows, validation_batches
     from sparsetrace.sparsing.search import Subject, ppl_sparsity
-    from sparsetrace.sparsing.truncation import transformer_down_projections
+    from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
 
     tr, model = session.cfg.trace, session.model
     batches = validation_batches(session.data.val, session.cfg.data.seq_len, tr.sparsing_tokens)
-    subject = Subject(model, transformer_down_projections(model), batches)
+    subject = Subject(model, transformer_down_projections(model), batches,
+                      gates=transformer_gates(model))  # fmt: skip
     if tr.sparsing_cett > 0:
         measured = subject.measure(tr.sparsing_cett)
     else:
