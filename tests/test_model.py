@@ -147,6 +147,9 @@ def test_initialisation_options() -> None:
     assert w_plain.abs().max().item() > 2.5 * std  # the plain normal has tails
     assert plain.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.02)
     assert trunc.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    flax = Transformer(ModelConfig(**big, emb_init="lecun", pos="learned"))  # std 1/sqrt(d_model)
+    assert flax.tok_emb.weight.std().item() == pytest.approx(256**-0.5, rel=0.02)
+    assert flax.pos_emb.weight.std().item() == pytest.approx(256**-0.5, rel=0.1)
     with pytest.raises(ValueError, match="emb_init_std"):
         ModelConfig(emb_init_std=0.0)
 

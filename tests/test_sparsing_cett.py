@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -257,3 +258,24 @@ def test_reference_baselines_decide_on_act_gate_in_a_gated_mlp() -> None:
         model(idx)
     assert torch.equal(seen[0], torch.where(product.abs() < 0.3, 0.0, product))
     assert len(mlp.w_in._forward_hooks) == 1  # only the test's own hook: the taps are gone
+
+
+def test_activation_ratio_standard_error_is_a_bootstrap_over_sequences() -> None:
+    """Sequences that all use the same share of units give a standard error of zero; sequences
+    that differ give the bootstrap's spread of the pooled ratio (checked against a direct
+    numpy bootstrap of the same resamples)."""
+    layer = _linear(4, 3)
+    same = torch.tensor([[[1.0, 0, 0, 0]] * 2] * 6)  # 6 sequences of 2 tokens, 1 of 4 units
+    with Truncation({"l": layer}) as trunc:
+        layer(same)
+    assert trunc.activation_ratio()["l"] == 0.25 and trunc.activation_ratio_se() == 0.0
+    differ = torch.zeros(8, 2, 4)
+    counts = [0, 1, 2, 3, 4, 1, 2, 3]  # active units per token, per sequence
+    for i, k in enumerate(counts):
+        differ[i, :, :k] = 1.0
+    with Truncation({"l": layer}) as trunc:
+        layer(differ)
+    picks = np.random.default_rng(0).integers(0, 8, size=(1000, 8))
+    per_seq = np.array(counts) * 2.0
+    expected = (per_seq[picks].sum(1) / (16 * 4)).std(ddof=1)
+    assert trunc.activation_ratio_se() == pytest.approx(expected)

@@ -13,7 +13,7 @@ from pathlib import Path
 def experiment_mask(
     preset: str = "cpu",
     at: int = 0,
-    seeds: int = 3,
+    seeds: int = 5,
     prune: bool = False,
     quick: bool = False,
     out: Path | None = None,
@@ -24,7 +24,8 @@ def experiment_mask(
     Args:
         preset: preset name or YAML file (plus --section.key value overrides)
         at: the masking step K; 0 = a quarter of training, at least two warm-ups
-        seeds: runs per arm (Welch's t-test needs at least 2)
+        seeds: runs per arm (the verdicts need at least 2; equivalence within the margins
+            needs about 5 at the cpu scale's seed-to-seed spread, docs/verdicts.md)
         prune: add an arm with the dead units physically removed (sparsetrace prune)
         quick: a small byte-level model, 300 steps (minutes on a CPU)
         out: experiment directory (default: OUT_DIR/mask-PRESET[-quick])

@@ -14,7 +14,8 @@ bias / norm / pos can be set on its own; ``pos sinusoidal`` adds the fixed sine/
 Vaswani et al. (Flax's ``AddPositionEmbs`` default). Initialisation: MLP kernels LeCun normal
 (std 1/sqrt(fan_in), the paper), plain or truncated at two standard deviations with the variance
 kept (Flax's ``variance_scaling(1, "fan_in", "truncated_normal")``); embeddings
-N(0, ``emb_init_std``) (GPT-2: 0.02; T5/Flax: 1.0); attention weights N(0, 0.02) with the output
+N(0, ``emb_init_std``) (GPT-2: 0.02; T5: 1.0) or, ``emb_init lecun``, N(0, 1/d_model) (Flax's
+``nn.Embed`` default); attention weights N(0, 0.02) with the output
 projection scaled by 1/sqrt(2 * n_layers) (GPT-2); biases zero; norms one. A tied head can scale
 its logits by d_model**-0.5 (t5x's ``logits_via_embedding``), which embeddings of std 1 need.
 """
@@ -54,6 +55,9 @@ class ModelConfig:
     pos: Literal["learned", "sinusoidal", "rope", "relative", "none"] | None = None
     tie_embeddings: bool = True
     tied_logit_scale: bool = False  # tied head: logits * d_model**-0.5 (t5x)
+    # Embeddings: N(0, emb_init_std) ("normal"), or "lecun": std 1/sqrt(d_model), Flax's
+    # nn.Embed default (variance_scaling(1, "fan_in") with fan_in = d_model).
+    emb_init: Literal["normal", "lecun"] = "normal"
     emb_init_std: float = 0.02
     mlp_init: Literal["lecun_normal", "truncated_lecun_normal"] = "lecun_normal"
     relative_buckets: int = 32
@@ -81,6 +85,10 @@ class ModelConfig:
             raise ValueError("sinusoidal positions need an even d_model")
         if self.emb_init_std <= 0:
             raise ValueError(f"emb_init_std must be positive, got {self.emb_init_std}")
+
+    @property
+    def embedding_std(self) -> float:
+        return self.d_model**-0.5 if self.emb_init == "lecun" else self.emb_init_std
 
     def with_data(self, vocab_size: int, seq_len: int) -> ModelConfig:
         return replace(self, vocab_size=vocab_size, seq_len=seq_len)
@@ -208,7 +216,7 @@ class Transformer(nn.Module):
             elif name.endswith("attn.proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
             elif "emb" in name:
-                nn.init.normal_(p, std=self.cfg.emb_init_std)
+                nn.init.normal_(p, std=self.cfg.embedding_std)
             elif p.dim() >= 2 or "emb" in name:
                 nn.init.normal_(p, std=0.02)
             else:  # norm gains

@@ -139,6 +139,7 @@ def measurement_rows(step: int, tokens: int, m: Measurement) -> list[dict[str, A
 def _result(step: int, tokens: int, s: Subject, m: Measurement) -> dict[str, Any]:
     return {
         "step": step, "tokens": tokens, "activation_ratio": m.activation_ratio,
+        "activation_ratio_se": m.activation_ratio_se,
         "dense_activation_ratio": s.reference.dense.mean_activation_ratio,
         "ppl_ratio": m.ppl_ratio, "loss_dense": m.loss_dense, "loss_sparse": m.loss_sparse,
         "layers": {str(layer_index(name)): asdict(lm) for name, lm in m.layers.items()},

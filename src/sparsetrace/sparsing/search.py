@@ -60,6 +60,7 @@ class Evaluation:
     loss: float
     activation_ratio: dict[str, float]
     dead_units: dict[str, int]
+    activation_ratio_se: float = float("nan")  # of the mean over layers (bootstrap, sequences)
 
     @property
     def mean_activation_ratio(self) -> float:
@@ -99,6 +100,7 @@ class Measurement:
     loss_sparse: float
     activation_ratio: float  # mean over layers, truncated pass
     layers: dict[str, LayerMeasurement]
+    activation_ratio_se: float = float("nan")  # bootstrap over the evaluated sequences
 
 
 class Subject:
@@ -141,7 +143,8 @@ class Subject:
                 total += float(self.loss_fn(self.model, batch)) * n
                 count += n
         self.passes += 1
-        return Evaluation(total / count, trunc.activation_ratio(), trunc.dead_units())
+        return Evaluation(total / count, trunc.activation_ratio(), trunc.dead_units(),
+                          trunc.activation_ratio_se())  # fmt: skip
 
     @cached_property
     def reference(self) -> Reference:
@@ -186,6 +189,7 @@ class Subject:
         return Measurement(
             cett=c, ppl_ratio=self.ppl_ratio(ev), loss_dense=self.reference.dense.loss,
             loss_sparse=ev.loss, activation_ratio=ev.mean_activation_ratio, layers=layers,
+            activation_ratio_se=ev.activation_ratio_se,
         )  # fmt: skip
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -98,6 +99,9 @@ class Truncation:
             for name, m in self.down.items()
         }
         self.tokens = dict.fromkeys(self.down, 0)
+        # Per sequence: (active (token, unit) pairs, valid tokens) of every layer, for the
+        # uncertainty of the activation ratio (a bootstrap over sequences).
+        self.sequences: dict[str, list[Tensor]] = {name: [] for name in self.down}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> Truncation:
@@ -134,8 +138,13 @@ class Truncation:
                 gate = self._gate.pop(name) if name in self.gates else h
                 h = h.masked_fill(~rule.keep(h, module.weight, gate), 0)
             rows = h.reshape(-1, h.shape[-1])
+            active = (h != 0).sum(-1).reshape(-1, h.shape[-2] if h.dim() > 2 else 1)
+            tokens = torch.ones_like(active)
             if self.valid is not None:
-                rows = rows[self.valid.reshape(-1).to(device=rows.device, dtype=torch.bool)]
+                valid = self.valid.to(device=rows.device, dtype=torch.bool)
+                rows = rows[valid.reshape(-1)]
+                active, tokens = active * valid.reshape(active.shape), valid.reshape(active.shape)
+            self.sequences[name].append(torch.stack([active.sum(-1), tokens.sum(-1)], dim=-1).cpu())
             self.active[name] += (rows != 0).sum(0)
             self.tokens[name] += rows.shape[0]
             if self.observe is not None and rows.shape[0]:
@@ -150,6 +159,22 @@ class Truncation:
             name: float(active.sum()) / max(self.tokens[name] * active.numel(), 1)
             for name, active in self.active.items()
         }
+
+    def activation_ratio_se(self, resamples: int = 1000) -> float:
+        """Standard error of the mean-over-layers activation ratio, from a bootstrap over the
+        evaluated sequences (fixed seed); NaN below two sequences."""
+        if not self.down or not all(self.sequences.values()):
+            return float("nan")
+        per_layer = [torch.cat(v).double().numpy() for v in self.sequences.values()]
+        n = len(per_layer[0])
+        if n < 2:
+            return float("nan")
+        picks = np.random.default_rng(0).integers(0, n, size=(resamples, n))
+        ratios = np.mean([
+            seq[picks, 0].sum(1) / np.maximum(seq[picks, 1].sum(1) * m.in_features, 1)
+            for seq, m in zip(per_layer, self.down.values(), strict=True)
+        ], axis=0)  # fmt: skip
+        return float(ratios.std(ddof=1))
 
     def dead_units(self, min_frac: float = DEAD_FRACTION) -> dict[str, int]:
         """Per layer: units active on fewer than ``min_frac`` of the valid tokens."""

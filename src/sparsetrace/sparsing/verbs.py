@@ -30,11 +30,13 @@ def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, json: bool = Fa
         f"{search['mean_ppl_ratio']:.5f} (target {summary['target_ppl_ratio']:.5f}) over steps "
         f"{', '.join(map(str, search['checkpoints']))}; {summary['tokens_evaluated']:,} tokens"
     )
-    print(f"{'step':>9} {'tokens':>14} {'activation':>11} {'dense':>8} {'PPL ratio':>10}")
+    print(f"{'step':>9} {'tokens':>14} {'activation':>11} {'± se':>8} {'dense':>8} "
+          f"{'PPL ratio':>10}")  # fmt: skip
     for ck in summary["checkpoints"]:
         print(
             f"{ck['step']:>9} {ck['tokens']:>14,} {ck['activation_ratio']:>11.4f} "
-            f"{ck['dense_activation_ratio']:>8.4f} {ck['ppl_ratio']:>10.5f}"
+            f"{ck['activation_ratio_se']:>8.4f} {ck['dense_activation_ratio']:>8.4f} "
+            f"{ck['ppl_ratio']:>10.5f}"
         )
     print(f"wrote {csv}, {csv.parent / JSON_NAME}, {png}")
 

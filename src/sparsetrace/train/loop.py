@@ -168,7 +168,7 @@ def _restore_state(session: Session, state: dict[str, Any]) -> None:
 
 
 # Model fields that checkpoints from before 2026-12 lack (their value then was the default).
-NEW_MODEL_FIELDS = ("tied_logit_scale", "emb_init_std", "mlp_init")
+NEW_MODEL_FIELDS = ("tied_logit_scale", "emb_init", "emb_init_std", "mlp_init")
 
 
 def model_identity(m: ModelConfig) -> dict[str, Any]:
