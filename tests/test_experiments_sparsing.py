@@ -39,7 +39,7 @@ def _no_call(*_args, **_kwargs) -> None:
 
 
 def test_non_embedding_params_by_hand() -> None:
-    m = load_config("cpu").model  # 6 layers, d_model 128, d_ff 2048, ReLU, biases, LayerNorm
+    m = load_config("cpu-gpt2").model  # 6 layers, d_model 128, d_ff 2048, ReLU, biases, LayerNorm
     attention = 4 * 128 * 128 + 4 * 128  # qkv and output projection with biases
     mlp = 128 * 2048 + 2048 + 2048 * 128 + 128
     norms = 2 * 2 * 128  # two LayerNorms, gain and bias

@@ -1,0 +1,112 @@
+"""Trace sparsity over training inside a Hugging Face ``transformers.Trainer``.
+
+    from sparsetrace.integrations.huggingface import attach
+    trainer = Trainer(model=model, args=args, train_dataset=...)
+    attach(trainer, every=20)                # writes OUTPUT_DIR/sparsetrace/, a run directory
+    trainer.train()                          # then: sparsetrace report OUTPUT_DIR/sparsetrace
+
+Each optimizer step ``state.global_step`` (updates done so far) is measured on its first
+micro-batch when due (:class:`sparsetrace.Recorder`). The recorder's state goes into every
+checkpoint the Trainer saves (``checkpoint-N/sparsetrace_recorder.pt``), so
+``trainer.train(resume_from_checkpoint=...)`` continues the lifecycle exactly. Attached with
+:func:`attach`, the per-layer use of each measured step is also logged through
+``trainer.log`` — to whatever ``report_to`` chose (TensorBoard, Weights & Biases, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from sparsetrace.analysis.locate import Gated, LayerSelection
+from sparsetrace.metrics import DEFAULT_PERCENTILES
+from sparsetrace.recording import Recorder
+
+STATE_FILE = "sparsetrace_recorder.pt"
+TRAIN_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
+
+
+class SparsityCallback(TrainerCallback):
+    """A ``TrainerCallback`` that records hidden-unit use into a sparsetrace run directory
+    (default ``args.output_dir/sparsetrace``); see :class:`sparsetrace.Recorder` for the
+    measuring options."""
+
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        every: int = 20,
+        layers: LayerSelection = None,
+        gated: Gated = "product",
+        modules: Sequence[str] | None = None,
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+        trainer: Any = None,
+    ) -> None:
+        self.run_dir, self.every, self.layers = run_dir, every, layers
+        self.gated, self.modules, self.percentiles = gated, modules, percentiles
+        self.trainer = trainer  # set by attach(): sparsity also goes through trainer.log
+        self.recorder: Recorder | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        model = getattr(model, "module", model)  # DDP / DataParallel wrappers
+        run_dir = Path(self.run_dir or Path(args.output_dir) / "sparsetrace")
+        resume = state.global_step > 0
+        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * state.max_steps)
+        tokens = None  # not known to the Trainer: the recorder counts the measured batch's
+        meta = {"train": {"steps": state.max_steps, "warmup_steps": warmup,
+                          "lr": args.learning_rate, "grad_accum": args.gradient_accumulation_steps,
+                          "batch_size": args.per_device_train_batch_size},
+                "trainer": "transformers.Trainer"}  # fmt: skip
+        self.recorder = Recorder(model, run_dir, every=self.every, layers=self.layers,
+                                 gated=self.gated, modules=self.modules,
+                                 percentiles=self.percentiles, tokens_per_step=tokens,
+                                 meta=meta, resume=resume)  # fmt: skip
+        if resume:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+            if ckpt.is_file():
+                self.recorder.load_state_dict(torch.load(ckpt, weights_only=False),
+                                              state.global_step)  # fmt: skip
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.recorder.begin(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.recorder.end() is not None and self.trainer is not None:
+            # trainer.log's on_log clears control.should_log, which the Trainer's own flow set
+            # for this step: keep it, or this log would silently replace the Trainer's.
+            pending = control.should_log
+            self.trainer.log(self.recorder.latest())
+            control.should_log = pending
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if self.recorder is None or not logs:
+            return
+        # train.csv's step is the step just done (updates before it); eval.csv's the updates
+        # done, as in sparsetrace's own logs. global_step already counts the step just done.
+        train = {TRAIN_KEYS[k]: v for k, v in logs.items() if k in TRAIN_KEYS}
+        if train:
+            self.recorder.log(state.global_step - 1, **train)
+        evals = {k.replace("eval_", "val_"): v for k, v in logs.items()
+                 if k.startswith("eval_") and isinstance(v, int | float)}  # fmt: skip
+        if evals:
+            self.recorder.log_eval(state.global_step, **evals)
+
+    def on_save(self, args, state, control, **kwargs) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.recorder is not None and self.recorder.is_main and folder.is_dir():
+            torch.save(self.recorder.state_dict(), folder / STATE_FILE)
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.recorder is not None:
+            self.recorder.close()
+
+
+def attach(trainer: Any, **kwargs: Any) -> SparsityCallback:
+    """Add a :class:`SparsityCallback` to ``trainer`` that also logs through ``trainer.log``."""
+    callback = SparsityCallback(trainer=trainer, **kwargs)
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,211 @@
+"""The Recorder in other people's training loops: a plain loop, a Hugging Face Trainer (real),
+and their run directories against ``trace()`` on the same batches with the same weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+import sparsetrace
+from sparsetrace.errors import UserError
+from sparsetrace.integrations.huggingface import STATE_FILE, attach
+from sparsetrace.recording import Recorder
+from sparsetrace.report import write_report
+from sparsetrace.rundir import load_run
+
+SEQ, VOCAB = 16, 64
+METRICS = ["per_token", "per_sequence", "per_batch", "p50", "p65", "p75", "p90"]
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, vocab_size=VOCAB,
+                     n_positions=SEQ, activation_function="relu", resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return GPT2LMHeadModel(cfg)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Fixed random token windows (local data, no download)."""
+
+    def __init__(self, n: int = 96, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Snapshots(TrainerCallback):
+    """For every measured step: the weights and the first micro-batch's inputs it saw."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.taken, self._armed = every, {}, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        if state.global_step % self.every == 0:
+            self._armed = state.global_step
+
+    def _capture(self, module, args, kwargs) -> None:
+        if self._armed is not None and module.training:
+            weights = copy.deepcopy(module.state_dict())
+            self.taken[self._armed] = (weights, kwargs["input_ids"].clone())
+            self._armed = None
+
+
+def _trainer(out: Path, model, steps: int, callbacks=(), save_steps: int = 0) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=2, logging_steps=4,
+        save_steps=save_steps or 10_000, save_strategy="steps" if save_steps else "no",
+        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+
+
+@pytest.fixture(scope="module")
+def hf_run(tmp_path_factory) -> tuple[Path, Snapshots]:
+    out = tmp_path_factory.mktemp("hf")
+    snaps = Snapshots(every=5)
+    trainer = _trainer(out, tiny_gpt2(), 20, [snaps])
+    attach(trainer, every=5)
+    trainer.train()
+    return out / "sparsetrace", snaps
+
+
+def test_hf_trainer_rows_equal_trace_on_the_same_batch_and_weights(hf_run) -> None:
+    run_dir, snaps = hf_run
+    rows = load_run(run_dir).sparsity
+    assert sorted(rows["step"].unique()) == [0, 5, 10, 15] == sorted(snaps.taken)
+    for step, (weights, ids) in snaps.taken.items():
+        model = tiny_gpt2()
+        model.load_state_dict(weights)
+        with sparsetrace.trace(model) as t:
+            model(input_ids=ids)
+        expected = t.summary().set_index("layer")
+        got = rows[rows["step"] == step].set_index("layer")
+        for col in METRICS:
+            assert got[col].to_numpy() == pytest.approx(expected[col].to_numpy(), rel=1e-6), col
+
+
+def test_hf_run_directory_makes_a_report(hf_run, tmp_path: Path) -> None:
+    run_dir, _ = hf_run
+    run = load_run(run_dir)
+    assert run.meta["status"] == "finished" and run.meta["train"]["warmup_steps"] == 2
+    assert len(run.lifecycle["layers"]) == 2 and not run.train.empty
+    # train.csv holds the Trainer's logged loss at the step just done
+    assert run.train["step"].tolist() == [3, 7, 11, 15, 19]
+    index = write_report([run_dir], tmp_path / "report")
+    html = index.read_text()
+    assert "Table 1" in html and "Findings" in html
+    assert (tmp_path / "report" / "figures").is_dir()
+
+
+def test_hf_resume_continues_the_lifecycle_exactly(tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    first = _trainer(straight, tiny_gpt2(), 20)
+    attach(first, every=5)
+    first.train()
+    split = tmp_path / "split"
+    part = _trainer(split, tiny_gpt2(), 20, save_steps=10)
+    attach(part, every=5)
+
+    class StopAt10(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 10
+
+    part.add_callback(StopAt10())
+    part.train()
+    assert (split / "checkpoint-10" / STATE_FILE).is_file()
+    rest = _trainer(split, tiny_gpt2(), 20, save_steps=10)
+    attach(rest, every=5)
+    rest.train(resume_from_checkpoint=str(split / "checkpoint-10"))
+    a, b = load_run(straight / "sparsetrace"), load_run(split / "sparsetrace")
+    cols = ["step", "layer", *METRICS]
+    pd.testing.assert_frame_equal(a.sparsity[cols], b.sparsity[cols])
+    assert a.lifecycle == b.lifecycle
+
+
+# --------------------------------------------------------------------------------------------------
+# A plain loop
+
+
+def test_plain_loop_measures_first_micro_batch_and_every_n(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    ids = Tokens(n=32).ids
+    seen = []
+    with Recorder(model, tmp_path / "run", every=3, tensorboard=False) as rec:
+        for step in range(7):
+            with rec.step(step):
+                for micro in range(2):  # gradient accumulation: micro-batch 0 is measured
+                    batch = ids[(step * 2 + micro) % 8 * 4 :][:4]
+                    if micro == 0 and rec.measures(step):
+                        seen.append((step, copy.deepcopy(model.state_dict()), batch))
+                    model(input_ids=batch, labels=batch).loss.backward()
+            rec.log(step, loss=1.0)
+    rows = load_run(tmp_path / "run").sparsity
+    assert sorted(rows["step"].unique()) == [0, 3, 6]
+    for step, weights, batch in seen:
+        m = tiny_gpt2()
+        m.load_state_dict(weights)
+        with sparsetrace.trace(m) as t:
+            m(input_ids=batch)
+        got = rows[rows["step"] == step].set_index("layer")["per_batch"]
+        assert got.tolist() == t.summary().set_index("layer")["per_batch"].tolist()
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["status"] == "finished" and meta["model"]["d_ff"] == [64, 64]
+
+
+def test_unmeasured_steps_do_no_tensor_work(tmp_path: Path, monkeypatch) -> None:
+    """On a step that is not due the hooks return at once: use_counts is never called."""
+    model = tiny_gpt2()
+    calls = []
+    import sparsetrace.recording as recording
+
+    real = recording.use_counts
+    monkeypatch.setattr(recording, "use_counts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rec = Recorder(model, tmp_path / "r", every=10, tensorboard=False)
+    ids = Tokens(n=4).ids
+    for step in range(1, 10):
+        with rec.step(step):
+            model(input_ids=ids)
+    assert calls == []
+    with rec.step(10):
+        model(input_ids=ids)
+    assert len(calls) == 2  # two layers, once
+    rec.close()
+
+
+def test_recorder_bad_input(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    with pytest.raises(UserError, match="every must be a positive"):
+        Recorder(model, tmp_path / "a", every=0)
+    Recorder(model, tmp_path / "b", every=1, tensorboard=False).close()
+    with pytest.raises(UserError, match="already holds a run"):
+        Recorder(model, tmp_path / "b", every=1)
+    with pytest.raises(UserError, match="compiled"):
+        Recorder(torch.compile(model), tmp_path / "c")
+    with pytest.raises(UserError, match=r"module paths|modules"):
+        Recorder(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "d")
+    rec = Recorder(model, tmp_path / "e", every=1, tensorboard=False)
+    other = rec.state_dict()
+    other["layers"] = ["blocks.0.mlp.hidden"]
+    with pytest.raises(UserError, match="architecture changed"):
+        rec.load_state_dict(other, 0)
+    with pytest.raises(UserError, match=r"inside Recorder\.step"), rec.step(0):
+        pass  # no forward pass
+    rec.close()
