@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -209,3 +213,148 @@ def test_recorder_bad_input(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"inside Recorder\.step"), rec.step(0):
         pass  # no forward pass
     rec.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Lightning
+
+
+class LitGPT2:
+    """A LightningModule holding a tiny GPT-2 (built lazily: lightning is an optional extra)."""
+
+    @staticmethod
+    def make(seed: int = 0):
+        import lightning.pytorch as pl
+
+        class Lit(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = tiny_gpt2(seed)
+
+            def training_step(self, batch, batch_idx):
+                return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+
+            def validation_step(self, batch, batch_idx):
+                loss = self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+                self.log("val_loss", loss)
+
+            def configure_optimizers(self):
+                return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+        return Lit()
+
+
+def _lightning_fit(root: Path, steps: int, callbacks, ckpt_path=None, val: bool = False):
+    import lightning.pytorch as pl
+
+    saves = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+    trainer = pl.Trainer(
+        default_root_dir=str(root), max_steps=steps, accumulate_grad_batches=2,
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=saves, num_sanity_val_steps=0,
+        val_check_interval=10 if val else None, limit_val_batches=2 if val else 0,
+        log_every_n_steps=4, deterministic=True, callbacks=list(callbacks),
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(Tokens(), batch_size=4, shuffle=False)
+    module = LitGPT2.make()
+    trainer.fit(module, loader, loader if val else None, ckpt_path=ckpt_path)
+    return trainer
+
+
+class LitSnapshots:
+    """For every measured step: the weights and the first micro-batch Lightning fed it."""
+
+    @staticmethod
+    def make(every: int):
+        import lightning.pytorch as pl
+
+        class Snap(pl.Callback):
+            def __init__(self) -> None:
+                self.taken, self._step = {}, None
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                step = trainer.global_step
+                if step != self._step and step % every == 0:
+                    weights = copy.deepcopy(pl_module.model.state_dict())
+                    self.taken[step] = (weights, batch["input_ids"].clone())
+                self._step = step
+
+        return Snap()
+
+
+def test_lightning_rows_equal_trace_and_make_a_report(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    from sparsetrace.integrations.lightning import SparsityCallback
+
+    snaps = LitSnapshots.make(5)
+    _lightning_fit(tmp_path, 20, [snaps, SparsityCallback(every=5, warmup_steps=2)], val=True)
+    run_dir = tmp_path / "sparsetrace"
+    run = load_run(run_dir)
+    assert sorted(run.sparsity["step"].unique()) == [0, 5, 10, 15] == sorted(snaps.taken)
+    for step, (weights, ids) in snaps.taken.items():
+        model = tiny_gpt2()
+        model.load_state_dict(weights)
+        with sparsetrace.trace(model) as t:
+            model(input_ids=ids)
+        expected = t.summary().set_index("layer")
+        got = run.sparsity[run.sparsity["step"] == step].set_index("layer")
+        for col in METRICS:
+            assert got[col].to_numpy() == pytest.approx(expected[col].to_numpy(), rel=1e-6), col
+    assert run.meta["status"] == "finished" and run.meta["train"]["warmup_steps"] == 2
+    assert run.train["step"].tolist() == [3, 7, 11, 15, 19]  # the step just done, every 4
+    # val_check_interval=10 counts micro-batches: after batches 10 and 20 of epoch 1 (12 steps,
+    # 24 batches), then batch 10 of epoch 2; eval.csv's step is the updates done
+    assert run.eval["step"].tolist() == [5, 10, 17] and run.eval["val_loss"].notna().all()
+    index = write_report([run_dir], tmp_path / "report")
+    assert "Table 1" in index.read_text()
+
+
+def test_lightning_resume_continues_the_lifecycle_exactly(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    import lightning.pytorch as pl
+
+    from sparsetrace.integrations.lightning import SparsityCallback
+
+    # 12 optimizer steps are one epoch: the split is at an epoch boundary, where Lightning
+    # resumes the data exactly (mid-epoch it cannot for a plain DataLoader).
+    _lightning_fit(tmp_path / "straight", 24, [SparsityCallback(every=4)])
+    saver = pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=12, save_top_k=-1)
+    _lightning_fit(tmp_path / "split", 12, [SparsityCallback(every=4), saver])
+    (ckpt,) = (tmp_path / "ckpt").glob("*step=12.ckpt")
+    saved = torch.load(ckpt, weights_only=False)["callbacks"]
+    assert any("recorder" in v for k, v in saved.items() if "SparsityCallback" in k)
+    _lightning_fit(tmp_path / "split", 24, [SparsityCallback(every=4)], ckpt_path=str(ckpt))
+    a = load_run(tmp_path / "straight" / "sparsetrace")
+    b = load_run(tmp_path / "split" / "sparsetrace")
+    cols = ["step", "layer", *METRICS]
+    assert sorted(b.sparsity["step"].unique()) == [0, 4, 8, 12, 16, 20]
+    pd.testing.assert_frame_equal(a.sparsity[cols], b.sparsity[cols])
+    assert a.lifecycle == b.lifecycle
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun
+
+
+@pytest.mark.slow
+def test_two_process_global_rows_equal_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    script = Path(__file__).with_name("recorder_loop.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env,
+                   timeout=240)  # fmt: skip
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+         str(script), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, both = load_run(tmp_path / "one").sparsity, load_run(tmp_path / "two").sparsity
+    assert set(both.scope) == {"device", "global", "device_min", "device_max"}
+    glob = both[both.scope == "global"].reset_index(drop=True)
+    dev = one[one.scope == "device"].reset_index(drop=True)
+    assert glob.step.tolist() == dev.step.tolist() == [0, 0, 2, 2, 4, 4]
+    assert glob.tokens.tolist() == dev.tokens.tolist()
+    np.testing.assert_allclose(glob[METRICS], dev[METRICS], rtol=1e-4, atol=1e-6)
+    # rank 0's own rows are its half only: per-batch use below the union's somewhere
+    half = both[both.scope == "device"].reset_index(drop=True)
+    assert (half.per_batch <= glob.per_batch).all() and (half.per_batch < glob.per_batch).any()

@@ -67,6 +67,18 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def merge_meta(base: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``base`` updated with ``extra``, one level deep (``extra["train"]`` adds to
+    ``base["train"]`` rather than replacing it)."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for key, value in (extra or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
 class Recorder:
     """Hidden-unit use of ``model``'s MLPs over training, written as a sparsetrace run directory.
 
@@ -173,11 +185,7 @@ class Recorder:
             "versions": {"sparsetrace": sparsetrace.__version__, "torch": torch.__version__,
                          "python": platform.python_version()},
         }  # fmt: skip
-        for key, value in meta.items():
-            if isinstance(value, Mapping) and isinstance(self._meta.get(key), dict):
-                self._meta[key].update(value)
-            else:
-                self._meta[key] = value
+        self._meta = merge_meta(self._meta, meta)
         self._write_meta()
 
     def _write_meta(self, **changes: Any) -> None:

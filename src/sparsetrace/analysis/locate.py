@@ -88,6 +88,10 @@ def locate(
         return "custom", _custom_sites(model, modules)
     if isinstance(model, Transformer):
         return "sparsetrace", _own_sites(model, gated)
+    # A wrapper around one of our models (a LightningModule, a task head): its MLPs, as its own.
+    own = [m for m in model.modules() if isinstance(m, Transformer)]
+    if len(own) == 1:
+        return "sparsetrace", _own_sites(own[0], gated)
     named = dict(model.named_modules())
     for arch in ARCHITECTURES:
         found = [(int(m.group(1)), path) for path in named if (m := arch.down.search(path))]

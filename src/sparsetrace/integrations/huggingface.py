@@ -16,38 +16,26 @@ checkpoint the Trainer saves (``checkpoint-N/sparsetrace_recorder.pt``), so
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from sparsetrace.analysis.locate import Gated, LayerSelection
-from sparsetrace.metrics import DEFAULT_PERCENTILES
-from sparsetrace.recording import Recorder
+from sparsetrace.recording import Recorder, merge_meta
 
 STATE_FILE = "sparsetrace_recorder.pt"
 TRAIN_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
 
 
 class SparsityCallback(TrainerCallback):
-    """A ``TrainerCallback`` that records hidden-unit use into a sparsetrace run directory
-    (default ``args.output_dir/sparsetrace``); see :class:`sparsetrace.Recorder` for the
-    measuring options."""
+    """A ``TrainerCallback`` that records hidden-unit use into the run directory ``run_dir``
+    (default ``args.output_dir/sparsetrace``). The keyword arguments are
+    :class:`sparsetrace.Recorder`'s (``every``, ``layers``, ``gated``, ``modules``,
+    ``percentiles``, ``tokens_per_step``, ``meta``, ``tensorboard``)."""
 
-    def __init__(
-        self,
-        run_dir: str | Path | None = None,
-        every: int = 20,
-        layers: LayerSelection = None,
-        gated: Gated = "product",
-        modules: Sequence[str] | None = None,
-        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
-        trainer: Any = None,
-    ) -> None:
-        self.run_dir, self.every, self.layers = run_dir, every, layers
-        self.gated, self.modules, self.percentiles = gated, modules, percentiles
+    def __init__(self, run_dir: str | Path | None = None, trainer: Any = None, **options: Any):
+        self.run_dir, self.options = run_dir, options
         self.trainer = trainer  # set by attach(): sparsity also goes through trainer.log
         self.recorder: Recorder | None = None
 
@@ -56,15 +44,14 @@ class SparsityCallback(TrainerCallback):
         run_dir = Path(self.run_dir or Path(args.output_dir) / "sparsetrace")
         resume = state.global_step > 0
         warmup = args.warmup_steps or math.ceil(args.warmup_ratio * state.max_steps)
-        tokens = None  # not known to the Trainer: the recorder counts the measured batch's
-        meta = {"train": {"steps": state.max_steps, "warmup_steps": warmup,
-                          "lr": args.learning_rate, "grad_accum": args.gradient_accumulation_steps,
-                          "batch_size": args.per_device_train_batch_size},
-                "trainer": "transformers.Trainer"}  # fmt: skip
-        self.recorder = Recorder(model, run_dir, every=self.every, layers=self.layers,
-                                 gated=self.gated, modules=self.modules,
-                                 percentiles=self.percentiles, tokens_per_step=tokens,
-                                 meta=meta, resume=resume)  # fmt: skip
+        train = {"steps": state.max_steps, "warmup_steps": warmup, "lr": args.learning_rate,
+                 "grad_accum": args.gradient_accumulation_steps,
+                 "batch_size": args.per_device_train_batch_size}  # fmt: skip
+        options = dict(self.options)
+        meta = merge_meta(
+            {"train": train, "trainer": "transformers.Trainer"}, options.pop("meta", None)
+        )
+        self.recorder = Recorder(model, run_dir, meta=meta, resume=resume, **options)
         if resume:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
             if ckpt.is_file():
