@@ -17,8 +17,8 @@ run: venv
 	$(BIN)/sparsetrace run $(ARGS)
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks scripts examples
+	$(BIN)/ruff format --check src tests benchmarks scripts examples
 
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero code is.
 test: lint

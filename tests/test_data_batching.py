@@ -110,3 +110,14 @@ def test_epochs_for():
     assert epochs_for(1000, steps=10, global_batch=25) == 0.25
     with pytest.raises(UserError):
         epochs_for(0, 1, 1)
+
+
+def test_windows_dataset_is_consecutive_windows_by_hand() -> None:
+    from sparsetrace.data import Windows
+
+    ds = Windows(np.arange(10, dtype=np.uint16), 3)
+    assert len(ds) == 3  # [0 1 2] [3 4 5] [6 7 8]; token 9 is left over
+    assert ds[1]["input_ids"].tolist() == [3, 4, 5] == ds[1]["labels"].tolist()
+    assert ds[2]["input_ids"].dtype == torch.int64
+    with pytest.raises(IndexError):
+        ds[3]

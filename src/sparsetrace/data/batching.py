@@ -66,3 +66,23 @@ def epochs_for(n_sequences: int, steps: int, global_batch: int) -> float:
     if n_sequences < 1:
         raise UserError(f"no sequences to train on (n_sequences={n_sequences})")
     return steps * global_batch / n_sequences
+
+
+class Windows(torch.utils.data.Dataset):
+    """The packed stream as a map-style dataset of causal-LM examples, for other trainers
+    (Hugging Face ``Trainer``, Lightning): example i is ``{"input_ids": w, "labels": w}`` with
+    w the i-th window of ``seq_len`` tokens (the model shifts the labels itself)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.seq_len
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range [0, {len(self)})")
+        ids = torch.from_numpy(
+            self.tokens[i * self.seq_len : (i + 1) * self.seq_len].astype(np.int64)
+        )
+        return {"input_ids": ids, "labels": ids}
