@@ -7,6 +7,7 @@ import random
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from transformers import AutoModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -184,3 +185,83 @@ def test_sparsetrace_run_directory_as_model(tmp_path: Path) -> None:
     assert run.meta["model"]["d_ff"] == [128, 128] and run.meta["model"]["activation"] == "relu"
     assert run.meta["train"]["tokens_per_step"] == per_step
     write_report([out], tmp_path / "report")
+
+
+def test_series_frees_each_revision_before_loading_the_next(
+    series: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays flat over a series: when a revision loads, no earlier one is alive."""
+    import gc
+    import weakref
+
+    import sparsetrace.analysis.analyze as analyze
+
+    real, alive, loaded = analyze._load_model, [], []
+
+    def load(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        model = real(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(analyze, "_load_model", load)
+    analyze_model(str(series), data=str(text), tokens=TOKENS, batch_size=BATCH, seq_len=SEQ,
+                  out=tmp_path / "m")  # fmt: skip
+    assert len(loaded) == 3 and alive == [0, 0, 0]
+
+
+def test_layers_selection_on_the_command_line(series: Path, text: Path, tmp_path: Path) -> None:
+    kw = {"data": str(text), "tokens": TOKENS, "batch_size": BATCH, "seq_len": SEQ}
+    full = load_run(analyze_model(str(series), out=tmp_path / "all", **kw)).sparsity
+    verbs.analyze(str(series), layers="1", out=tmp_path / "one", **kw)
+    one = load_run(tmp_path / "one").sparsity
+    assert list(one.layer.unique()) == [1]
+    cols = ["step", "per_token", "per_sequence", "per_batch", "p50"]
+    expected = full[full.layer == 1][cols].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one[cols].reset_index(drop=True), expected, check_dtype=False)
+    verbs.analyze(str(series), layers=r"blocks\.0\.", out=tmp_path / "regex", **kw)
+    assert list(load_run(tmp_path / "regex").sparsity.layer.unique()) == [0]
+    with pytest.raises(UserError, match=r"selects none|unknown"):
+        verbs.analyze(str(series), layers="7", out=tmp_path / "bad", **kw)
+    assert not (tmp_path / "bad").exists()  # nothing written for a bad selection
+
+
+def test_device_map_model_with_offloaded_layers_equals_the_plain_model(
+    series: Path, text: Path, tmp_path: Path
+) -> None:
+    """accelerate: a model whose second block lives on disk (loaded into the forward pass by
+    accelerate's hooks) is measured exactly like the same model in memory."""
+    pytest.importorskip("accelerate")
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_state_dict
+
+    model = AutoModel.from_pretrained(series / "step4").eval()
+    tokenizer = ModelTokenizer(PreTrainedTokenizerFast.from_pretrained(series))
+    batches, _ = token_batches(str(text), tokenizer, 3, BATCH, SEQ)
+
+    def summary(m):
+        with torch.no_grad(), trace(m) as t:
+            for batch in batches:
+                m(batch)
+        return t.summary(aggregate=True)
+
+    plain = summary(model)
+    placed = AutoModel.from_pretrained(series / "step4").eval()
+    device_map = {"wte": "cpu", "wpe": "cpu", "drop": "cpu", "h.0": "cpu", "h.1": "disk",
+                  "ln_f": "cpu"}  # fmt: skip
+    offload = tmp_path / "offload"
+    offload_state_dict(
+        offload, {k: v for k, v in placed.state_dict().items() if k.startswith("h.1.")}
+    )
+    placed = dispatch_model(placed, device_map=device_map, offload_dir=str(offload))
+    assert placed.h[1].mlp.c_fc.weight.device.type == "meta"  # really offloaded
+    off = summary(placed)
+    for col in ("per_token", "per_sequence", "per_batch", "p50"):
+        assert list(off[col]) == pytest.approx(list(plain[col]), rel=1e-6)
+    # and through the verb, with transformers' own device_map loading
+    kw = {"data": str(text), "tokens": TOKENS, "batch_size": BATCH, "seq_len": SEQ}
+    verbs.analyze(str(series / "step4"), device_map="cpu", out=tmp_path / "dm", **kw)
+    run = load_run(tmp_path / "dm")
+    assert run.meta["analysis"]["device_map"] == "cpu"
+    assert list(run.sparsity.per_batch) == pytest.approx(list(plain.per_batch))

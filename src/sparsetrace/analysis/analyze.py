@@ -14,6 +14,7 @@ through every revision; the output has the files of a training run (docs/analysi
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import platform
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import sparsetrace
-from sparsetrace.analysis.locate import check_gated, locate
+from sparsetrace.analysis.locate import LayerSelection, check_gated, locate, select
 from sparsetrace.analysis.tracer import Trace, trace
 from sparsetrace.data.config import DataConfig, cache_root
 from sparsetrace.data.sources import Corpus, load_corpus
@@ -96,20 +97,24 @@ class Subject:
 # Resolving MODEL
 
 
-def resolve(model: str, revisions: Sequence[str] = ()) -> Subject:
-    """The revisions and tokenizer of a run directory, model directory, series or hub id."""
+def resolve(model: str, revisions: Sequence[str] = (), device_map: str = "") -> Subject:
+    """The revisions and tokenizer of a run directory, model directory, series or hub id.
+    ``device_map``: Hugging Face models are loaded with it (accelerate places or offloads their
+    modules)."""
     path = Path(model).expanduser()
     if path.is_dir():
         if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+            if device_map:
+                raise UserError("--device-map is for Hugging Face models, not sparsetrace runs")
             return _sparsetrace_run(path, revisions)
         if (path / "config.json").is_file():
             if revisions:
                 raise UserError(f"{path} is a single model; --revisions needs a checkpoint series")
-            return _model_dir(path)
-        return _series(path, revisions)
+            return _model_dir(path, device_map)
+        return _series(path, revisions, device_map)
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise UserError(f"{model}: not a model directory, checkpoint series, run or hub id")
-    return _hub(model, revisions)
+    return _hub(model, revisions, device_map)
 
 
 def _sparsetrace_run(run: Path, wanted: Sequence[str]) -> Subject:
@@ -136,13 +141,13 @@ def _sparsetrace_run(run: Path, wanted: Sequence[str]) -> Subject:
     return Subject("sparsetrace run", _pick(revs, wanted, run), tokenizer, name, per_step, "names")
 
 
-def _model_dir(path: Path) -> Subject:
-    rev = Revision(path.name, 0, 0, lambda: _load_model(str(path)))
+def _model_dir(path: Path, device_map: str) -> Subject:
+    rev = Revision(path.name, 0, 0, lambda: _load_model(str(path), device_map=device_map))
     tok_dir = _tokenizer_dir([path], path)
     return Subject("model directory", [rev], _load_tokenizer(tok_dir), tok_dir, None, "index")
 
 
-def _series(root: Path, wanted: Sequence[str]) -> Subject:
+def _series(root: Path, wanted: Sequence[str], device_map: str) -> Subject:
     dirs = sorted(d for d in root.iterdir() if (d / "config.json").is_file())
     if not dirs:
         raise UserError(
@@ -153,7 +158,7 @@ def _series(root: Path, wanted: Sequence[str]) -> Subject:
     steps, steps_from = _steps(labels)
 
     def loader(d: Path) -> Callable[[], nn.Module]:
-        return lambda: _load_model(str(d))
+        return lambda: _load_model(str(d), device_map=device_map)
 
     revs = [_revision(d.name, s, None, loader(d)) for d, s in zip(dirs, steps, strict=True)]
     revs = _pick(sorted(revs, key=lambda r: r.step), wanted, root)
@@ -161,13 +166,13 @@ def _series(root: Path, wanted: Sequence[str]) -> Subject:
     return Subject("checkpoint series", revs, _load_tokenizer(tok_dir), tok_dir, None, steps_from)
 
 
-def _hub(model_id: str, wanted: Sequence[str]) -> Subject:
+def _hub(model_id: str, wanted: Sequence[str], device_map: str) -> Subject:
     local_only = not _hub_reachable()
     names = list(wanted) or ["main"]
     steps, steps_from = _steps(names)
 
     def loader(name: str) -> Callable[[], nn.Module]:
-        return lambda: _load_model(model_id, name, local_only)
+        return lambda: _load_model(model_id, name, local_only, device_map)
 
     revs = [_revision(n, s, None, loader(n)) for n, s in zip(names, steps, strict=True)]
     tokenizer = _load_tokenizer(model_id, names[0], local_only)
@@ -231,10 +236,10 @@ def _hub_reachable() -> bool:
 
 
 def _from_pretrained(
-    what: str, cls: Any, source: str, revision: str | None, local_only: bool
+    what: str, cls: Any, source: str, revision: str | None, local_only: bool, **kwargs: Any
 ) -> Any:
     try:
-        return cls.from_pretrained(source, revision=revision, local_files_only=local_only)
+        return cls.from_pretrained(source, revision=revision, local_files_only=local_only, **kwargs)
     except Exception as e:  # transformers raises many types (missing files, bad config, network)
         rev = f" (revision {revision})" if revision else ""
         offline = " not in the local cache and the hub is unreachable;" if local_only else ""
@@ -242,11 +247,14 @@ def _from_pretrained(
         raise UserError(f"could not load the {what} of {source}{rev}:{offline} {first}") from None
 
 
-def _load_model(source: str, revision: str | None = None, local_only: bool = False) -> nn.Module:
+def _load_model(
+    source: str, revision: str | None = None, local_only: bool = False, device_map: str = ""
+) -> nn.Module:
     from transformers import AutoModel
 
     # The base model (no LM head): the MLPs are all that is measured.
-    model = _from_pretrained("model", AutoModel, source, revision, local_only)
+    placed = {"device_map": device_map} if device_map else {}
+    model = _from_pretrained("model", AutoModel, source, revision, local_only, **placed)
     model.config.use_cache = False
     return model
 
@@ -304,8 +312,13 @@ def analyze_model(
     seq_len: int = 512,
     out: Path | None = None,
     gated: str = "product",
+    layers: LayerSelection = None,
+    device_map: str = "",
 ) -> Path:
-    """Trace every revision of ``model`` on the same tokens; write and return the run directory."""
+    """Trace every revision of ``model`` on the same tokens; write and return the run directory.
+
+    Revisions are loaded one at a time; each is freed (with its trace) before the next loads,
+    so memory holds one model whatever the length of the series."""
     check_gated(gated)
     for name, value in (("tokens", tokens), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
@@ -313,17 +326,18 @@ def analyze_model(
     out = Path(out) if out is not None else Path("runs") / f"analysis-{_slug(model)}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; choose another --out")
-    subject = resolve(model, revisions)
+    subject = resolve(model, revisions, device_map)
     n_batches = math.ceil(tokens / (batch_size * seq_len))
     batches, corpus = token_batches(data, subject.tokenizer, n_batches, batch_size, seq_len)
     device = resolve_device("auto")
     # The first revision is loaded and checked (vocabulary, context, gated choice) before
     # anything is written.
-    net: nn.Module | None = _prepare(subject.revisions[0].load(), device, batches)
-    locate(net, gated)
+    net: nn.Module | None = _prepare(subject.revisions[0].load(), device, batches, device_map)
+    chosen = [site.name for site in select(locate(net, gated)[1], layers)]
     options = {
         "model": model, "revisions": [r.label for r in subject.revisions], "data": data,
         "tokens": tokens, "batch_size": batch_size, "seq_len": seq_len, "gated": gated,
+        "layers": chosen, "device_map": device_map or None,
     }  # fmt: skip
     meta = _initial_meta(out, subject, corpus, options, batches, device)
     out.mkdir(parents=True, exist_ok=True)
@@ -336,10 +350,11 @@ def analyze_model(
     try:
         for rev in subject.revisions:
             if net is None:
-                net = _prepare(rev.load(), device, batches)
-            with torch.no_grad(), trace(net, gated=gated) as t:
+                net = _prepare(rev.load(), device, batches, device_map)
+            into = _input_device(net, device)
+            with torch.no_grad(), trace(net, layers=chosen, gated=gated) as t:
                 for batch in batches:
-                    net(batch.to(device))
+                    net(batch.to(into))
                     progress.update()
             writer.log_sparsity(rev.step, rev.tokens, t.layer_stats())
             tracker.update(rev.step, t.first_batch_used)
@@ -351,7 +366,11 @@ def analyze_model(
             )
             meta.update(step=rev.step, precision=info["dtype"])
             _write_meta(out, meta, started)
-            net = None  # free the revision before loading the next
+            # Free the revision (the trace holds it too) before the next one is loaded.
+            net = t = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     except BaseException as err:
         meta["status"] = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         _write_meta(out, meta, started)
@@ -364,11 +383,17 @@ def analyze_model(
     return out
 
 
-def _prepare(model: nn.Module, device: torch.device, batches: Tensor) -> nn.Module:
-    """``model`` in eval mode on ``device`` (fp32 on CPU), checked against the token batches."""
-    model = model.eval().to(device)
-    if device.type == "cpu" and next(model.parameters()).dtype in (torch.float16, torch.bfloat16):
-        model = model.float()  # half-precision matmuls are slow or missing on CPUs
+def _prepare(
+    model: nn.Module, device: torch.device, batches: Tensor, device_map: str = ""
+) -> nn.Module:
+    """``model`` in eval mode on ``device`` (fp32 on CPU), checked against the token batches.
+    A model placed by ``device_map`` stays where accelerate put it."""
+    model = model.eval()
+    if not device_map:
+        model = model.to(device)
+        half = (torch.float16, torch.bfloat16)
+        if device.type == "cpu" and next(model.parameters()).dtype in half:
+            model = model.float()  # half-precision matmuls are slow or missing on CPUs
     emb = model.tok_emb if isinstance(model, Transformer) else model.get_input_embeddings()
     if int(batches.max()) >= emb.num_embeddings:
         raise UserError(
@@ -379,6 +404,13 @@ def _prepare(model: nn.Module, device: torch.device, batches: Tensor) -> nn.Modu
     if context is not None and batches.shape[-1] > context:
         raise UserError(f"--seq-len {batches.shape[-1]} exceeds the model's context of {context}")
     return model
+
+
+def _input_device(model: nn.Module, device: torch.device) -> torch.device:
+    """Where the token ids go: the embedding's device (a device_map may put it anywhere)."""
+    emb = model.tok_emb if isinstance(model, Transformer) else model.get_input_embeddings()
+    where = emb.weight.device
+    return device if where.type == "meta" else where
 
 
 def _config_value(model: nn.Module, *keys: str) -> Any:

@@ -163,6 +163,17 @@ def _check_distinct(sites: list[Site]) -> None:
         raise UserError("the same module serves several layers; hooks cannot tell them apart")
 
 
+def parse_layers(text: str) -> LayerSelection:
+    r"""A command line's layer selection: "" (all), "0,5" (layer indices) or a regex on the
+    stable names (``blocks\.(0|5)\.``)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        return None
+    if all(p.lstrip("-").isdigit() for p in parts):
+        return [int(p) for p in parts]
+    return text
+
+
 def select(sites: list[Site], layers: LayerSelection) -> list[Site]:
     """The sites chosen by ``layers`` (see :data:`LayerSelection`); none chosen: UserError."""
     if layers is None:

@@ -18,6 +18,8 @@ def analyze(
     seq_len: int = 512,
     out: Path | None = None,
     gated: str = "product",
+    layers: str = "",
+    device_map: str = "",
 ) -> None:
     """Hidden-unit use of a pretrained model or checkpoint series, written as a run directory.
 
@@ -32,12 +34,17 @@ def analyze(
         seq_len: tokens per sequence; the metrics depend on it (paper: 512)
         out: run directory to write; none: runs/analysis-MODEL
         gated: gated MLPs: product = act(gate) * up, the down projection's input; gate = act(gate)
+        layers: layers to measure: all (empty), indices "0,5" or a regex on blocks.{i}.mlp.hidden
+        device_map: load Hugging Face models with this device_map (auto, cpu, ...): accelerate
+            places them across devices or offloads them (needs `pip install accelerate`)
     """
     from sparsetrace.analysis.analyze import analyze_model
+    from sparsetrace.analysis.locate import parse_layers
     from sparsetrace.rundir import load_run
 
     wanted = [r.strip() for r in revisions.split(",") if r.strip()]
-    run_dir = analyze_model(model, wanted, data, tokens, batch_size, seq_len, out, gated)
+    run_dir = analyze_model(model, wanted, data, tokens, batch_size, seq_len, out, gated,
+                            parse_layers(layers), device_map)  # fmt: skip
     run = load_run(run_dir)
     m = run.meta["model"]
     print(
