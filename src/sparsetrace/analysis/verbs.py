@@ -35,8 +35,7 @@ def analyze(
         out: run directory to write; none: runs/analysis-MODEL
         gated: gated MLPs: product = act(gate) * up, the down projection's input; gate = act(gate)
         layers: layers to measure: all (empty), indices "0,5" or a regex on blocks.{i}.mlp.hidden
-        device_map: load Hugging Face models with this device_map (auto, cpu, ...): accelerate
-            places them across devices or offloads them (needs `pip install accelerate`)
+        device_map: load Hugging Face models with accelerate's device_map (auto, cpu, ...)
     """
     from sparsetrace.analysis.analyze import analyze_model
     from sparsetrace.analysis.locate import parse_layers

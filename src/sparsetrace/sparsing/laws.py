@@ -229,7 +229,7 @@ def _mse(form: _Form, d: Array, y: Array, params: tuple[float, ...]) -> float:
 
 def _refine(
     form: _Form, d: Array, y: Array, p0: tuple[float, ...], lower: Array, upper: Array,
-    max_evals: int = 20000,
+    max_evals: int = 3000,
 ) -> tuple[tuple[float, ...], Array | None]:  # fmt: skip
     """One bounded curve_fit from p0: (parameters, covariance) or (p0, None) without
     convergence."""
