@@ -91,11 +91,11 @@ def hf_run(tmp_path_factory) -> tuple[Path, Snapshots]:
     return out / "sparsetrace", snaps
 
 
-def test_hf_trainer_rows_equal_trace_on_the_same_batch_and_weights(hf_run) -> None:
-    run_dir, snaps = hf_run
-    rows = load_run(run_dir).sparsity
-    assert sorted(rows["step"].unique()) == [0, 5, 10, 15] == sorted(snaps.taken)
-    for step, (weights, ids) in snaps.taken.items():
+def assert_rows_equal_trace(rows: pd.DataFrame, taken: dict) -> None:
+    """Each measured step's rows equal trace() of a fresh model with that step's weights on the
+    batch it was fed."""
+    assert sorted(rows["step"].unique()) == sorted(taken)
+    for step, (weights, ids) in taken.items():
         model = tiny_gpt2()
         model.load_state_dict(weights)
         with sparsetrace.trace(model) as t:
@@ -104,6 +104,12 @@ def test_hf_trainer_rows_equal_trace_on_the_same_batch_and_weights(hf_run) -> No
         got = rows[rows["step"] == step].set_index("layer")
         for col in METRICS:
             assert got[col].to_numpy() == pytest.approx(expected[col].to_numpy(), rel=1e-6), col
+
+
+def test_hf_trainer_rows_equal_trace_on_the_same_batch_and_weights(hf_run) -> None:
+    run_dir, snaps = hf_run
+    assert sorted(snaps.taken) == [0, 5, 10, 15]
+    assert_rows_equal_trace(load_run(run_dir).sparsity, snaps.taken)
 
 
 def test_hf_run_directory_makes_a_report(hf_run, tmp_path: Path) -> None:
@@ -290,16 +296,8 @@ def test_lightning_rows_equal_trace_and_make_a_report(tmp_path: Path) -> None:
     _lightning_fit(tmp_path, 20, [snaps, SparsityCallback(every=5, warmup_steps=2)], val=True)
     run_dir = tmp_path / "sparsetrace"
     run = load_run(run_dir)
-    assert sorted(run.sparsity["step"].unique()) == [0, 5, 10, 15] == sorted(snaps.taken)
-    for step, (weights, ids) in snaps.taken.items():
-        model = tiny_gpt2()
-        model.load_state_dict(weights)
-        with sparsetrace.trace(model) as t:
-            model(input_ids=ids)
-        expected = t.summary().set_index("layer")
-        got = run.sparsity[run.sparsity["step"] == step].set_index("layer")
-        for col in METRICS:
-            assert got[col].to_numpy() == pytest.approx(expected[col].to_numpy(), rel=1e-6), col
+    assert sorted(snaps.taken) == [0, 5, 10, 15]
+    assert_rows_equal_trace(run.sparsity, snaps.taken)
     assert run.meta["status"] == "finished" and run.meta["train"]["warmup_steps"] == 2
     assert run.train["step"].tolist() == [3, 7, 11, 15, 19]  # the step just done, every 4
     # val_check_interval=10 counts micro-batches: after batches 10 and 20 of epoch 1 (12 steps,

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 import sparsetrace
 from sparsetrace.analysis.locate import Gated, LayerSelection, Site, locate, select
+from sparsetrace.analysis.tracer import forward_inputs
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import DEFAULT_PERCENTILES, UseStats, use_counts, use_stats_from_counts
 from sparsetrace.rundir import RunWriter, atomic_write_text
@@ -237,14 +238,8 @@ class Recorder:
     def _start(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if self._armed is None or self._counts:
             return  # unmeasured step, or a later micro-batch of a measured one: nothing to do
-        try:
-            bound = self._signature.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = kwargs
-        shapes = [v.shape[:2] for v in bound.values() if isinstance(v, Tensor) and v.dim() >= 2]
-        mask = bound.get("attention_mask")
-        self._batch_shape = tuple(shapes[0]) if shapes else None
-        self._capture_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
+        self._batch_shape, mask = forward_inputs(self._signature, args, kwargs)
+        self._capture_mask = mask if mask is not None and mask.dim() == 2 else None
 
     def _on_input(self, index: int, module: nn.Module, args: tuple) -> None:
         if self._armed is not None:

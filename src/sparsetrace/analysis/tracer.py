@@ -32,6 +32,20 @@ METRIC_COLUMNS = SPARSITY_BASE_COLUMNS[SPARSITY_BASE_COLUMNS.index("per_token") 
 COUNT_COLUMNS = ["per_token", "per_sequence", "per_batch"]
 
 
+def forward_inputs(
+    signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]
+) -> tuple[tuple[int, ...] | None, Tensor | None]:
+    """(batch, seq) of a model call's first tensor input — for layers that flatten tokens (OPT's
+    fc1/fc2 see (b*s, d)) — and its ``attention_mask`` if any, from a forward pre-hook."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    shapes = [v.shape[:2] for v in bound.values() if isinstance(v, Tensor) and v.dim() >= 2]
+    mask = bound.get("attention_mask")
+    return (tuple(shapes[0]) if shapes else None), (mask if isinstance(mask, Tensor) else None)
+
+
 class Trace:
     """Hooks on a model's MLP hidden activations that record use statistics per forward pass.
 
@@ -103,16 +117,8 @@ class Trace:
     # hooks
 
     def _start_batch(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        try:
-            bound = self._signature.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            bound = kwargs
-        # (batch, seq) of the inputs, for layers that flatten tokens (OPT's fc1/fc2 see (b*s, d))
-        shapes = [v.shape[:2] for v in bound.values() if isinstance(v, Tensor) and v.dim() >= 2]
-        mask = bound.get("attention_mask")
         self._batch += 1
-        self._batch_shape = tuple(shapes[0]) if shapes else None
-        self._captured_mask = mask if isinstance(mask, Tensor) else None
+        self._batch_shape, self._captured_mask = forward_inputs(self._signature, args, kwargs)
         self._device_masks.clear()
         self._done.clear()
 
