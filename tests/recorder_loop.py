@@ -43,6 +43,7 @@ def main(run_dir: str) -> None:
         opt.zero_grad()
     rec.close()
     if world > 1:
+        dist.barrier()  # leave together: rank 0 may still be writing when rank 1 tears down
         dist.destroy_process_group()
 
 

@@ -291,6 +291,10 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
                     runmeta.update_meta(session.run_dir, meta, step=done,
                                         elapsed_s=session.elapsed_s)  # fmt: skip
             progress.update(done, loss)
+        # Ranks leave together: a rank that tears down its process group while another is still
+        # finishing the last checkpoint (FSDP gathers, rank-0 writes) can abort at exit
+        # ("terminate called without an active exception", seen once in CI).
+        parallelize.barrier(session.dist)
     except KeyboardInterrupt:
         if meta is not None:
             runmeta.update_meta(session.run_dir, meta, status="interrupted", step=step)
