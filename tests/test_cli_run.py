@@ -3,6 +3,7 @@ second run never overwrites the first."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from sparsetrace.cli import main
@@ -18,6 +19,12 @@ def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, ca
     assert "corr(per-token, per-batch)" in out  # the terminal summary of Tables 1-2
     assert (tmp_path / "tiny" / "report" / "index.html").is_file()
     assert load_run(tmp_path / "tiny").meta["status"] == "finished"
+    # the main job's Sparsing Law section: the final checkpoint, measured and reported
+    law = json.loads((tmp_path / "tiny" / "sparsing_law.json").read_text())
+    assert [c["step"] for c in law["checkpoints"]] == [10]
+    assert (
+        "Sparsing Law: PPL-1% sparsity" in (tmp_path / "tiny" / "report" / "report.md").read_text()
+    )
     assert main(args) == 0
     assert f"run directory: {tmp_path / 'tiny-2'}" in capsys.readouterr().out
     assert load_run(tmp_path / "tiny").meta["status"] == "finished"  # the first run is untouched

@@ -19,6 +19,7 @@ from sparsetrace.errors import UserError
 from sparsetrace.experiments import activations, runs, width_depth
 from sparsetrace.model.transformer import Transformer
 from sparsetrace.report.sparsing import check_finding, trend
+from sparsetrace.sparsing.laws import law_form
 
 # tiny preset, 16 steps, a checkpoint every 2 (8 points); 1,024 validation tokens measured
 SHORT = ["--train.steps", "16", "--eval.every", "8"]
@@ -90,7 +91,7 @@ def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
 
     def curves(relu: list[float], silu: list[float]) -> list:
         return [
-            activations.law_curve(name, activations.law_form(name),
+            activations.law_curve(name, law_form(name),
                                   _law_csv(tmp_path / f"{name}-{relu[0]}", values))
             for name, values in (("relu", relu), ("silu", silu))
         ]  # fmt: skip
@@ -106,9 +107,9 @@ def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
     short = activations.law_curve("gelu", "silu", _law_csv(tmp_path / "short", [0.2, 0.3, 0.4]))
     assert short.fit is None and "needs at least 5" in short.note
     assert check_finding([short]).outcome == INCONCLUSIVE
-    assert activations.law_form("swiglu") == "silu" and activations.law_form("reglu") == "relu"
+    assert law_form("swiglu") == "silu" and law_form("reglu") == "relu"
     with pytest.raises(UserError):
-        activations.law_form("tanh")
+        law_form("tanh")
 
 
 def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:

@@ -150,3 +150,34 @@ def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:
         verbs.sparsing_law(run_dir, tokens=0)
     with pytest.raises(UserError, match="no checkpoint"):
         verbs.sparsing_law(tmp_path)
+
+
+def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from sparsetrace.report import write_report
+
+    one = tmp_path / "one"
+    shutil.copytree(run_dir, one)
+    sparsing_law(one, p=1.0, tokens=1024, final_only=True)
+    summary = json.loads((one / "sparsing_law.json").read_text())
+    assert [c["step"] for c in summary["checkpoints"]] == [20]
+    assert summary["search"]["checkpoints"] == [20]
+    final = summary["checkpoints"][0]
+    md = write_report([one], tmp_path / "r1").with_name("report.md").read_text()
+    section = md[md.index("## Sparsing Law: PPL-1% sparsity") :]
+    assert f"Activation ratio at PPL-1%: {100 * final['activation_ratio']:.2f} %" in section
+    layer0 = final["layers"]["0"]
+    hidden = load_config("tiny").model.d_ff
+    assert f"{100 * layer0['dead_units'] / hidden:.4f}" in section  # dead units % of the layer
+    assert "one checkpoint measured" in section
+    # every checkpoint: the over-training table, and a note that 4 points cannot be fitted
+    sparsing_law(one, p=1.0, tokens=1024)
+    md = write_report([one], tmp_path / "r2").with_name("report.md").read_text()
+    section = md[md.index("## Sparsing Law: PPL-1% sparsity") :]
+    assert "Activation ratio over training" in section and "the law needs 5 to fit" in section
+    # no measurement: no section
+    plain = tmp_path / "plain"
+    shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("sparsing_law.*"))
+    md = write_report([plain], tmp_path / "r3").with_name("report.md").read_text()
+    assert "Sparsing Law: PPL" not in md

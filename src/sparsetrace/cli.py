@@ -75,19 +75,31 @@ def report(runs: list[Path], out: Path | None = None) -> None:
     print(f"report: {write_report(list(runs), out_dir)}")
 
 
-def run(preset: str = "cpu", overrides: list[str] | None = None) -> None:
+def run(
+    preset: str = "cpu", sparsing_tokens: int = 8192, overrides: list[str] | None = None
+) -> None:
     """The main job: train the preset on its corpus, write the report, print a summary.
 
     Args:
-        preset: a shipped preset (cpu, tiny, paper) or a YAML file
+        preset: a shipped preset (cpu, cpu-gpt2, cpu-long, tiny, paper) or a YAML file
+        sparsing_tokens: validation tokens for the report's Sparsing Law section (0: skip it)
     """
     from sparsetrace.config import load_config
     from sparsetrace.report import text_summary, write_report
+    from sparsetrace.sparsing.over_training import sparsing_law
     from sparsetrace.train.loop import train as train_run
 
+    if sparsing_tokens < 0:
+        raise UserError(f"--sparsing-tokens must be >= 0; got {sparsing_tokens}")
     cfg = load_config(preset, overrides)
     cfg.run_name = _free_run_name(Path(cfg.out_dir), cfg.run_name)
     run_dir = train_run(cfg, command=_command())
+    if sparsing_tokens and cfg.checkpoint.every > 0:
+        # PPL-1% sparsity of the final model only: the whole curve costs minutes per checkpoint
+        # here (`sparsetrace sparsing-law RUN` measures it).
+        print(f"Sparsing Law: PPL-1% sparsity of the final checkpoint on {sparsing_tokens:,} "
+              "validation tokens...", flush=True)  # fmt: skip
+        sparsing_law(run_dir, p=1.0, tokens=sparsing_tokens, final_only=True)
     index = write_report([run_dir], run_dir / "report")
     print(text_summary(run_dir))
     print(f"\nrun directory: {run_dir}\nreport: {index}")

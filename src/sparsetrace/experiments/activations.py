@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from sparsetrace.config import load_config
-from sparsetrace.errors import UserError
 from sparsetrace.experiments.runs import (
     base_overrides,
     default_out,
@@ -27,24 +26,13 @@ from sparsetrace.experiments.runs import (
 )
 from sparsetrace.experiments.sweep import build_arms, split_values
 from sparsetrace.report.sparsing import Curve, write_activations_report
-from sparsetrace.sparsing.laws import MIN_POINTS, fit_law
+from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form
 from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, sparsing_law
 from sparsetrace.train.checkpoint import list_checkpoints
 
 CHECKPOINTS = 8  # per run: the ReLU law has 4 parameters, a fit needs MIN_POINTS = 5
 LAST = 5  # final checkpoints the CETT is chosen on (the public scripts' choice)
-RELU_LIKE = ("relu", "relu2", "reglu")  # fitted with the ReLU law (activation ratio falls)
-SILU_LIKE = ("silu", "gelu", "swiglu", "geglu")  # fitted with the SiLU law (ratio rises)
 KEY = "model.activation"
-
-
-def law_form(activation: str) -> str:
-    """The Sparsing Law form of an activation's curve: 'relu' or 'silu'."""
-    if activation in RELU_LIKE:
-        return "relu"
-    if activation in SILU_LIKE:
-        return "silu"
-    raise UserError(f"no Sparsing Law form for activation {activation!r}")
 
 
 def measure(run: Path, p: float, tokens: int, last: int) -> Path:

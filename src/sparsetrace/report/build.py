@@ -38,6 +38,7 @@ from sparsetrace.report.document import (
     write_csv,
 )
 from sparsetrace.report.findings import FINDINGS, evaluate, token_batch_correlation
+from sparsetrace.report.sparsing import run_section as sparsing_run_section
 from sparsetrace.rundir import load_run
 
 LABELS = {
@@ -453,6 +454,9 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
             *_table_sections(measured),
             *_figure_sections(measured, fig_dir),
         ]
+        law = sparsing_run_section(measured)
+        if law is not None:
+            sections.append(law)
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Table):

@@ -9,6 +9,7 @@ a bottleneck. The finding on ReLU vs SiLU is checked on the runs themselves (:fu
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,3 +250,98 @@ def write_width_depth_report(out: Path, frame: pd.DataFrame, budget: int, p: flo
         f"{len(frame)} arms at {budget:,} non-embedding parameters; PPL-{p:g}% sparsity",
         sections,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# The run report's Sparsing Law section
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.2f}"
+
+
+def run_section(runs: list) -> Section | None:
+    """PPL-p% sparsity of each run that has ``sparsing_law.json`` (``sparsetrace run`` measures
+    its final checkpoint; ``sparsetrace sparsing-law RUN`` every checkpoint): per layer the CETT
+    threshold, the activation ratio and the dead units; the over-training curve and its law fit
+    when there are enough checkpoints. None when no run has the file."""
+    blocks: list = []
+    for rd in runs:
+        path = rd.run.path / "sparsing_law.json"
+        if not path.is_file():
+            continue
+        summary = json.loads(path.read_text())
+        final = summary["checkpoints"][-1]
+        widths = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
+        rows = {}
+        for layer, v in final["layers"].items():
+            hidden = widths["hidden"].get(int(layer), math.nan)
+            rows[f"layer {layer}"] = {
+                "CETT threshold τ": v["tau"], "activation ratio %": 100 * v["activation_ratio"],
+                "dense (ReLU > 0) %": 100 * v["activation_ratio_dense"],
+                "dead units %": 100 * v["dead_units"] / hidden,
+            }  # fmt: skip
+        rows["all layers"] = {
+            "CETT threshold τ": math.nan, "activation ratio %": 100 * final["activation_ratio"],
+            "dense (ReLU > 0) %": 100 * final["dense_activation_ratio"],
+            "dead units %": math.nan,
+        }  # fmt: skip
+        frame = pd.DataFrame.from_dict(rows, orient="index")
+        frame.index.name = "layer"
+        p, se = summary["p"], 100 * final["activation_ratio_se"]
+        blocks.append(Text(
+            f"{rd.label}, step {final['step']}: CETT c = {summary['cett']:.4g}, chosen so "
+            f"that perplexity rises by {p:g} % (measured ratio {final['ppl_ratio']:.4f}, target "
+            f"{summary['target_ppl_ratio']:.4f}) on {summary['tokens_evaluated']:,} validation "
+            f"tokens. Activation ratio at PPL-{p:g}%: {100 * final['activation_ratio']:.2f} % "
+            f"± {se:.2f} (bootstrap SE over sequences; relative SE "
+            f"{se / max(100 * final['activation_ratio'], 1e-12):.1%}). Dead: active on < 0.1 % "
+            "of the tokens."
+        ))  # fmt: skip
+        blocks.append(Table(
+            f"sparsing_law_{rd.label}", f"PPL-{p:g}% sparsity per layer ({rd.label})",
+            "The threshold τ keeps each layer's CETT (the relative error of dropping the units "
+            "below τ) at c; the dense ratio counts every nonzero ReLU output.",
+            frame, formats={c: (_general if c.startswith("CETT") else _four) for c in frame},
+        ))  # fmt: skip
+        blocks += _over_training_blocks(rd.label, summary, rd.run)
+    if not blocks:
+        return None
+    intro = Text(
+        "Sparsing Law (Luo et al., arXiv 2411.02335): PPL-p% sparsity counts the units whose "
+        "contribution matters at a perplexity cost of p %, for any activation function "
+        "(docs/sparsing-law.md). `sparsetrace run` measures the final checkpoint; `sparsetrace "
+        "sparsing-law RUN` measures every checkpoint and fits the law over training."
+    )
+    return Section("sparsing-law", "Sparsing Law: PPL-1% sparsity", [intro, *blocks])
+
+
+def _over_training_blocks(label: str, summary: dict, run) -> list:
+    from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form
+
+    points = summary["checkpoints"]
+    if len(points) < 2:
+        return [Text(f"{label}: one checkpoint measured, no over-training curve (`sparsetrace "
+                     "sparsing-law RUN` measures them all).", "note")]  # fmt: skip
+    frame = pd.DataFrame(
+        {"tokens": [c["tokens"] for c in points],
+         "activation ratio %": [100 * c["activation_ratio"] for c in points],
+         "± SE": [100 * c["activation_ratio_se"] for c in points]},
+        index=pd.Index([c["step"] for c in points], name="step"),
+    )  # fmt: skip
+    formats = {"tokens": _whole, "activation ratio %": _four, "± SE": _four}
+    out: list = [Table(f"sparsing_law_curve_{label}", f"Activation ratio over training ({label})",
+                       "One CETT c for all checkpoints, found on the final ones.", frame,
+                       formats=formats)]  # fmt: skip
+    activation = (run.config.get("model") or {}).get("activation", "")
+    if len(points) < MIN_POINTS:
+        out.append(Text(f"{label}: {len(points)} checkpoints; the law needs {MIN_POINTS} to fit.",
+                        "note"))  # fmt: skip
+        return out
+    fit = fit_law(frame["tokens"].to_numpy(float), frame["activation ratio %"].to_numpy() / 100,
+                  law_form(activation))  # fmt: skip
+    lo, hi = fit.a0_interval or (math.nan, math.nan)
+    out.append(Text(f"{label}: {fit.form} law fitted to {len(points)} checkpoints: limit A0 = "
+                    f"{100 * fit.limit:.2f} % (95 % interval {100 * lo:.2f}–{100 * hi:.2f} %), "
+                    f"MSE {fit.mse:.2e}."))  # fmt: skip
+    return out

@@ -398,3 +398,16 @@ def _read_authors_json(path: Path) -> pd.DataFrame:
     if not isinstance(tokens, list) or not isinstance(ratio, list) or len(tokens) != len(ratio):
         raise UserError(f"{path}: token_passed and activation_ratio must be lists of one length")
     return pd.DataFrame({"tokens": tokens, "activation_ratio": ratio})
+
+
+RELU_LIKE = ("relu", "relu2", "reglu")  # fitted with the ReLU law (activation ratio falls)
+SILU_LIKE = ("silu", "gelu", "swiglu", "geglu")  # fitted with the SiLU law (ratio rises)
+
+
+def law_form(activation: str) -> str:
+    """The Sparsing Law form of an activation's curve: 'relu' or 'silu'."""
+    if activation in RELU_LIKE:
+        return "relu"
+    if activation in SILU_LIKE:
+        return "silu"
+    raise UserError(f"no Sparsing Law form for activation {activation!r}")

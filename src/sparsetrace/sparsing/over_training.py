@@ -66,8 +66,11 @@ def _tokens_per_step(run: Path) -> int:
         raise UserError(f"{run}: meta.json with train.tokens_per_step is missing") from None
 
 
-def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5) -> Path:
-    """Activation ratio at PPL-p% sparsity for every checkpoint of ``run``; writes
+def sparsing_law(
+    run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5, final_only: bool = False
+) -> Path:
+    """Activation ratio at PPL-p% sparsity for every checkpoint of ``run`` (``final_only``: the
+    last checkpoint alone, searched on itself — the main job's cheap variant); writes
     ``sparsing_law.csv`` (step, tokens, layer ('all' or index), activation_ratio, cett,
     ppl_ratio) and ``sparsing_law.json`` into the run directory; returns the CSV's path.
 
@@ -82,6 +85,8 @@ def sparsing_law(run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5) 
     ckpts = list_checkpoints(run)
     if not ckpts:
         raise UserError(f"{run}: no checkpoint to evaluate")
+    if final_only:
+        ckpts, last = ckpts[-1:], 1
     per_step = _tokens_per_step(run)
     _, cfg = load_trained_model(run, ckpts[-1])
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
