@@ -278,13 +278,12 @@ def run_section(runs: list) -> Section | None:
             hidden = widths["hidden"].get(int(layer), math.nan)
             rows[f"layer {layer}"] = {
                 "CETT threshold τ": v["tau"], "activation ratio %": 100 * v["activation_ratio"],
-                "dense (ReLU > 0) %": 100 * v["activation_ratio_dense"],
+                "at τ in the dense model %": 100 * v["activation_ratio_dense"],
                 "dead units %": 100 * v["dead_units"] / hidden,
             }  # fmt: skip
-        rows["all layers"] = {
+        rows["mean of layers"] = {
             "CETT threshold τ": math.nan, "activation ratio %": 100 * final["activation_ratio"],
-            "dense (ReLU > 0) %": 100 * final["dense_activation_ratio"],
-            "dead units %": math.nan,
+            "at τ in the dense model %": math.nan, "dead units %": math.nan,
         }  # fmt: skip
         frame = pd.DataFrame.from_dict(rows, orient="index")
         frame.index.name = "layer"
@@ -295,13 +294,16 @@ def run_section(runs: list) -> Section | None:
             f"{summary['target_ppl_ratio']:.4f}) on {summary['tokens_evaluated']:,} validation "
             f"tokens. Activation ratio at PPL-{p:g}%: {100 * final['activation_ratio']:.2f} % "
             f"± {se:.2f} (bootstrap SE over sequences; relative SE "
-            f"{se / max(100 * final['activation_ratio'], 1e-12):.1%}). Dead: active on < 0.1 % "
-            "of the tokens."
+            f"{se / max(100 * final['activation_ratio'], 1e-12):.1%}); nonzero activations of "
+            f"the untruncated model: {100 * final['dense_activation_ratio']:.2f} %. Dead: active "
+            "on < 0.1 % of the tokens."
         ))  # fmt: skip
         blocks.append(Table(
             f"sparsing_law_{rd.label}", f"PPL-{p:g}% sparsity per layer ({rd.label})",
             "The threshold τ keeps each layer's CETT (the relative error of dropping the units "
-            "below τ) at c; the dense ratio counts every nonzero ReLU output.",
+            "below τ) at c. The activation ratio is measured with every layer truncated at once "
+            "(a layer's input then changes with the layers below it); 'at τ in the dense model' "
+            "is the same threshold applied to the untruncated model's activations.",
             frame, formats={c: (_general if c.startswith("CETT") else _four) for c in frame},
         ))  # fmt: skip
         blocks += _over_training_blocks(rd.label, summary, rd.run)
