@@ -228,7 +228,7 @@ def test_layers_selection_on_the_command_line(series: Path, text: Path, tmp_path
 
 
 def test_device_map_model_with_offloaded_layers_equals_the_plain_model(
-    series: Path, text: Path, tmp_path: Path
+    series: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """accelerate: a model whose second block lives on disk (loaded into the forward pass by
     accelerate's hooks) is measured exactly like the same model in memory."""
@@ -261,7 +261,17 @@ def test_device_map_model_with_offloaded_layers_equals_the_plain_model(
         assert list(off[col]) == pytest.approx(list(plain[col]), rel=1e-6)
     # and through the verb, with transformers' own device_map loading
     kw = {"data": str(text), "tokens": TOKENS, "batch_size": BATCH, "seq_len": SEQ}
+    import sparsetrace.analysis.analyze as analyze
+
+    real, asked = analyze._from_pretrained, []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analyze, "_from_pretrained", spy)
     verbs.analyze(str(series / "step4"), device_map="cpu", out=tmp_path / "dm", **kw)
+    assert {"device_map": "cpu"} in asked  # reached transformers' from_pretrained
     run = load_run(tmp_path / "dm")
     assert run.meta["analysis"]["device_map"] == "cpu"
     assert list(run.sparsity.per_batch) == pytest.approx(list(plain.per_batch))

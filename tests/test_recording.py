@@ -70,10 +70,12 @@ class Snapshots(TrainerCallback):
             self._armed = None
 
 
-def _trainer(out: Path, model, steps: int, callbacks=(), save_steps: int = 0) -> Trainer:
+def _trainer(
+    out: Path, model, steps: int, callbacks=(), save_steps: int = 0, warmup: float = 2
+) -> Trainer:
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4,
-        gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=2, logging_steps=4,
+        gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=warmup, logging_steps=4,
         save_steps=save_steps or 10_000, save_strategy="steps" if save_steps else "no",
         report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
         dataloader_num_workers=0,
@@ -134,13 +136,14 @@ def test_hf_resume_continues_the_lifecycle_exactly(tmp_path: Path) -> None:
     part = _trainer(split, tiny_gpt2(), 20, save_steps=10)
     attach(part, every=5)
 
-    class StopAt10(TrainerCallback):
+    class StopAt12(TrainerCallback):  # past the checkpoint: step 10's rows are already written
         def on_step_end(self, args, state, control, **kwargs):
-            control.should_training_stop = state.global_step >= 10
+            control.should_training_stop = state.global_step >= 12
 
-    part.add_callback(StopAt10())
+    part.add_callback(StopAt12())
     part.train()
     assert (split / "checkpoint-10" / STATE_FILE).is_file()
+    assert 10 in load_run(split / "sparsetrace").sparsity["step"].tolist()  # to be dropped
     rest = _trainer(split, tiny_gpt2(), 20, save_steps=10)
     attach(rest, every=5)
     rest.train(resume_from_checkpoint=str(split / "checkpoint-10"))
@@ -209,6 +212,10 @@ def test_recorder_bad_input(tmp_path: Path) -> None:
         Recorder(model, tmp_path / "b", every=1)
     with pytest.raises(UserError, match="compiled"):
         Recorder(torch.compile(model), tmp_path / "c")
+    in_place = tiny_gpt2()
+    in_place.compile()  # nn.Module.compile: no _orig_mod, a compiled call instead
+    with pytest.raises(UserError, match="compiled"):
+        Recorder(in_place, tmp_path / "c2")
     with pytest.raises(UserError, match=r"module paths|modules"):
         Recorder(torch.nn.Sequential(torch.nn.Linear(4, 4)), tmp_path / "d")
     rec = Recorder(model, tmp_path / "e", every=1, tensorboard=False)
@@ -276,7 +283,14 @@ class LitSnapshots:
 
         class Snap(pl.Callback):
             def __init__(self) -> None:
-                self.taken, self._step = {}, None
+                self.taken, self._step, self.losses = {}, None, {}
+
+            def on_train_start(self, trainer, pl_module) -> None:
+                def record(module, args, kwargs, output):  # every training forward's loss
+                    if module.training:
+                        self.losses.setdefault(trainer.global_step, []).append(float(output.loss))
+
+                pl_module.model.register_forward_hook(record, with_kwargs=True)
 
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
                 step = trainer.global_step
@@ -300,6 +314,10 @@ def test_lightning_rows_equal_trace_and_make_a_report(tmp_path: Path) -> None:
     assert_rows_equal_trace(run.sparsity, snaps.taken)
     assert run.meta["status"] == "finished" and run.meta["train"]["warmup_steps"] == 2
     assert run.train["step"].tolist() == [3, 7, 11, 15, 19]  # the step just done, every 4
+    # the step's mean micro-batch loss (Lightning hands over each divided by the accumulation)
+    losses = snaps.losses
+    for step, loss in zip(run.train["step"], run.train["loss"], strict=True):
+        assert loss == pytest.approx(sum(losses[step]) / len(losses[step]), rel=1e-5)
     # val_check_interval=10 counts micro-batches: after batches 10 and 20 of epoch 1 (12 steps,
     # 24 batches), then batch 10 of epoch 2; eval.csv's step is the updates done
     assert run.eval["step"].tolist() == [5, 10, 17] and run.eval["val_loss"].notna().all()
@@ -317,7 +335,9 @@ def test_lightning_resume_continues_the_lifecycle_exactly(tmp_path: Path) -> Non
     # resumes the data exactly (mid-epoch it cannot for a plain DataLoader).
     _lightning_fit(tmp_path / "straight", 24, [SparsityCallback(every=4)])
     saver = pl.callbacks.ModelCheckpoint(tmp_path / "ckpt", every_n_train_steps=12, save_top_k=-1)
-    _lightning_fit(tmp_path / "split", 12, [SparsityCallback(every=4), saver])
+    # stopped at 16, past the checkpoint at 12: the rows of steps 12 (measured again) are dropped
+    _lightning_fit(tmp_path / "split", 16, [SparsityCallback(every=4), saver])
+    assert 12 in load_run(tmp_path / "split" / "sparsetrace").sparsity["step"].tolist()
     (ckpt,) = (tmp_path / "ckpt").glob("*step=12.ckpt")
     saved = torch.load(ckpt, weights_only=False)["callbacks"]
     assert any("recorder" in v for k, v in saved.items() if "SparsityCallback" in k)
@@ -356,3 +376,39 @@ def test_two_process_global_rows_equal_one_process_on_the_whole_batch(tmp_path: 
     # rank 0's own rows are its half only: per-batch use below the union's somewhere
     half = both[both.scope == "device"].reset_index(drop=True)
     assert (half.per_batch <= glob.per_batch).all() and (half.per_batch < glob.per_batch).any()
+
+
+def test_hf_warmup_given_as_a_ratio(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, tiny_gpt2(), 4, warmup=0.5)  # transformers 5: a ratio
+    attach(trainer, every=2)
+    trainer.train()
+    assert load_run(tmp_path / "sparsetrace").meta["train"]["warmup_steps"] == 2
+
+
+def test_a_failing_forward_raises_its_own_error_and_the_next_step_measures(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    ids = Tokens(n=4).ids
+    rec = Recorder(model, tmp_path / "r", every=1, tensorboard=False)
+    with pytest.raises(RuntimeError, match="out of memory"), rec.step(0):
+        raise RuntimeError("out of memory")
+    with rec.step(1):
+        model(input_ids=ids)
+    rec.close()
+    assert sorted(load_run(tmp_path / "r").sparsity["step"].unique()) == [1]
+
+
+def test_wrapper_varargs_still_give_the_batch_shape_and_mask() -> None:
+    """DDP's forward(*inputs, **kwargs): the mask inside **kwargs is found."""
+    import inspect
+
+    from sparsetrace.analysis.tracer import forward_inputs
+
+    def forward(*inputs, **kwargs):
+        return None
+
+    ids, mask = torch.zeros(3, 5, dtype=torch.long), torch.ones(3, 5)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    shape, found = forward_inputs(inspect.signature(forward), (), kwargs)
+    assert shape == (3, 5) and found is mask
+    shape, found = forward_inputs(inspect.signature(forward), (ids,), {})
+    assert shape == (3, 5) and found is None

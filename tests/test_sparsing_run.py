@@ -167,9 +167,14 @@ def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_
     md = write_report([one], tmp_path / "r1").with_name("report.md").read_text()
     section = md[md.index("## Sparsing Law: PPL-1% sparsity") :]
     assert f"Activation ratio at PPL-1%: {100 * final['activation_ratio']:.2f} %" in section
-    layer0 = final["layers"]["0"]
     hidden = load_config("tiny").model.d_ff
-    assert f"{100 * layer0['dead_units'] / hidden:.4f}" in section  # dead units % of the layer
+    (csv,) = (tmp_path / "r1" / "tables").glob("sparsing_law_*.csv")  # one run, no curve
+    table = pd.read_csv(csv, index_col=0)
+    for layer, v in final["layers"].items():  # dead units as % of the layer, per layer
+        assert table.loc[f"layer {layer}", "dead units %"] == pytest.approx(
+            100 * v["dead_units"] / hidden
+        )
+        assert table.loc[f"layer {layer}", "CETT threshold τ"] == pytest.approx(v["tau"])
     assert "one checkpoint measured" in section
     # every checkpoint: the over-training table, and a note that 4 points cannot be fitted
     sparsing_law(one, p=1.0, tokens=1024)

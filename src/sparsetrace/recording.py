@@ -68,6 +68,12 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _moved(s: UseStats, device: torch.device) -> UseStats:
+    return UseStats(s.hidden, s.per_token.to(device), s.per_sequence.to(device),
+                    s.per_batch.to(device), {q: v.to(device) for q, v in s.percentiles.items()},
+                    s.batch_used.to(device))  # fmt: skip
+
+
 def merge_meta(base: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """``base`` updated with ``extra``, one level deep (``extra["train"]`` adds to
     ``base["train"]`` rather than replacing it)."""
@@ -120,7 +126,7 @@ class Recorder:
     ) -> None:
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise UserError(f"every must be a positive number of steps, got {every!r}")
-        if hasattr(model, "_orig_mod"):
+        if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
             raise UserError(
                 "this model is compiled (torch.compile): hooks inside compiled regions are "
                 "dropped, so measurements would be silently wrong; give the Recorder the "
@@ -206,8 +212,10 @@ class Recorder:
         self.begin(step)
         try:
             yield
-        finally:
-            self.end()
+        except BaseException:
+            self._abandon()  # the forward failed (OOM, a bug): let its own error through
+            raise
+        self.end()
 
     def begin(self, step: int) -> None:
         """Arm the hooks for the next forward pass if ``step`` is due (callbacks' entry point)."""
@@ -219,6 +227,11 @@ class Recorder:
         self._lengths = None
         self._armed = step if self.measures(step) else None
         self._measured_step = self._armed
+
+    def _abandon(self) -> None:
+        self._armed = self._measured_step = None
+        self._counts.clear()
+        self._lengths = None
 
     def end(self) -> int | None:
         """Record the measured forward pass of the current step (nothing if none was due);
@@ -268,9 +281,9 @@ class Recorder:
             if mask is not None:
                 mask = mask[:, -h.shape[1] :].to(h.device, torch.bool)
             self._counts[index] = use_counts(h, mask)
-            if self._lengths is None or index == 0:
+            if self._lengths is None or index == 0:  # stays on the device until _record
                 self._lengths = (
-                    torch.full((h.shape[0],), h.shape[1]) if mask is None else mask.sum(-1).cpu()
+                    torch.full((h.shape[0],), h.shape[1]) if mask is None else mask.sum(-1)
                 )
         if len(self._counts) == len(self.sites):
             self._armed = None  # later micro-batches of this step are not measured
@@ -279,9 +292,13 @@ class Recorder:
         # The one host transfer of a measured step: every layer's counts at once.
         names = [s.name for s in self.sites]
         widths = [self._counts[i].shape[-1] for i in range(len(self.sites))]
-        flat = torch.cat([self._counts[i].reshape(-1) for i in range(len(self.sites))]).cpu()
+        first = self._counts[0]
         lengths = self._lengths if self._lengths is not None else torch.zeros(0)
+        parts = [self._counts[i].reshape(-1).to(first.device) for i in range(len(self.sites))]
+        parts.append(lengths.to(first.device, first.dtype))
+        flat = torch.cat(parts).cpu()
         batch = int(lengths.numel())
+        lengths = flat[-batch:].long() if batch else lengths
         stats: dict[str, UseStats] = {}
         offset = 0
         for name, width in zip(names, widths, strict=True):
@@ -294,10 +311,13 @@ class Recorder:
         if self.world_size > 1:
             from sparsetrace.train import parallelize
 
+            # The collectives run where the process group does (NCCL: on this rank's GPU).
+            where = (torch.device("cuda", torch.cuda.current_device())
+                     if dist.get_backend() == "nccl" else torch.device("cpu"))  # fmt: skip
             info = parallelize.Dist(self.rank, self.world_size)
-            scopes["global"], scopes["device_min"], scopes["device_max"] = parallelize.global_stats(
-                stats, info
-            )
+            merged = parallelize.global_stats({n: _moved(v, where) for n, v in stats.items()}, info)
+            for scope, values in zip(("global", "device_min", "device_max"), merged, strict=True):
+                scopes[scope] = {n: _moved(v, torch.device("cpu")) for n, v in values.items()}
         self.tracker.update(step, {n: s.batch_used for n, s in stats.items()})
         self.last_step = step
         self._counts.clear()

@@ -38,9 +38,15 @@ def forward_inputs(
     """(batch, seq) of a model call's first tensor input — for layers that flatten tokens (OPT's
     fc1/fc2 see (b*s, d)) — and its ``attention_mask`` if any, from a forward pre-hook."""
     try:
-        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound = dict(signature.bind_partial(*args, **kwargs).arguments)
     except TypeError:
-        bound = kwargs
+        bound = dict(kwargs)
+    # Wrappers (DDP: forward(*inputs, **kwargs)) pass everything through varargs: unpack them.
+    for name, param in signature.parameters.items():
+        if name in bound and param.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(name))
+        elif name in bound and param.kind is inspect.Parameter.VAR_POSITIONAL:
+            bound.update({f"{name}[{i}]": v for i, v in enumerate(bound.pop(name))})
     shapes = [v.shape[:2] for v in bound.values() if isinstance(v, Tensor) and v.dim() >= 2]
     mask = bound.get("attention_mask")
     return (tuple(shapes[0]) if shapes else None), (mask if isinstance(mask, Tensor) else None)

@@ -15,6 +15,7 @@ checkpoint the Trainer saves (``checkpoint-N/sparsetrace_recorder.pt``), so
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from transformers import TrainerCallback
 
 from sparsetrace.recording import Recorder, merge_meta
 
+log = logging.getLogger(__name__)
 STATE_FILE = "sparsetrace_recorder.pt"
 TRAIN_KEYS = {"loss": "loss", "learning_rate": "lr", "grad_norm": "grad_norm"}
 
@@ -43,7 +45,11 @@ class SparsityCallback(TrainerCallback):
         model = getattr(model, "module", model)  # DDP / DataParallel wrappers
         run_dir = Path(self.run_dir or Path(args.output_dir) / "sparsetrace")
         resume = state.global_step > 0
-        warmup = args.warmup_steps or math.ceil(args.warmup_ratio * state.max_steps)
+        # transformers 5 takes a warm-up ratio in warmup_steps (< 1); get_warmup_steps resolves it
+        if hasattr(args, "get_warmup_steps"):
+            warmup = args.get_warmup_steps(state.max_steps)
+        else:  # transformers 4: a separate warmup_ratio
+            warmup = args.warmup_steps or math.ceil(args.warmup_ratio * state.max_steps)
         train = {"steps": state.max_steps, "warmup_steps": warmup, "lr": args.learning_rate,
                  "grad_accum": args.gradient_accumulation_steps,
                  "batch_size": args.per_device_train_batch_size}  # fmt: skip
@@ -57,6 +63,14 @@ class SparsityCallback(TrainerCallback):
             if ckpt.is_file():
                 self.recorder.load_state_dict(torch.load(ckpt, weights_only=False),
                                               state.global_step)  # fmt: skip
+            else:
+                log.warning(
+                    "sparsetrace: resuming at step %d without %s: the lifecycle starts here and "
+                    "rows from this step on are not dropped from %s",
+                    state.global_step,
+                    ckpt,
+                    run_dir,
+                )
 
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         self.recorder.begin(state.global_step)

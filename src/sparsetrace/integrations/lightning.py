@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from sparsetrace.recording import Recorder, merge_meta
 
@@ -38,6 +39,7 @@ class SparsityCallback(pl.Callback):
         self.recorder: Recorder | None = None
         self._pending: Mapping[str, Any] | None = None  # recorder state from a checkpoint
         self._step: int | None = None  # the optimizer step whose micro-batches are running
+        self._loss: torch.Tensor | None = None  # the step's loss so far
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
@@ -58,19 +60,24 @@ class SparsityCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step != self._step:  # micro-batch 0 of a new optimizer step
             self._step = trainer.global_step
+            self._loss = None
             self.recorder.begin(self._step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.recorder.end() is not None:  # once per step: begin() re-arms the next one
             pl_module.log_dict(self.recorder.latest(), on_step=True, on_epoch=False)
+        # Lightning hands over each micro-batch's loss divided by accumulate_grad_batches: their
+        # sum is the step's mean loss (kept on the device: no synchronisation until logged).
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._loss = loss.detach() if self._loss is None else self._loss + loss.detach()
         done = trainer.global_step - 1  # the step just done, if this micro-batch finished it
         if (
             trainer.global_step != self._step
             and trainer.global_step % trainer.log_every_n_steps == 0
+            and self._loss is not None
         ):
-            loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-            if loss is not None:
-                self.recorder.log(done, loss=float(loss))
+            self.recorder.log(done, loss=float(self._loss))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.recorder is None or trainer.sanity_checking:

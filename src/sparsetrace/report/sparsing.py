@@ -315,7 +315,10 @@ def run_section(runs: list) -> Section | None:
         "(docs/sparsing-law.md). `sparsetrace run` measures the final checkpoint; `sparsetrace "
         "sparsing-law RUN` measures every checkpoint and fits the law over training."
     )
-    return Section("sparsing-law", "Sparsing Law: PPL-1% sparsity", [intro, *blocks])
+    ps = sorted({json.loads((rd.run.path / "sparsing_law.json").read_text())["p"] for rd in runs
+                 if (rd.run.path / "sparsing_law.json").is_file()})  # fmt: skip
+    title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in ps) + " sparsity"
+    return Section("sparsing-law", title, [intro, *blocks])
 
 
 def _over_training_blocks(label: str, summary: dict, run) -> list:
@@ -346,4 +349,7 @@ def _over_training_blocks(label: str, summary: dict, run) -> list:
     out.append(Text(f"{label}: {fit.form} law fitted to {len(points)} checkpoints: limit A0 = "
                     f"{100 * fit.limit:.2f} % (95 % interval {100 * lo:.2f}–{100 * hi:.2f} %), "
                     f"MSE {fit.mse:.2e}."))  # fmt: skip
+    if fit.limit_on_bound:
+        out.append(Text(f"{label}: the limit sits on its bound — the curve does not determine "
+                        "it yet (more or later checkpoints would).", "warning"))  # fmt: skip
     return out
