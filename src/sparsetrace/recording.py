@@ -68,12 +68,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _moved(s: UseStats, device: torch.device) -> UseStats:
-    return UseStats(s.hidden, s.per_token.to(device), s.per_sequence.to(device),
-                    s.per_batch.to(device), {q: v.to(device) for q, v in s.percentiles.items()},
-                    s.batch_used.to(device))  # fmt: skip
-
-
 def merge_meta(base: Mapping[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
     """``base`` updated with ``extra``, one level deep (``extra["train"]`` adds to
     ``base["train"]`` rather than replacing it)."""
@@ -307,17 +301,9 @@ class Recorder:
             stats[name] = use_stats_from_counts(counts, lengths, self.percentiles)
         per_step = self.tokens_per_step or int(lengths.sum()) * self.world_size
         tokens = step * per_step
-        scopes = {"device": stats}
-        if self.world_size > 1:
-            from sparsetrace.train import parallelize
+        from sparsetrace.train import parallelize
 
-            # The collectives run where the process group does (NCCL: on this rank's GPU).
-            where = (torch.device("cuda", torch.cuda.current_device())
-                     if dist.get_backend() == "nccl" else torch.device("cpu"))  # fmt: skip
-            info = parallelize.Dist(self.rank, self.world_size)
-            merged = parallelize.global_stats({n: _moved(v, where) for n, v in stats.items()}, info)
-            for scope, values in zip(("global", "device_min", "device_max"), merged, strict=True):
-                scopes[scope] = {n: _moved(v, torch.device("cpu")) for n, v in values.items()}
+        scopes = parallelize.scoped_stats(stats, parallelize.Dist(self.rank, self.world_size))
         self.tracker.update(step, {n: s.batch_used for n, s in stats.items()})
         self.last_step = step
         self._counts.clear()

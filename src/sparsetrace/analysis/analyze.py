@@ -394,7 +394,7 @@ def _prepare(
         half = (torch.float16, torch.bfloat16)
         if device.type == "cpu" and next(model.parameters()).dtype in half:
             model = model.float()  # half-precision matmuls are slow or missing on CPUs
-    emb = model.tok_emb if isinstance(model, Transformer) else model.get_input_embeddings()
+    emb = _embedding(model)
     if int(batches.max()) >= emb.num_embeddings:
         raise UserError(
             f"token id {int(batches.max())} is outside the model's vocabulary of "
@@ -406,10 +406,13 @@ def _prepare(
     return model
 
 
+def _embedding(model: nn.Module) -> nn.Embedding:
+    return model.tok_emb if isinstance(model, Transformer) else model.get_input_embeddings()
+
+
 def _input_device(model: nn.Module, device: torch.device) -> torch.device:
     """Where the token ids go: the embedding's device (a device_map may put it anywhere)."""
-    emb = model.tok_emb if isinstance(model, Transformer) else model.get_input_embeddings()
-    where = emb.weight.device
+    where = _embedding(model).weight.device
     return device if where.type == "meta" else where
 
 

@@ -266,11 +266,13 @@ def run_section(runs: list) -> Section | None:
     threshold, the activation ratio and the dead units; the over-training curve and its law fit
     when there are enough checkpoints. None when no run has the file."""
     blocks: list = []
+    ps: set[float] = set()
     for rd in runs:
         path = rd.run.path / "sparsing_law.json"
         if not path.is_file():
             continue
         summary = json.loads(path.read_text())
+        ps.add(summary["p"])
         final = summary["checkpoints"][-1]
         widths = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
         rows = {}
@@ -315,9 +317,7 @@ def run_section(runs: list) -> Section | None:
         "(docs/sparsing-law.md). `sparsetrace run` measures the final checkpoint; `sparsetrace "
         "sparsing-law RUN` measures every checkpoint and fits the law over training."
     )
-    ps = sorted({json.loads((rd.run.path / "sparsing_law.json").read_text())["p"] for rd in runs
-                 if (rd.run.path / "sparsing_law.json").is_file()})  # fmt: skip
-    title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in ps) + " sparsity"
+    title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in sorted(ps)) + " sparsity"
     return Section("sparsing-law", title, [intro, *blocks])
 
 

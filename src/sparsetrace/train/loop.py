@@ -361,11 +361,7 @@ def _record_sparsity(
     cfg = session.cfg
     stats = {name: use_stats_from_counts(c, cfg.data.seq_len, cfg.trace.percentiles)
              for name, c in counts.items()}  # fmt: skip
-    scopes = {"device": stats}
-    if session.dist.enabled:
-        scopes["global"], scopes["device_min"], scopes["device_max"] = parallelize.global_stats(
-            stats, session.dist
-        )
+    scopes = parallelize.scoped_stats(stats, session.dist)
     session.tracker.update(step, {n: s.batch_used for n, s in stats.items()})
     if writer is not None:
         for scope, values in scopes.items():

@@ -105,6 +105,22 @@ def all_reduce_sum(value: torch.Tensor, info: Dist) -> torch.Tensor:
     return value
 
 
+def collective_device() -> torch.device:
+    """Where this rank's collectives run: its current GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def scoped_stats(stats: dict[str, UseStats], info: Dist) -> dict[str, dict[str, UseStats]]:
+    """The rows to log for one measured batch: scope ``device`` (this rank's batch) and, when
+    distributed, ``global``, ``device_min`` and ``device_max`` (see module doc)."""
+    scopes = {"device": stats}
+    if info.enabled:
+        scopes["global"], scopes["device_min"], scopes["device_max"] = global_stats(stats, info)
+    return scopes
+
+
 def global_stats(
     local: dict[str, UseStats], info: Dist
 ) -> tuple[dict[str, UseStats], dict[str, UseStats], dict[str, UseStats]]:
@@ -114,17 +130,19 @@ def global_stats(
     the global batch are means of the per-device means.
     """
     glob, lo, hi = {}, {}, {}
+    where = collective_device()
     for name, s in local.items():
-        used = s.batch_used.to(torch.uint8)
+        home = s.batch_used.device  # results come back where the caller's statistics live
+        used = s.batch_used.to(where, torch.uint8)
         dist.all_reduce(used, op=dist.ReduceOp.MAX)  # logical OR of the per-device used masks
         scalars = torch.stack(
             [s.per_token, s.per_sequence, s.per_batch, *s.percentiles.values()]
-        ).double()
+        ).to(where, torch.float64)
         gathered = [torch.empty_like(scalars) for _ in range(info.world_size)]
         dist.all_gather(gathered, scalars)
-        every = torch.stack(gathered)  # (world, metrics)
+        every = torch.stack(gathered).to(home)  # (world, metrics)
         mean, mins, maxs = every.mean(0), every.min(0).values, every.max(0).values
-        union = used.bool()
+        union = used.to(home).bool()
         glob[name] = _stats_from(s, mean, union, per_batch=union.sum().double())
         lo[name] = _stats_from(s, mins, s.batch_used)
         hi[name] = _stats_from(s, maxs, s.batch_used)
