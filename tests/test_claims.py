@@ -26,6 +26,7 @@ from sparsetrace.claims.stats import (
     welch,
     window_estimate,
 )
+from sparsetrace.sparsing.laws import fit_bottleneck, two_segment
 
 E = Estimate
 Case = Callable[[], Verdict]
@@ -68,6 +69,18 @@ def _collapse(shift: float, dead_shift: float = 0.0, spread: float = 0.005) -> V
     control, dead = _seeds(4.5, spread), _seeds(4.5 + dead_shift, spread)
     random = _seeds(4.5 + shift, spread)
     return r.collapse(welch(random, control), welch(random, dead), 5, 5)
+
+
+WIDTH_DEPTH = np.array([2.9, 6.7, 13.3, 24.0, 51.2, 106.7, 192.0, 544.0])  # the cpu arms' ratios
+
+
+def _bottleneck(below: float, above: float, half: float, arms: int = 8) -> Verdict:
+    """Limit A0 over the width-depth ratio: a two-segment line breaking at 114 (the paper's
+    bottleneck), each arm's limit known to ± ``half``."""
+    ratios = WIDTH_DEPTH[:arms]
+    limits = two_segment(ratios, 0.1, below, above, 114.0)
+    fit = fit_bottleneck(ratios, limits, np.stack([limits - half, limits + half], axis=1))
+    return r.bottleneck(fit, arms)
 
 
 # rule key -> {outcome: case}. A rule replaced by "always holds" fails its FAILS case.
@@ -188,6 +201,11 @@ CASES: dict[str, dict[str, Case]] = {
             {"b": [(6, E(70)), (10, E(75)), (14, E(72)), (18, E(73))]}, True
         ),
     },
+    "width_depth_bottleneck": {
+        HOLDS: lambda: _bottleneck(1e-3, 0.0, half=0.005),  # rises, then flat past 114
+        FAILS: lambda: _bottleneck(-2e-4, -2e-4, half=0.005),  # falls throughout
+        INCONCLUSIVE: lambda: _bottleneck(3e-4, 3e-4, half=0.005),  # a straight rise, no break
+    },
     "sparsing_direction": {
         HOLDS: lambda: Verdict(r.direction(-0.01, 0.3, 0.2, "falls"), "x"),
         FAILS: lambda: Verdict(r.direction(0.01, 0.2, 0.3, "falls"), "x"),
@@ -246,6 +264,16 @@ def test_missing_data_gives_na_or_inconclusive() -> None:
     assert r.every_arm(_verdicts(("a", NA))).outcome == NA
     assert r.order_with({"a": [(1, E(1)), (2, E(2))]}, True).outcome == NA
     assert RULES["never_used"].no_data().outcome == NO_DATA
+    assert r.bottleneck(None, 3).outcome == NA
+
+
+def test_bottleneck_undecided_says_what_would_decide() -> None:
+    wide = _bottleneck(1e-3, 0.0, half=0.2)  # rise then flat, limits known to ± 0.2 only
+    assert wide.outcome == INCONCLUSIVE and "more arms" in wide.decide
+    short = _bottleneck(1e-3, 0.0, half=0.005, arms=5)  # the arms stop at ratio 51
+    assert short.outcome == INCONCLUSIVE and "past the bottleneck" in short.decide
+    shown = _bottleneck(1e-3, 0.0, half=0.005)
+    assert "bottleneck r* = 11" in shown.evidence and "1000 bootstrap draws" in shown.evidence
 
 
 def test_inconclusive_equivalence_says_how_many_seeds() -> None:

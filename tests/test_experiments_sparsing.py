@@ -56,18 +56,23 @@ def test_non_embedding_params_by_hand() -> None:
 
 
 def test_shape_for_ratio_keeps_the_budget() -> None:
-    base = load_config("cpu").model  # head dimension 32, budget 3,558,400
+    base = load_config("cpu").model  # head dimension 32, no biases, RMSNorm
     budget = width_depth.non_embedding_params(base)
-    # d_model = (3,558,400 * 50 / 11.5) ** (1/3) = 249 -> 256 (8 heads), d_ff 640;
-    # a block: 4*256^2 + 4*256 + 256*1280 + 1280 + 640*256 + 256 + 4*256 = 757,248 -> 4.70 -> 5
+    assert budget == 6 * (4 * 128**2 + 2 * 128 * 2048 + 2 * 128) + 128 == 3_540_608
+    # d_model = (3,540,608 * 50 / 11.5) ** (1/3) = 249 -> 256 (8 heads), d_ff 640;
+    # a block: 4*256^2 + 256*1280 + 640*256 + 2*256 = 754,176 -> 4.69 -> 5 layers
     shape = width_depth.shape_for_ratio(base, budget, 50, "swiglu")
     assert shape == width_depth.Shape(d_model=256, n_layers=5, n_heads=8, d_ff=640)
     assert shape.ratio == 51.2
-    # ratio 8: d_model 135 -> 128, block 190,464 (4*128^2 + 512 + 128*640 + 640 + 320*128 + 128
-    # + 512) -> 18.68 -> 19 layers
+    # ratio 8: d_model 135 -> 128, block 188,672 (4*128^2 + 128*640 + 320*128 + 2*128)
+    # -> 18.77 -> 19 layers
     assert width_depth.shape_for_ratio(base, budget, 8, "swiglu") == width_depth.Shape(
         128, 19, 4, 320
     )
+    # one layer is the widest the budget holds: sqrt(3,540,608 / 11.5) = 555 -> 544 x 1
+    widest = width_depth.Shape(544, 1, 17, 1360)
+    assert width_depth.shape_for_ratio(base, budget, 512, "reglu") == widest
+    assert width_depth.shape_for_ratio(base, budget, 5000, "reglu") == widest
     with pytest.raises(UserError, match="positive"):
         width_depth.parse_ratios("4,-1")
 
@@ -140,12 +145,28 @@ def test_width_depth_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert list(table["width-depth ratio"]) == [2.0, 16.0]
     assert list(table["d_ff"]) == [40, 80] and list(table["n_heads"]) == [1, 2]
     assert np.all(np.abs(table["parameters"] - 25_472) < 0.2 * 25_472)
-    assert table["activation ratio"].between(0, 1).all()
+    assert table["final activation ratio"].between(0, 1).all()
+    # every arm over training: CHECKPOINTS checkpoints, the silu law's limit at or above the
+    # curve (its bound), a limit loss below the final training loss
+    assert (table["checkpoints"] == activations.CHECKPOINTS).all()
+    for arm in table.index:
+        assert len(list((tmp_path / arm / "checkpoints").iterdir())) == activations.CHECKPOINTS
+    assert (table["A0 low"] <= table["limit A0"]).all()
+    assert (table["limit A0"] <= table["A0 high"]).all()
+    assert (table["limit A0"] >= table["final activation ratio"] - 1e-9).all()
+    assert (table["L_inf low"] <= table["limit loss"]).all()
+    assert (table["limit loss"] <= table["L_inf high"]).all() and (table["L_inf low"] >= 0).all()
+    assert (table["limit loss"] <= table["train loss (last 5 %)"]).all()
     assert (index.parent / "figures" / "width_depth.png").is_file()
-    assert len(list((tmp_path / "d_model=16+n_layers=8" / "checkpoints").iterdir())) == 1
+    text = (index.parent / "report.md").read_text()
+    assert "Sparsing Law on these arms: n/a" in text and "needs at least 4" in text
+    assert "no middle range to compare" in text  # two arms
     monkeypatch.setattr(runs, "train", _no_call)
     monkeypatch.setattr(activations, "sparsing_law", _no_call)
     assert width_depth.run_width_depth_experiment(*args) == index
     with pytest.raises(UserError, match="gated"):
         width_depth.run_width_depth_experiment("tiny", "4", "relu", 1.0, TOKENS, False,
+                                               tmp_path, SHORT)  # fmt: skip
+    with pytest.raises(UserError, match="--ratios"):
+        width_depth.run_width_depth_experiment("tiny", "4,wide", "reglu", 1.0, TOKENS, False,
                                                tmp_path, SHORT)  # fmt: skip

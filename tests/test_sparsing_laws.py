@@ -1,5 +1,6 @@
 """Sparsing Law fits: parameters and curves recovered from noisy synthetic data (deterministic),
-and the ``fit-law`` verb's inputs, outputs and errors."""
+and the ``fit-law`` verb's inputs, outputs and errors; the training-loss law (limit loss) and
+the width-depth bottleneck (two-segment line across arms) on synthetic data."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from scipy.optimize import curve_fit
 
 from sparsetrace.errors import UserError
 from sparsetrace.sparsing import verbs
-from sparsetrace.sparsing.laws import fit_law, relu_law, silu_law
+from sparsetrace.sparsing.laws import (
+    fit_bottleneck,
+    fit_law,
+    fit_loss_law,
+    loss_law,
+    relu_law,
+    silu_law,
+    two_segment,
+)
 
 D = np.linspace(0.8, 400.0, 40)  # billions of tokens, like the paper's runs
 NOISE = 1e-4
@@ -227,3 +236,75 @@ def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
     assert fit.a0_interval[1] <= ratio.min() + 1e-12
     well = fit_law(*_curve("relu_0.8B"), "relu")
     assert not well.limit_on_bound
+
+
+# --------------------------------------------------------------------------------------------------
+# The training-loss law L(D) = L_inf + B * D**(-beta): per-step losses after warm-up
+
+
+def _losses(steps: np.ndarray, l_inf: float, b: float, beta: float, noise: float, seed: int):
+    tokens = steps * 2048.0  # the cpu preset's tokens per step
+    truth = loss_law(tokens / 1e9, l_inf, b, beta)
+    return tokens, truth, truth + np.random.default_rng(seed).normal(0.0, noise, truth.shape)
+
+
+def test_loss_law_recovered() -> None:
+    # 900 steps after warm-up: the loss falls from 4.2 to 3.7, per-step noise 0.02
+    tokens, truth, loss = _losses(np.arange(100, 1000), 3.5, 0.01, 0.5, 0.02, 4)
+    fit = fit_loss_law(tokens, loss)
+    assert fit.limit == pytest.approx(3.5, abs=0.05)
+    assert fit.params["beta"] == pytest.approx(0.5, rel=0.1)
+    assert fit.params["B"] == pytest.approx(0.01, rel=0.5)  # B = excess * D0**beta: trades off
+    assert fit.interval[0] <= 3.5 <= fit.interval[1] and fit.se["L_inf"] > 0
+    p = fit.params
+    assert np.abs(loss_law(tokens / 1e9, p["L_inf"], p["B"], p["beta"]) - truth).max() < 0.01
+    assert not fit.limit_on_bound
+    assert fit_loss_law(tokens, loss) == fit  # deterministic
+
+
+def test_loss_law_still_falling_steeply_has_its_limit_below_the_last_loss() -> None:
+    # 200 steps of a steep fall, 8.0 -> 4.9 nats, still 0.2 per 40 steps at the end
+    tokens, truth, loss = _losses(np.arange(50, 250), 3.0, 0.02, 0.6, 0.01, 5)
+    fit = fit_loss_law(tokens, loss)
+    assert fit.interval[1] < truth[-1] - 0.5  # well below the last value, not on the data
+    assert fit.interval[0] <= 3.0 <= fit.interval[1]
+    flat = fit_loss_law(tokens, 4.0 + np.random.default_rng(6).normal(0.0, 0.01, len(tokens)))
+    assert flat.limit_on_bound and flat.limit == pytest.approx(flat.bounds[1])  # = lowest loss
+    with pytest.raises(ValueError, match=">= 0"):
+        fit_loss_law(tokens, -loss)
+    with pytest.raises(ValueError, match="at least 5"):
+        fit_loss_law(tokens[:4], loss[:4])
+
+
+# --------------------------------------------------------------------------------------------------
+# The width-depth bottleneck: the continuous two-segment line across arms
+
+RATIOS = np.array([2.9, 6.7, 13.3, 24.0, 51.2, 106.7, 192.0, 544.0])  # the cpu default arms
+
+
+def test_bottleneck_recovered_from_a_rise_that_stops() -> None:
+    limits = two_segment(RATIOS, 0.05, 1e-3, 0.0, 114.0)
+    intervals = np.stack([limits - 0.002, limits + 0.002], axis=1)
+    fit = fit_bottleneck(RATIOS, limits, intervals)
+    assert fit.r_star == pytest.approx(114.0, abs=2.0)  # the grid: 50 points from 106.7 to 192
+    assert fit.below == pytest.approx(1e-3, rel=0.02) and fit.above == pytest.approx(0, abs=1e-5)
+    low, high = fit.intervals["r_star"]
+    assert low <= fit.r_star <= high and high - low < 40
+    assert fit.intervals["difference"][1] < 0 < fit.intervals["below"][0]
+    assert np.abs(fit.curve(RATIOS) - limits).max() < 1e-3
+    assert fit_bottleneck(RATIOS, limits, intervals) == fit  # fixed seed
+    exact = fit_bottleneck(RATIOS, limits, np.stack([limits, limits], axis=1))  # no width
+    assert exact.intervals["below"] == (pytest.approx(exact.below),) * 2
+    with pytest.raises(ValueError, match="3 distinct"):
+        fit_bottleneck([4.0, 4.0, 8.0], [0.1, 0.1, 0.2], [(0.1, 0.1)] * 3)
+
+
+def test_bottleneck_draws_stay_within_each_interval() -> None:
+    # Every limit exact but the widest arm's, which sits on its upper bound (one-sided interval):
+    # its draws only go down, so the straight slope's draws never exceed the fitted one.
+    limits = two_segment(RATIOS, 0.05, 1e-3, 0.0, 114.0)
+    intervals = np.stack([limits, limits], axis=1)
+    intervals[-1, 0] -= 0.01
+    fit = fit_bottleneck(RATIOS, limits, intervals)
+    low, high = fit.intervals["linear"]
+    assert low < fit.linear and high == pytest.approx(fit.linear, abs=1e-15)

@@ -29,6 +29,7 @@ from sparsetrace.claims.stats import (
     tost_p,
 )
 from sparsetrace.claims.verdict import FAILS, HOLDS, INCONCLUSIVE, NA, Rule, Verdict
+from sparsetrace.sparsing.laws import Bottleneck
 
 # ---------------------------------------------------------------------------------------------
 # Thresholds. The reason for each is in its rule's text below and in docs/verdicts.md.
@@ -49,6 +50,7 @@ SUBSTANTIAL_LOSS = EQUIV_LOSS  # nats: "substantially worse" = worse beyond the 
 SIMILAR_POINTS = 10.0  # percentage points: "a similar per-layer fraction"
 PRUNE_STEPS = 10  # pruned vs dead-masked: compared over the first steps after K...
 PRUNE_TOLERANCE = 1e-4  # ...within this many nats
+BOTTLENECK_ARMS = 4  # the two-segment line has 4 parameters (intercept, two slopes, r*)
 
 _WINDOW = (
     f"end of training = mean ± standard error over the measurements in the last "
@@ -343,6 +345,27 @@ RULES: dict[str, Rule] = {
             "every run; does not hold if both move the other way in any run; inconclusive "
             "otherwise",
             "Two independent summaries of one curve must agree before a direction is claimed.",
+        ),
+        _rule(
+            "width_depth_bottleneck",
+            "the activation ratio linearly increases with the width-depth ratio below a certain "
+            "bottleneck point (Sparsing Law, Luo et al.)",
+            "Sparsing Law, abstract (width-depth experiment)",
+            "across arms of one non-embedding parameter budget, each arm's limit A0 (its Sparsing "
+            "Law fitted over its checkpoints) against its width-depth ratio r = d_model / "
+            "n_layers: the continuous two-segment line a + b1·min(r, r*) + b2·max(r − r*, 0), r* "
+            "by least squares on a grid between the arms' ratios (at least 2 arms at or below "
+            "r*, 1 above), and one straight line through all arms; 95 % intervals from a "
+            "parametric bootstrap (1000 draws, fixed seed) of each arm's A0 within its interval",
+            "holds if b1 > 0 beyond its interval and b2 − b1 < 0 beyond its interval; does not "
+            "hold if b1 or the straight line's slope is < 0 beyond its interval; inconclusive "
+            f"otherwise; n/a with fewer than {BOTTLENECK_ARMS} arms with a fitted limit",
+            "The claim has two parts, a rise and its end, and each must clear its own "
+            "uncertainty. 'Stops' is read as 'rises less than before' (b2 < b1): a slope of "
+            "exactly 0 cannot be shown by any finite interval. Four parameters need at least "
+            "four arms. The bootstrap carries each arm's fit uncertainty (its A0 interval), not "
+            "the seed-to-seed spread of shapes: with one seed per shape, a decided verdict still "
+            "rests on one training run per point.",
         ),
     ]
 }
@@ -680,6 +703,37 @@ def direction(slope: float, first: float, last: float, expected: str) -> str:
     if sign * slope < 0 and sign * (last - first) < 0:
         return FAILS
     return INCONCLUSIVE
+
+
+def bottleneck(fit: Bottleneck | None, arms: int) -> Verdict:
+    """Does the limit A0 rise with the width-depth ratio up to r* and rise less beyond it?
+    ``fit``: the two-segment line through the ``arms`` arms that have a fitted limit and its
+    interval (None when there are too few)."""
+    if fit is None or arms < BOTTLENECK_ARMS:
+        return Verdict(NA, f"{arms} arm(s) with a fitted limit A0; the two-segment line needs at "
+                       f"least {BOTTLENECK_ARMS}",
+                       "more arms (--ratios), each with at least 5 checkpoints")  # fmt: skip
+    iv = fit.intervals
+
+    def slope(name: str, value: float) -> str:
+        return f"{name} {value:+.3g} [{iv[name][0]:+.3g}, {iv[name][1]:+.3g}]"
+
+    evidence = (
+        f"bottleneck r* = {fit.r_star:.4g} [{iv['r_star'][0]:.4g}, {iv['r_star'][1]:.4g}]; "
+        f"slopes of A0 per unit of ratio: {slope('below', fit.below)}, "
+        f"{slope('above', fit.above)}, {slope('difference', fit.above - fit.below)} (above − "
+        f"below), {slope('linear', fit.linear)} (one straight line); {LEVEL:.0%} intervals "
+        f"over {fit.draws} bootstrap draws of the {arms} arms' limits"
+    )
+    if iv["below"][1] < 0 or iv["linear"][1] < 0:
+        return Verdict(FAILS, evidence)
+    if iv["below"][0] > 0 and iv["difference"][1] < 0:
+        return Verdict(HOLDS, evidence)
+    if iv["below"][0] > 0 or iv["linear"][0] > 0:  # a rise is shown, its end is not
+        decide = "arms past the bottleneck (larger --ratios), or narrower limits (more checkpoints)"
+    else:
+        decide = "more arms, or narrower limits (more checkpoints or seeds)"
+    return Verdict(INCONCLUSIVE, evidence, decide)
 
 
 def rules_markdown() -> str:

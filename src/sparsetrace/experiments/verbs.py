@@ -139,15 +139,23 @@ def experiment_width_depth(
     out: Path | None = None,
     overrides: list[str] | None = None,
 ) -> None:
-    """Sparsing Law: activation ratio vs width-depth ratio at the preset's parameter budget.
+    """Sparsing Law: limit activation ratio vs width-depth ratio at one parameter budget.
+
+    One arm per distinct shape (d_ff = 2.5 d_model, layers filling the preset's non-embedding
+    budget), each trained with 8 checkpoints, measured at PPL-p% on all of them and fitted with
+    its activation's Sparsing Law. The report: per arm the final and the limit activation ratio
+    (A0, 95 % interval), final and limit loss (L_inf of the training loss); the two-segment line
+    of A0 over the ratio with its bottleneck r* (bootstrap interval) and the verdict of rule
+    width_depth_bottleneck; where the limit loss is lowest.
 
     Args:
         preset: preset name or YAML file (plus --section.key value overrides)
-        ratios: comma-separated target d_model / n_layers ratios (default 4,8,16,32,64)
+        ratios: target d_model / n_layers ratios, comma-separated; empty = 3,6,12,24,48,96,192,512
+            (cpu: 96x33 to 544x1, 8 arms; --quick: 48x12 to 176x1, 6 arms)
         activation: gated MLP activation (the paper's width-depth study: gated ReLU, reglu;
             swiglu or geglu as options); d_ff = 2.5 d_model
         p: PPL-p% sparsity: the perplexity increase allowed, in percent (paper: 1)
-        tokens: validation tokens the final checkpoint is measured on
+        tokens: validation tokens each checkpoint is measured on
         quick: a small byte-level model, 300 steps (minutes on a CPU)
         out: experiment directory (default: OUT_DIR/width-depth-PRESET[-quick])
     """

@@ -3,8 +3,9 @@
 Sparsing Law (Luo et al., arXiv 2411.02335): with PPL-p% sparsity, ReLU's activation ratio falls
 over training (a logspace power law) while SiLU's rises and converges (a power law); at a fixed
 parameter count the activation ratio rises with the width-depth ratio ``d_model / n_layers`` up to
-a bottleneck. The finding on ReLU vs SiLU is checked on the runs themselves (:func:`trend`,
-:func:`check_finding`); the pages render with the run report's document model and figure style.
+a bottleneck. Both findings are checked on the runs themselves (:func:`trend`,
+:func:`check_finding`; :func:`width_depth_bottleneck`); the pages render with the run report's
+document model and figure style.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from pathlib import Path
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 
 from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE, NA, RULES, Verdict
-from sparsetrace.claims.rules import direction
+from sparsetrace.claims.rules import BOTTLENECK_ARMS, bottleneck, direction
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import figures
 from sparsetrace.report.document import Section, Table, Text
-from sparsetrace.sparsing.laws import TOKENS_PER_UNIT, LawFit
+from sparsetrace.sparsing.laws import TOKENS_PER_UNIT, Bottleneck, LawFit, fit_bottleneck
 
 EXPECTED = {"relu": "falls", "silu": "rises"}  # Sparsing Law: direction over training, by form
 RATIO_LABEL = "activation ratio (PPL-p%)"
@@ -201,53 +203,157 @@ def write_activations_report(out: Path, curves: list[Curve], p: float) -> Path:
     )  # fmt: skip
 
 
-def width_depth_figure(frame: pd.DataFrame) -> MplFigure | None:
-    """Activation ratio at the final checkpoint against the width-depth ratio."""
+RATIO = "width-depth ratio"
+LIMIT = ["limit A0", "A0 low", "A0 high"]
+
+
+def width_depth_bottleneck(frame: pd.DataFrame) -> tuple[Bottleneck | None, Verdict]:
+    """The two-segment line of the limit A0 over the width-depth ratio through the arms that
+    have a limit and its interval, and the rule's verdict (``width_depth_bottleneck``)."""
+    arms = frame[[RATIO, *LIMIT]].astype(float)
+    arms = arms[np.isfinite(arms).all(axis=1)]
+    fit = None
+    if len(arms) >= BOTTLENECK_ARMS:
+        fit = fit_bottleneck(arms[RATIO], arms["limit A0"], arms[["A0 low", "A0 high"]])
+    return fit, bottleneck(fit, len(arms))
+
+
+def lowest_limit_loss(frame: pd.DataFrame) -> str:
+    """Where the limit loss is lowest among the arms whose curve determines it (not on its
+    bound): at an intermediate ratio or at an end of the range (the paper: lowest in a middle
+    range). The arg-min only, not tested against the intervals."""
+    arms = frame.sort_values(RATIO)
+    known = arms.loc[~arms["L_inf on bound"].astype(bool), "limit loss"].astype(float).dropna()
+    if len(known) < 3:
+        return (f"{len(known)} arm(s) with a limit loss the curve determines (not on its bound): "
+                "no middle range to compare.")  # fmt: skip
+    best = known.idxmin()
+    row, rank = arms.loc[best], list(known.index).index(best)
+    if 0 < rank < len(known) - 1:
+        where = "an intermediate ratio (arms on both sides reach a higher limit loss)"
+    else:
+        where = "the deepest, narrowest arm" if rank == 0 else "the widest, shallowest arm"
+    return (
+        f"Of the {len(known)} arms whose limit loss is determined, it is lowest at width-depth "
+        f"ratio {row[RATIO]:.3g} ({best}: L_inf = {row['limit loss']:.4f}, 95 % interval "
+        f"{row['L_inf low']:.4f}–{row['L_inf high']:.4f}): {where}. The paper finds the lowest "
+        "limit loss in a middle range of ratios; this is the arm with the lowest estimate, not a "
+        "test against the intervals."
+    )
+
+
+def _limits(ax: Axes, r: np.ndarray, rows: pd.DataFrame, columns: list[str], label: str) -> None:
+    """Limits with their 95 % intervals as error bars: black where the curve determines them,
+    grey where they sit on their bound (``columns``: value, low, high, on bound)."""
+    value, low, high = (rows[c].to_numpy(float) for c in columns[:3])
+    bound = rows[columns[3]].to_numpy(bool)
+    for keep, color, text in ((~bound, "black", label), (bound, "0.6", "on its bound")):
+        if keep.any():
+            ax.errorbar(r[keep], value[keep], yerr=[value[keep] - low[keep],
+                        high[keep] - value[keep]], fmt="o", color=color, capsize=3,
+                        label=text)  # fmt: skip
+
+
+def width_depth_figure(frame: pd.DataFrame, fit: Bottleneck | None) -> MplFigure | None:
+    """Top: the limit A0 (bars: its 95 % interval; grey: on its bound) and the final activation
+    ratio (hollow) against the width-depth ratio (log axis), with the fitted two-segment line
+    and r* (band: its bootstrap interval). Bottom: the limit loss (bars: its 95 % interval) and
+    the final training loss (hollow)."""
     if frame.empty:
         return None
+    rows = frame.sort_values(RATIO)
+    r = rows[RATIO].to_numpy(float)
     with figures.style():
-        fig = MplFigure(figsize=figures.SINGLE, dpi=figures.DPI, layout="constrained")
-        ax = fig.add_subplot()
-        rows = frame.sort_values("width-depth ratio")
-        ax.plot(rows["width-depth ratio"], rows["activation ratio"], marker="o", color="black")
-        for _, row in rows.iterrows():
-            ax.annotate(f"{row['d_model']:.0f}×{row['n_layers']:.0f}",
-                        (row["width-depth ratio"], row["activation ratio"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
-        ax.set_xlabel("width-depth ratio (d_model / n_layers)")
-        ax.set_ylabel(RATIO_LABEL)
+        fig = MplFigure(figsize=(figures.SINGLE[0], 6.5), dpi=figures.DPI, layout="constrained")
+        ratio_ax, loss_ax = fig.subplots(2, 1, sharex=True)
+        _limits(ratio_ax, r, rows, [*LIMIT, "A0 on bound"], "limit A0 (95 % interval)")
+        ratio_ax.plot(r, rows["final activation ratio"], "o", mfc="none", color="tab:blue",
+                      label="final checkpoint")  # fmt: skip
+        for x, y, d, n in zip(r, rows["final activation ratio"], rows["d_model"],
+                              rows["n_layers"], strict=True):  # fmt: skip
+            ratio_ax.annotate(f"{d:.0f}×{n:.0f}", (x, y), textcoords="offset points",
+                              xytext=(4, 4), fontsize=8)  # fmt: skip
+        if fit is not None:
+            grid = np.geomspace(r.min(), r.max(), 200)
+            ratio_ax.plot(grid, fit.curve(grid), "--", color="tab:red",
+                          label="two-segment fit")  # fmt: skip
+            ratio_ax.axvline(fit.r_star, color="tab:red", lw=1)
+            ratio_ax.axvspan(*fit.intervals["r_star"], color="tab:red", alpha=0.12,
+                             label=f"r* = {fit.r_star:.3g} (95 % interval)")  # fmt: skip
+        ratio_ax.set_ylabel(RATIO_LABEL)
+        ratio_ax.legend(loc="best", fontsize=8)
+        _limits(loss_ax, r, rows, ["limit loss", "L_inf low", "L_inf high", "L_inf on bound"],
+                "limit loss L_inf (95 % interval)")  # fmt: skip
+        loss_ax.plot(r, rows["train loss (last 5 %)"], "o", mfc="none", color="tab:blue",
+                     label="training loss, last 5 % of steps")  # fmt: skip
+        loss_ax.set_xscale("log")
+        loss_ax.set_xlabel("width-depth ratio (d_model / n_layers)")
+        loss_ax.set_ylabel("training loss (nats)")
+        loss_ax.legend(loc="best", fontsize=8)
     return fig
 
 
-def write_width_depth_report(out: Path, frame: pd.DataFrame, budget: int, p: float) -> Path:
-    """Activation ratio vs width-depth ratio at a fixed parameter budget: plot and table
-    (``frame``: one row per arm with d_model, n_layers, n_heads, d_ff, parameters,
-    width-depth ratio, activation ratio, val loss); returns index.html."""
+def write_width_depth_report(
+    out: Path, frame: pd.DataFrame, budget: int, p: float, form: str
+) -> Path:
+    """The limit activation ratio vs the width-depth ratio at a fixed parameter budget: the
+    bottleneck rule's verdict, r*, where the limit loss is lowest, the figure and the table
+    (``frame``: one row per arm as :func:`sparsetrace.experiments.width_depth.arm_row` builds
+    it); returns index.html."""
     report = out / "report"
+    fit, verdict = width_depth_bottleneck(frame)
     table = Table(
-        "width_depth", "Activation ratio by width-depth ratio",
+        "width_depth", "Arms: shape, activation ratio and loss, final and limit",
         f"Gated MLP, d_ff = 2.5 d_model, head dimension fixed; layers chosen to keep the "
         f"non-embedding parameters near the budget of {budget:,}. Activation ratio at PPL-{p:g}% "
-        "at the final checkpoint (mean of layers).",
+        "(mean of layers; one CETT per arm, chosen on its last checkpoints) at the final "
+        f"checkpoint, and the limit A0 of the {form} law fitted over the checkpoints with its 95 % "
+        "interval ('on bound': the curve does not determine the limit). Limit loss: L_inf of "
+        "L(D) = L_inf + B·D^-beta fitted to the training loss per step after warm-up, with its "
+        "95 % interval (± 1.96 SE; 'on bound': at 0 or at the lowest observed loss).",
         frame,
         {"d_model": _whole, "n_layers": _whole, "n_heads": _whole, "d_ff": _whole,
-         "parameters": _whole, "width-depth ratio": lambda v: f"{v:.1f}",
-         "activation ratio": _four, "val loss": _four},
+         "parameters": _whole, RATIO: lambda v: f"{v:.1f}", "checkpoints": _whole,
+         "final activation ratio": _four, "limit A0": _four, "A0 low": _four, "A0 high": _four,
+         "A0 on bound": lambda v: "on bound" if v else "", "val loss": _four,
+         "train loss (last 5 %)": _four, "limit loss": _four, "L_inf low": _four,
+         "L_inf high": _four, "L_inf on bound": lambda v: "on bound" if v else ""},
     )  # fmt: skip
     figure = rx.figure_block(
-        report / "figures", "width_depth", "Activation ratio vs width-depth ratio",
-        "Each point one arm (d_model × n_layers) at the same parameter budget. The paper: the "
-        "activation ratio rises linearly with the width-depth ratio up to a bottleneck, then "
-        "stops.",
-        width_depth_figure(frame),
+        report / "figures", "width_depth", "Limit activation ratio and loss vs width-depth ratio",
+        "Each point one arm (d_model × n_layers) at the same parameter budget; log axis (the "
+        "fitted line is linear in the ratio). Top: limit A0 with its 95 % interval, final "
+        "checkpoint hollow, the two-segment fit and the bottleneck r* with its bootstrap "
+        "interval; grey: a limit on its bound. Bottom: limit loss and final training loss. The "
+        "paper: the activation ratio rises linearly with the width-depth ratio up to a "
+        "bottleneck, then stops; the limit loss is lowest in a middle range.",
+        width_depth_figure(frame, fit),
     )  # fmt: skip
+    where = "No bottleneck fitted (too few arms with a limit)."
+    if fit:
+        low, high = fit.intervals["r_star"]
+        where = (f"Bottleneck r* = {fit.r_star:.4g} (95 % bootstrap interval {low:.4g}–{high:.4g}) "
+                 f"from {fit.points} arms.")  # fmt: skip
+    blocks = [
+        Text(f"Sparsing Law on these arms: {verdict.outcome} (rule: "
+             f"{RULES['width_depth_bottleneck'].line}).", "note"),
+        Text(str(verdict)), Text(where), Text(lowest_limit_loss(frame)),
+    ]  # fmt: skip
+    for column, what in (("A0 on bound", "limit A0"), ("L_inf on bound", "limit loss")):
+        arms = [str(a) for a, v in frame[column].items() if v]
+        if arms:
+            blocks.append(Text(f"The {what} sits on its bound in {', '.join(arms)}: the curve "
+                               "does not determine it; its interval is one-sided.",
+                               "warning"))  # fmt: skip
     sections = [
-        Section("figure", "Activation ratio vs width-depth ratio", [figure]),
+        Section("finding", "Finding: the limit activation ratio rises up to a bottleneck", blocks),
+        Section("figure", "Limit activation ratio and loss vs width-depth ratio", [figure]),
         Section("table", "Arms", [table]),
     ]
     return rx.write_document(
-        report, "Sparsing Law: activation ratio by width-depth ratio",
-        f"{len(frame)} arms at {budget:,} non-embedding parameters; PPL-{p:g}% sparsity",
+        report, "Sparsing Law: limit activation ratio by width-depth ratio",
+        f"{len(frame)} arms at {budget:,} non-embedding parameters; PPL-{p:g}% sparsity; "
+        f"{form} law over each arm's checkpoints",
         sections,
     )  # fmt: skip
 

@@ -24,6 +24,12 @@ the best few are refined with scipy ``curve_fit`` (trust-region reflective, boun
 lowest MSE wins. Uncertainty: standard errors from the fit's covariance (A0's 95 % interval is
 A0 ± 1.96 SE, cut at the physical bound; a fit that sits on the bound says so), or on request a
 residual bootstrap (deterministic seed; ~0.1-0.5 s per resample here). Deterministic throughout.
+
+Two more laws serve the width-depth experiment (Sparsing Law: at a fixed parameter count the
+limit activation ratio rises linearly with the width-depth ratio up to a bottleneck, then stops):
+the training loss over tokens, ``L(D) = L_inf + B * D**(-beta)`` (:func:`fit_loss_law`, the limit
+loss L_inf bounded like A0: 0 <= L_inf <= the lowest observed loss), and the two-segment line of
+the limit A0 across arms (:func:`fit_bottleneck`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +54,7 @@ TOKENS_PER_UNIT = 1e9  # D is in billions of tokens
 BOOTSTRAP_EVALS = 400  # a bootstrap refit starts at the fit itself: few evaluations suffice
 _ALPHAS = np.geomspace(0.02, 4.0, 40)
 _REFINED = 6  # best grid starts refined by curve_fit
+_Z95 = 1.96  # two-sided 95 % normal quantile
 
 Array = np.ndarray
 
@@ -94,8 +102,7 @@ class LawFit:
         not determine the limit, only that it lies at or beyond the data."""
         if self.a0_bounds is None or self.limit is None:
             return False
-        scale = max(abs(b) for b in self.a0_bounds if np.isfinite(b))
-        return any(abs(self.limit - b) <= 1e-3 * scale for b in self.a0_bounds if np.isfinite(b))
+        return _on_bound(self.limit, self.a0_bounds)
 
     @property
     def limit(self) -> float | None:
@@ -127,6 +134,13 @@ class LawFit:
                         "A0_interval": interval, "A0_on_bound": self.limit_on_bound,
                         "baselines": baselines})  # fmt: skip
         return out
+
+
+def _on_bound(value: float, bounds: tuple[float, float]) -> bool:
+    """``value`` within 0.1 % (of the larger finite bound) of either finite bound."""
+    finite = [b for b in bounds if np.isfinite(b)]
+    scale = max(abs(b) for b in finite)
+    return any(abs(value - b) <= 1e-3 * scale for b in finite)
 
 
 @dataclass(frozen=True)
@@ -271,7 +285,7 @@ def _covariance_interval(name: str, d: Array, y: Array, fit: LawFit) -> tuple[fl
     lower, upper = _FORMS[name].bounds(d, y)
     i = _FORMS[name].names.index("A0")
     a0, se = float(fit.params["A0"]), fit.se.get("A0", float("nan"))
-    return max(a0 - 1.96 * se, lower[i]), min(a0 + 1.96 * se, upper[i])
+    return max(a0 - _Z95 * se, lower[i]), min(a0 + _Z95 * se, upper[i])
 
 
 def _bootstrap_interval(
@@ -293,15 +307,20 @@ def _bootstrap_interval(
     return float(np.percentile(a0s, 2.5)), float(np.percentile(a0s, 97.5))
 
 
-def _check(d: Array, y: Array) -> None:
+def _check_points(d: Array, y: Array, what: str) -> None:
+    """1-D of one length, enough points, finite, tokens positive and increasing."""
     if d.shape != y.shape or d.ndim != 1:
-        raise ValueError(f"tokens and ratio must be 1-D of one length; got {d.shape}, {y.shape}")
+        raise ValueError(f"tokens and {what} must be 1-D of one length; got {d.shape}, {y.shape}")
     if len(d) < MIN_POINTS:
         raise ValueError(f"need at least {MIN_POINTS} points to fit, got {len(d)}")
     if not (np.isfinite(d).all() and np.isfinite(y).all()) or (d <= 0).any():
-        raise ValueError("tokens must be positive numbers and ratios finite")
+        raise ValueError(f"tokens must be positive numbers and {what} finite")
     if (np.diff(d) <= 0).any():
-        raise ValueError("tokens must increase from one checkpoint to the next")
+        raise ValueError("tokens must increase from one point to the next")
+
+
+def _check(d: Array, y: Array) -> None:
+    _check_points(d, y, "ratios")
     if (y < 0).any() or (y > 1).any():
         raise ValueError("activation ratios must lie in [0, 1]")
 
@@ -411,3 +430,160 @@ def law_form(activation: str) -> str:
     if activation in SILU_LIKE:
         return "silu"
     raise UserError(f"no Sparsing Law form for activation {activation!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training loss over tokens: the limit loss
+
+LOSS_BETA_MAX = 4.0  # language-model loss decays as D**-beta with beta well below 1: 4 is loose
+
+
+def loss_law(d: Array, l_inf: float, b: float, beta: float) -> Array:
+    """Training loss over tokens: L(D) = L_inf + B * D**(-beta)."""
+    return l_inf + b * d ** (-beta)
+
+
+@dataclass(frozen=True)
+class LossFit:
+    """:func:`loss_law` fitted to a run's training loss (D in billions of tokens): parameters
+    L_inf, B, beta; standard errors of L_inf and beta; L_inf's 95 % interval (± 1.96 SE, cut at
+    its bounds) and the bounds."""
+
+    params: dict[str, float]
+    se: dict[str, float]
+    interval: tuple[float, float]
+    bounds: tuple[float, float]
+
+    @property
+    def limit(self) -> float:
+        """The loss the run converges to, L_inf."""
+        return self.params["L_inf"]
+
+    @property
+    def limit_on_bound(self) -> bool:
+        """L_inf sits on a bound (0, or the lowest observed loss: the curve looks flat)."""
+        return _on_bound(self.limit, self.bounds)
+
+
+def _loss_starts(x: Array, y: Array) -> list[tuple[float, ...]]:
+    """For each beta: y = L_inf + B * x**(-beta) is linear in (L_inf, B); L_inf held at its
+    nearest bound when the free solution leaves [0, min(y)]."""
+    starts = []
+    for beta in _ALPHAS[_ALPHAS <= LOSS_BETA_MAX]:
+        l_inf, b = _lstsq([np.ones_like(x), x ** (-beta)], y)
+        if not 0.0 <= l_inf <= y.min():
+            l_inf = min(max(l_inf, 0.0), float(y.min()))
+            (b,) = _lstsq([x ** (-beta)], y - l_inf)
+        starts.append((l_inf, max(b, 0.0), beta))
+    return starts
+
+
+_LOSS = _Form(
+    loss_law, ("L_inf", "B", "beta"),
+    lambda x, y: ([0.0, 0.0, 1e-6], [float(y.min()), _INF, LOSS_BETA_MAX]),
+    _loss_starts, lambda l_inf, b, beta: {"L_inf": l_inf, "B": b, "beta": beta},
+)  # fmt: skip
+
+
+def fit_loss_law(tokens: Array, loss: Array) -> LossFit:
+    """Fit :func:`loss_law` to training loss over tokens (counts, not billions), bounded like the
+    activation laws' limit: 0 <= L_inf <= the lowest observed loss (a run still learning ends
+    above its limit), B >= 0, 0 < beta <= LOSS_BETA_MAX. Grid over beta, linear solve, bounded
+    refinement (as :func:`fit_law`); L_inf's interval from the fit's covariance."""
+    d = np.asarray(tokens, dtype=np.float64) / TOKENS_PER_UNIT
+    y = np.asarray(loss, dtype=np.float64)
+    _check_points(d, y, "losses")
+    if (y < 0).any():
+        raise ValueError("losses must be >= 0")
+    # Fitted against D / D[0]: B is then the excess loss at the first point, of order 1 whatever
+    # beta (D in billions is ~1e-4 at the quick scale, where D**-beta would reach 1e16).
+    x = d / d[0]
+    (l_inf, b, beta), pcov = _best(_LOSS, x, y)
+    se = {}
+    if pcov is not None and np.isfinite(pcov).all():
+        se = {"L_inf": float(np.sqrt(max(pcov[0, 0], 0.0))),
+              "beta": float(np.sqrt(max(pcov[2, 2], 0.0)))}  # fmt: skip
+    bounds = (0.0, float(y.min()))
+    half = _Z95 * se.get("L_inf", np.nan)
+    interval = (max(l_inf - half, bounds[0]), min(l_inf + half, bounds[1]))
+    params = {"L_inf": l_inf, "B": float(b * d[0] ** beta), "beta": beta}
+    return LossFit(params, se, interval, bounds)
+
+
+# --------------------------------------------------------------------------------------------------
+# Width-depth ratio: the limit activation ratio rises linearly up to a bottleneck
+
+BOTTLENECK_DRAWS = 1000
+_GRID_PER_GAP = 50  # candidate bottlenecks between two neighbouring arms' ratios
+
+
+def two_segment(r: Array, a: float, below: float, above: float, r_star: float) -> Array:
+    """Continuous two-segment line: a + below * min(r, r*) + above * max(r - r*, 0)."""
+    return a + below * np.minimum(r, r_star) + above * np.maximum(r - r_star, 0.0)
+
+
+@dataclass(frozen=True)
+class Bottleneck:
+    """:func:`two_segment` fitted to (width-depth ratio, limit A0) across arms, the slope of one
+    straight line through them, and 95 % percentile intervals over a parametric bootstrap of the
+    arms' limits (``intervals``: r_star, below, above, difference = above - below, linear)."""
+
+    r_star: float
+    intercept: float
+    below: float
+    above: float
+    linear: float
+    intervals: dict[str, tuple[float, float]]
+    points: int
+    draws: int
+
+    def curve(self, r: Array) -> Array:
+        return two_segment(r, self.intercept, self.below, self.above, self.r_star)
+
+
+def _segments(r: Array, y: Array, grid: Array) -> tuple[Array, Array]:
+    """The least-squares two-segment line of each column of ``y`` (arms x columns): per column
+    the index of its best r* in ``grid`` and its (a, below, above)."""
+    sse, coefs = [], []
+    for r_star in grid:
+        x = np.stack([np.ones_like(r), np.minimum(r, r_star), np.maximum(r - r_star, 0.0)], 1)
+        coef = np.linalg.lstsq(x, y, rcond=None)[0]
+        sse.append(((x @ coef - y) ** 2).sum(axis=0))
+        coefs.append(coef)
+    best = np.argmin(np.stack(sse), axis=0)
+    return best, np.stack(coefs)[best, :, np.arange(y.shape[1])]
+
+
+def fit_bottleneck(
+    ratios: Array, limits: Array, intervals: Array, draws: int = BOTTLENECK_DRAWS, seed: int = 0
+) -> Bottleneck:
+    """The two-segment line through the arms' (width-depth ratio, limit A0), r* by least squares
+    over a grid of ``_GRID_PER_GAP`` points per gap between the arms' ratios from the second
+    smallest to the largest (at least 2 arms at or below r*, 1 above). ``intervals``: each
+    arm's 95 % interval of A0. Each bootstrap draw moves every limit by a normal deviate of SE =
+    half the interval's width / 1.96, clipped to the interval (a limit on its bound stays on its
+    side), and refits; the intervals are the draws' 2.5 and 97.5 percentiles (fixed seed)."""
+    r = np.asarray(ratios, dtype=np.float64)
+    y = np.asarray(limits, dtype=np.float64)
+    lo, hi = np.asarray(intervals, dtype=np.float64).reshape(-1, 2).T
+    if not r.shape == y.shape == lo.shape or r.ndim != 1:
+        raise ValueError("ratios, limits and intervals must be one per arm")
+    if not (np.isfinite(r).all() and np.isfinite(y).all() and np.isfinite(lo).all()
+            and np.isfinite(hi).all()) or (lo > hi).any():  # fmt: skip
+        raise ValueError("ratios, limits and intervals must be finite, intervals low <= high")
+    knots = np.unique(r)
+    if len(knots) < 3:
+        raise ValueError(f"need arms of at least 3 distinct ratios, got {len(knots)}")
+    grid = np.concatenate([np.linspace(a, b, _GRID_PER_GAP, endpoint=False)
+                           for a, b in pairwise(knots[1:])])  # fmt: skip
+    se = (hi - lo) / 2 / _Z95
+    noise = np.random.default_rng(seed).standard_normal((len(y), draws))
+    ys = np.column_stack([y, np.clip(y[:, None] + se[:, None] * noise, lo[:, None], hi[:, None])])
+    best, coef = _segments(r, ys, grid)
+    linear = np.linalg.lstsq(np.stack([np.ones_like(r), r], 1), ys, rcond=None)[0][1]
+    values = {"r_star": grid[best], "below": coef[:, 1], "above": coef[:, 2],
+              "difference": coef[:, 2] - coef[:, 1], "linear": linear}  # fmt: skip
+    spread = {k: (float(np.percentile(v[1:], 2.5)), float(np.percentile(v[1:], 97.5)))
+              for k, v in values.items()}  # fmt: skip
+    return Bottleneck(float(grid[best[0]]), float(coef[0, 0]), float(coef[0, 1]),
+                      float(coef[0, 2]), float(linear[0]), spread, len(r), draws)  # fmt: skip
