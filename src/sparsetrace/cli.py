@@ -132,10 +132,11 @@ def _verbs() -> list[Callable[..., Any]]:
         sweep,
     )
     from sparsetrace.sparsing.verbs import fit_law, sparsing_law
+    from sparsetrace.speed.verbs import speed
 
     return [
         run, train, report, metrics, experiment_mask, experiment_capacity, sweep, prune,
-        analyze, sparsing_law, fit_law, experiment_activations, experiment_width_depth,
+        analyze, sparsing_law, fit_law, experiment_activations, experiment_width_depth, speed,
     ]  # fmt: skip
 
 

@@ -94,6 +94,20 @@ class ModelConfig:
         return replace(self, vocab_size=vocab_size, seq_len=seq_len)
 
 
+class KVCache:
+    """Keys and values of the positions decoded so far, one (k, v) pair per block, each
+    (batch, heads, positions, head_dim): incremental decoding feeds only the new tokens."""
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions already in the cache (the next token's position)."""
+        first = self.layers[0]
+        return 0 if first is None else first[0].shape[2]
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -153,15 +167,25 @@ class Attention(nn.Module):
         x: torch.Tensor,
         bias: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if rope is not None:
             q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
-        if bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # relative bias already carries the causal -inf
+        past = cache.layers[layer] if cache is not None else None
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if cache is not None:
+            cache.layers[layer] = (k, v)
+        if bias is not None:  # relative bias already carries the causal -inf
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        elif past is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries sit after the cached keys: causal with that offset
+            causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal.tril(k.shape[2] - t))
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -177,9 +201,10 @@ class Block(nn.Module):
         self.ln_mlp, self.mlp = _norm(cfg), MLP(cfg, d_ff)
 
     def forward(
-        self, x: torch.Tensor, measure: bool, bias: torch.Tensor | None, rope: tuple | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.attn(self.ln_attn(x), bias, rope)
+        self, x: torch.Tensor, measure: bool, bias: torch.Tensor | None, rope: tuple | None,
+        cache: KVCache | None = None, layer: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        x = x + self.attn(self.ln_attn(x), bias, rope, cache, layer)
         out, counts = self.mlp(self.ln_mlp(x), measure)
         return x + out, counts
 
@@ -229,19 +254,26 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, measure: bool = False
-    ) -> ModelOutput:
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, measure: bool = False,
+        cache: KVCache | None = None,
+    ) -> ModelOutput:  # fmt: skip
+        """Logits (and loss) of ``idx``; with a ``cache``, ``idx`` continues the cached
+        positions and the cache grows by its length (incremental decoding)."""
         _, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + t > self.cfg.seq_len and self.cfg.pos in ("learned", "sinusoidal"):
+            raise ValueError(f"{start + t} positions: the model has {self.cfg.seq_len}")
         x = self.tok_emb(idx)
+        positions = torch.arange(start, start + t, device=idx.device)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(t, device=idx.device))
+            x = x + self.pos_emb(positions)
         if self.pos_table is not None:
-            x = x + self.pos_table[:t].to(x.dtype)
-        bias = self._relative_bias(t, idx.device) if self.rel_bias is not None else None
-        rope = self._rope(t, idx.device) if self.cfg.pos == "rope" else None
+            x = x + self.pos_table[positions].to(x.dtype)
+        bias = self._relative_bias(start, t, idx.device) if self.rel_bias is not None else None
+        rope = self._rope(positions) if self.cfg.pos == "rope" else None
         counts: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
-            x, c = block(x, measure, bias, rope)
+            x, c = block(x, measure, bias, rope, cache, i)
             if c is not None:
                 counts[hidden_name(i)] = c
         logits = self.head(self.ln_f(x))
@@ -252,19 +284,22 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return ModelOutput(logits, loss, counts if measure else None)
 
-    def _rope(self, t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.cfg.d_model // self.cfg.n_heads // 2
-        freqs = 10000.0 ** (-torch.arange(half, device=device, dtype=torch.float32) / half)
-        angles = torch.arange(t, device=device, dtype=torch.float32)[:, None] * freqs
+        freqs = 10000.0 ** (-torch.arange(half, device=positions.device, dtype=torch.float32)
+                            / half)  # fmt: skip
+        angles = positions.float()[:, None] * freqs
         return angles.cos(), angles.sin()
 
-    def _relative_bias(self, t: int, device: torch.device) -> torch.Tensor:
-        """T5's causal relative position bias: (1, heads, t, t), -inf above the diagonal."""
-        pos = torch.arange(t, device=device)
-        distance = (pos[:, None] - pos[None, :]).clamp_min(0)  # query - key >= 0 (causal)
+    def _relative_bias(self, start: int, t: int, device: torch.device) -> torch.Tensor:
+        """T5's causal relative position bias of queries ``start .. start + t`` over keys
+        ``0 .. start + t``: (1, heads, t, start + t), -inf where the key follows the query."""
+        query = torch.arange(start, start + t, device=device)
+        key = torch.arange(start + t, device=device)
+        distance = (query[:, None] - key[None, :]).clamp_min(0)  # query - key >= 0 (causal)
         buckets = _t5_bucket(distance, self.cfg.relative_buckets, self.cfg.relative_max_distance)
         bias = self.rel_bias(buckets).permute(2, 0, 1).unsqueeze(0)
-        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        causal = key[None, :] <= query[:, None]
         return bias.masked_fill(~causal, float("-inf"))
 
 

@@ -1,0 +1,255 @@
+"""Models for the speed measurement: sparse down projections swapped in, batch-1 decoding with a
+KV cache, activation patterns, and larger shapes with a measured sparsity transplanted.
+
+:func:`sparsify` replaces every MLP down projection that :func:`sparsetrace.analysis.locate.locate`
+finds (ours, GPT-2, OPT, GPT-NeoX, Llama families) by a :class:`SparseDown`; the model's own
+forward then runs the sparse path. :func:`decode_seconds` times greedy decoding of new tokens,
+one at a time, after a prompt (prefill not timed), for our Transformer (its ``KVCache``) and for
+Hugging Face causal LMs (``past_key_values``).
+
+A shape where batch-1 decoding is memory-bound (GPT-2-medium: 24 x 2 x 16 MiB of MLP weights) is
+built from random weights (:func:`transplant`): our Transformer at that shape, GPT-2
+conventions, with each layer's up-projection bias shifted so that the layer's units are active
+for the fraction of tokens measured in a trained model (its layer at the same relative depth).
+The sparsity is the trained model's; the weights are not — outputs say so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from sparsetrace.analysis.locate import locate
+from sparsetrace.errors import UserError
+from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
+from sparsetrace.speed.sparse_down import DEFAULT_KERNEL, SparseDown
+
+RELU = ("relu", "reglu")  # activations whose zeros are exact: no threshold needed
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder's size: what sets the bytes read per token."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    vocab_size: int
+    seq_len: int
+
+
+SHAPES = {  # published configurations (config.json of each model on the Hugging Face hub)
+    "gpt2-medium": Shape(1024, 24, 16, 4096, 50257, 1024),
+    "opt-350m": Shape(1024, 24, 16, 4096, 50272, 2048),  # OPT-350m's decoder MLP (ReLU) shape
+    "gpt2-large": Shape(1280, 36, 20, 5120, 50257, 1024),
+}
+
+
+def parse_shape(text: str) -> Shape:
+    """A named shape or ``d_model,n_layers,n_heads,d_ff[,vocab]``."""
+    if text in SHAPES:
+        return SHAPES[text]
+    try:
+        values = [int(v) for v in text.split(",")]
+        if len(values) not in (4, 5) or min(values) <= 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"--shape: one of {', '.join(SHAPES)} or d_model,n_layers,n_heads,d_ff"
+                        f"[,vocab]; got {text!r}") from None  # fmt: skip
+    d, n, h, ff, *vocab = values
+    if d % h:
+        raise UserError(f"--shape: d_model {d} is not divisible by n_heads {h}")
+    return Shape(d, n, h, ff, vocab[0] if vocab else 50257, 1024)
+
+
+def activation_of(model: nn.Module) -> str:
+    """The MLP activation's name (ours: the config's; Hugging Face: config.json's)."""
+    own = [m for m in model.modules() if isinstance(m, Transformer)]
+    if own:
+        return own[0].cfg.activation
+    return config_activation(getattr(model, "config", None))
+
+
+def config_activation(config: object) -> str:
+    """The MLP activation named in a Hugging Face config (``activation_function`` in GPT-2 and
+    OPT, ``hidden_act`` in Llama and GPT-NeoX)."""
+    for key in ("activation_function", "hidden_act", "hidden_activation"):
+        if isinstance(getattr(config, key, None), str):
+            return getattr(config, key)
+    return "unknown"
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def sparsify(
+    model: nn.Module, taus: Sequence[float] | None = None, kernel: str = DEFAULT_KERNEL,
+    max_rows: int | None = None,
+) -> list[SparseDown]:  # fmt: skip
+    """Swap every down projection for a SparseDown, in place; returns them in layer order.
+
+    ``taus``: each layer's CETT threshold; required unless the activation is ReLU (exact)."""
+    activation = activation_of(model)
+    if taus is None and activation not in RELU:
+        raise UserError(
+            f"the MLP activation is {activation}, not ReLU: its sparse path needs each layer's "
+            "CETT threshold; compute them with `sparsetrace sparsing-law RUN --final-only` "
+            "(PPL-p% sparsity) and pass the run, or use a ReLU model"
+        )
+    _, sites = locate(model)
+    if taus is not None and len(taus) != len(sites):
+        raise UserError(f"{len(taus)} thresholds for {len(sites)} MLP layers")
+    options = {} if max_rows is None else {"max_rows": max_rows}
+    swapped = []
+    for site in sites:
+        tau = None if taus is None else float(taus[site.layer])
+        down = SparseDown.from_module(site.module, tau=tau, kernel=kernel, **options)
+        _set_module(model, site.path, down)
+        swapped.append(down)
+    return swapped
+
+
+def _is_ours(model: nn.Module) -> bool:
+    return isinstance(model, Transformer)
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> tuple[Tensor, Tensor]:
+    """Greedy decoding with a KV cache: (the new tokens, the logits of each new step)."""
+    logits_seen, tokens = [], []
+    if _is_ours(model):
+        cache = KVCache(model.cfg.n_layers)
+        logits = model(prompt, cache=cache).logits[:, -1]
+        for _ in range(new_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            logits_seen.append(logits)
+            logits = model(nxt, cache=cache).logits[:, -1]
+    else:
+        # transformers 5.x names the cache `cache`; earlier versions `past_key_values`
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else (
+            "past_key_values")  # fmt: skip
+        out = model(input_ids=prompt, use_cache=True)
+        for _ in range(new_tokens):
+            logits = out.logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            tokens.append(nxt)
+            logits_seen.append(logits)
+            out = model(input_ids=nxt, use_cache=True, **{key: getattr(out, key)})
+    if not tokens:  # prefill only
+        return prompt[:, :0], torch.empty(prompt.shape[0], 0)
+    return torch.cat(tokens, 1), torch.stack(logits_seen, 1)
+
+
+def decode_seconds(
+    runs: Mapping[str, Callable[[int], object]], new_tokens: int, repeats: int
+) -> dict[str, float]:
+    """Seconds per new token of each variant (``runs[name](n)`` decodes n new tokens), the
+    variants interleaved; the prompt's prefill (``n = 0``) is timed alike and subtracted."""
+    from sparsetrace.speed.measure import best_times
+
+    calls = {}
+    for name, run in runs.items():
+        calls[name] = partial(run, new_tokens)
+        calls[f"{name} prefill"] = partial(run, 0)
+    t = best_times(calls, repeats)
+    return {name: max(t[name] - t[f"{name} prefill"], 0.0) / new_tokens for name in runs}
+
+
+class Swap:
+    """A model whose down projections switch between the dense modules and SparseDowns."""
+
+    def __init__(self, model: nn.Module, taus: Sequence[float] | None, kernel: str) -> None:
+        self.model = model
+        self.paths = [site.path for site in locate(model)[1]]
+        self.dense = [model.get_submodule(path) for path in self.paths]
+        self.sparse = sparsify(model, taus, kernel)
+        self.use(sparse=False)
+
+    def use(self, sparse: bool) -> nn.Module:
+        for path, module in zip(self.paths, self.sparse if sparse else self.dense, strict=True):
+            _set_module(self.model, path, module)
+        return self.model
+
+
+@torch.inference_mode()
+def active_patterns(
+    model: nn.Module, batches: Sequence[Tensor], taus: Sequence[float] | None = None
+) -> tuple[list[Tensor] | None, list[Tensor]]:
+    """Per layer: the active units (tokens, d_ff, bool) of ``batches`` (token ids), read at the
+    down projections (nonzero, or kept at ``taus``), and — for our models — the MLP inputs
+    (tokens, d_model) that the block timing feeds its up projections (None otherwise)."""
+    from sparsetrace.sparsing.cett import kept, unit_norms
+
+    sites = locate(model)[1]
+    inputs: dict[int, list[Tensor]] = {site.layer: [] for site in sites}
+    active: dict[int, list[Tensor]] = {site.layer: [] for site in sites}
+
+    def on_down(module: nn.Module, args: tuple, layer: int) -> None:
+        h = args[0].reshape(-1, args[0].shape[-1])
+        on = h != 0 if taus is None else kept(unit_norms(h, module.weight), taus[layer])
+        active[layer].append(on)
+
+    def on_mlp(_module: nn.Module, args: tuple, layer: int) -> None:
+        inputs[layer].append(args[0].reshape(-1, args[0].shape[-1]).float())
+
+    hooks = [site.module.register_forward_pre_hook(partial(on_down, layer=site.layer))
+             for site in sites]  # fmt: skip
+    if _is_ours(model):
+        hooks += [block.mlp.register_forward_pre_hook(partial(on_mlp, layer=i))
+                  for i, block in enumerate(model.blocks)]  # fmt: skip
+    try:
+        for ids in batches:
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    mlp_inputs = [torch.cat(inputs[i]) for i in sorted(inputs)] if _is_ours(model) else None
+    return mlp_inputs, [torch.cat(active[i]) for i in sorted(active)]
+
+
+def transplant_patterns(patterns: Sequence[Tensor], shape: Shape, seed: int = 0) -> list[Tensor]:
+    """Active-unit patterns for a wider, deeper model: layer l takes the trained layer at the
+    same relative depth, each wide unit a fixed random trained unit (a permutation tiled over
+    the width), so every token keeps its measured active fraction and co-activation structure."""
+    gen = torch.Generator().manual_seed(seed)
+    small = len(patterns)
+    out = []
+    for layer in range(shape.n_layers):
+        source = patterns[min(small - 1, layer * small // shape.n_layers)]
+        d_small = source.shape[1]
+        order = torch.cat([torch.randperm(d_small, generator=gen)
+                           for _ in range(-(-shape.d_ff // d_small))])[: shape.d_ff]  # fmt: skip
+        out.append(source[:, order])
+    return out
+
+
+@torch.no_grad()
+def transplant(shape: Shape, active: Sequence[float], seed: int = 0) -> Transformer:
+    """Our Transformer at ``shape`` (GPT-2 conventions, ReLU, random weights) whose layer l has
+    its units active for ``active[l * len(active) // n_layers]`` of the tokens: each up
+    projection's bias is shifted, layer by layer in one pass over random tokens, to that
+    quantile of its pre-activations."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
+                      d_ff=shape.d_ff, activation="relu", style="gpt2",
+                      vocab_size=shape.vocab_size, seq_len=shape.seq_len)  # fmt: skip
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, shape.vocab_size, (2, 64))
+    x = model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1]))
+    for layer, block in enumerate(model.blocks):
+        target = active[layer * len(active) // shape.n_layers]
+        x = x + block.attn(block.ln_attn(x), None, None)
+        pre = block.mlp.w_in(block.ln_mlp(x)).flatten()
+        block.mlp.w_in.bias -= torch.quantile(pre[:: max(1, pre.numel() // 1_000_000)],
+                                              1.0 - target)  # fmt: skip
+        x = x + block.mlp(block.ln_mlp(x), False)[0]
+    return model

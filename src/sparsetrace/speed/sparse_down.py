@@ -1,0 +1,119 @@
+"""A down projection that reads only the weight rows of the active hidden units.
+
+Per token the MLP's down projection is ``y = W_out a``; with a few units active it is a weighted
+sum of the active units' columns of ``W_out``. Stored unit-major (``W_out^T``, one contiguous row
+per unit) that sum reads ``k * d_model`` weights instead of ``d_ff * d_model``. Which units count
+as active: nonzero (ReLU: exact) or, with the layer's CETT threshold ``tau``, the Sparsing Law's
+rule ``|a| * ||W_out[:, i]|| >= tau`` (the test of :func:`sparsetrace.sparsing.cett.kept`, so the
+truncated model is the one PPL-p% measured).
+
+Two kernels, chosen by measurement (benchmarks/RESULTS.md, "Sparse MLP inference"):
+
+- ``embedding_bag`` (default): ``F.embedding_bag(mode="sum", per_sample_weights=...)`` sums
+  weighted rows without copying them. It parallelises over bags only, so the output columns are
+  split into one block per thread (the table stored block-major) and each token is that many
+  bags; a compiled loop (:func:`sparsetrace.speed.kernels.bag_indices`) finds the active units
+  and writes the bags' indices in one call. Built from torch operators (nonzero, index, repeat)
+  the same indices cost ~30 us per call here.
+- ``numba``: one compiled loop finds the active units and sums their rows
+  (:func:`sparsetrace.speed.kernels.sparse_rows_matvec`): ~3 us per call but one thread, which
+  reads scattered rows at only ~8-13 GB/s; it wins at <= 5 % active units, loses above.
+
+Batches larger than ``max_rows`` tokens take one dense matrix product instead (prefill; batches
+whose union of active units makes gathering pointless); :attr:`SparseDown.fallbacks` counts them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sparsetrace.sparsing.cett import kept
+
+MAX_ROWS = 8  # tokens per call up to which the sparse path is used (decode: 1)
+KERNELS = ("embedding_bag", "numba")
+DEFAULT_KERNEL = "embedding_bag"  # the faster at >= 10 % active (benchmarks/RESULTS.md)
+
+
+class SparseDown(nn.Module):
+    """``y = W a + b`` for ``a`` (..., d_ff), reading only the rows of active units.
+
+    ``weight``: (d_model, d_ff) as in ``nn.Linear``; ``tau``: the layer's CETT threshold (None:
+    exact, nonzero units only); float32 weights (the kernels' dtype on CPU)."""
+
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None = None, tau: float | None = None,
+        max_rows: int = MAX_ROWS, kernel: str = DEFAULT_KERNEL,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {kernel!r}")
+        weight = weight.detach().float()
+        self.d_model, self.d_ff = weight.shape
+        self.kernel, self.tau, self.max_rows = kernel, tau, max_rows
+        self.blocks = max(1, torch.get_num_threads()) if kernel == "embedding_bag" else 1
+        self.width = -(-self.d_model // self.blocks)
+        padded = F.pad(weight.t(), (0, self.width * self.blocks - self.d_model))
+        table = padded.reshape(self.d_ff, self.blocks, self.width).transpose(0, 1)
+        self.register_buffer("table", table.reshape(self.blocks * self.d_ff, self.width)
+                             .contiguous())  # fmt: skip
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("norms", weight.norm(dim=0))  # ||W[:, i]||, as unit_norms has it
+        self.fallbacks = 0
+
+    @classmethod
+    def from_module(cls, module: nn.Module, **options) -> SparseDown:
+        """From an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored (in, out))."""
+        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+        return cls(weight, getattr(module, "bias", None), **options)
+
+    def dense_weight(self) -> Tensor:
+        """(d_model, d_ff): the weight as given."""
+        table = self.table.view(self.blocks, self.d_ff, self.width).transpose(0, 1)
+        return table.reshape(self.d_ff, -1)[:, : self.d_model].t()
+
+    def active(self, rows: Tensor) -> Tensor:
+        """Which entries of ``rows`` (n, d_ff) the projection reads."""
+        if self.tau is None:
+            return rows != 0
+        return kept(rows.float().abs() * self.norms, self.tau)
+
+    def forward(self, a: Tensor) -> Tensor:
+        shape = a.shape
+        rows = a.reshape(-1, self.d_ff).float()
+        if rows.shape[0] > self.max_rows:
+            self.fallbacks += 1
+            out = self._dense(rows if self.tau is None else rows * self.active(rows))
+        elif self.kernel == "numba":
+            out = self._numba(rows)
+        else:
+            out = self._bags(rows)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.d_model).to(a.dtype)
+
+    def _dense(self, rows: Tensor) -> Tensor:
+        table = self.table.view(self.blocks, self.d_ff, self.width)
+        out = torch.matmul(rows, table)  # (blocks, n, width)
+        return out.transpose(0, 1).reshape(rows.shape[0], -1)[:, : self.d_model]
+
+    def _numba(self, rows: Tensor) -> Tensor:
+        from sparsetrace.speed.kernels import sparse_rows_matvec
+
+        out = torch.empty(rows.shape[0], self.d_model)
+        tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
+        sparse_rows_matvec(rows.contiguous().numpy(), self.table.numpy(), self.norms.numpy(),
+                           tau, out.numpy())  # fmt: skip
+        return out
+
+    def _bags(self, rows: Tensor) -> Tensor:
+        from sparsetrace.speed.kernels import bag_indices
+
+        tau = np.float32(-1.0 if self.tau is None else self.tau)
+        index, weights, offsets = bag_indices(rows.contiguous().numpy(), self.norms.numpy(), tau,
+                                              self.blocks, self.d_ff)  # fmt: skip
+        out = F.embedding_bag(torch.from_numpy(index), self.table, torch.from_numpy(offsets),
+                              mode="sum", per_sample_weights=torch.from_numpy(weights))  # fmt: skip
+        return out.reshape(rows.shape[0], -1)[:, : self.d_model]

@@ -1,0 +1,342 @@
+"""Sparse MLP inference (issue 15): the sparse path computes what the dense one does (ReLU:
+exactly the same logits; CETT thresholds: the perplexity the PPL-p% search predicted), KV-cache
+decoding equals the full forward pass, and the speed verb's arithmetic and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetrace.config import load_config
+from sparsetrace.data import prepare_data
+from sparsetrace.errors import UserError
+from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
+from sparsetrace.sparsing.cett import kept, unit_norms
+from sparsetrace.sparsing.over_training import validation_batches
+from sparsetrace.sparsing.search import Subject, ppl_sparsity
+from sparsetrace.sparsing.truncation import transformer_down_projections
+from sparsetrace.speed import decode as dec
+from sparsetrace.speed import measure as ms
+from sparsetrace.speed.sparse_down import KERNELS, SparseDown
+from sparsetrace.train.checkpoint import load_trained_model
+from sparsetrace.train.loop import train
+
+TOL = 1e-5
+
+
+def _relu_rows(n: int, d_ff: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.relu(torch.randn(n, d_ff, generator=gen) - 1.0)  # ~16 % active
+    rows[min(1, n - 1)] = 0.0  # a token with no active unit
+    return rows
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("n", [1, 3, 20])  # 20 > MAX_ROWS: the dense fallback
+def test_sparse_down_equals_linear(kernel: str, n: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    down = SparseDown.from_module(linear, kernel=kernel)
+    rows = _relu_rows(n, 96)
+    with torch.no_grad():
+        expected = linear(rows)
+        got = down(rows.view(n, 1, 96)).view(n, 40)
+    assert torch.allclose(got, expected, atol=TOL, rtol=TOL)
+    assert down.fallbacks == (1 if n > down.max_rows else 0)
+    assert torch.equal(down.dense_weight(), linear.weight.detach())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sparse_down_reads_only_active_rows(kernel: str) -> None:
+    # Poison the rows of inactive units: the result must not change (they are never read).
+    torch.manual_seed(1)
+    weight = torch.randn(16, 64)
+    rows = _relu_rows(1, 64)
+    inactive = rows[0] == 0
+    poisoned = weight.clone()
+    poisoned[:, inactive] = float("nan")
+    got = SparseDown(poisoned, kernel=kernel)(rows)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, rows @ weight.t(), atol=TOL)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_threshold_rule_is_the_cett_rule(kernel: str) -> None:
+    torch.manual_seed(2)
+    linear = nn.Linear(64, 24, bias=False)
+    rows = torch.randn(4, 64)  # a non-ReLU activation: every entry nonzero
+    n = unit_norms(rows, linear.weight)
+    tau = float(n.detach().median())  # half the units kept
+    with torch.no_grad():
+        expected = linear(rows * kept(n, tau))
+        got = SparseDown.from_module(linear, tau=tau, kernel=kernel)(rows)
+    assert torch.allclose(got, expected, atol=TOL)
+    assert not torch.allclose(got, linear(rows).detach(), atol=1e-3)  # truncation did something
+
+
+def test_gpt2_conv1d_layout() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    conv = Conv1D(24, 64)  # nf=24 outputs, nx=64 inputs; weight (64, 24)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    rows = _relu_rows(2, 64)
+    with torch.no_grad():
+        assert torch.allclose(SparseDown.from_module(conv)(rows), conv(rows), atol=TOL)
+
+
+@pytest.mark.parametrize("pos,style", [("learned", "gpt2"), ("relative", "t5"), ("rope", "t5"),
+                                       ("sinusoidal", "t5"), ("none", "gpt2")])  # fmt: skip
+def test_kv_cache_decoding_equals_full_forward(pos: str, style: str) -> None:
+    torch.manual_seed(4)
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=64, style=style, pos=pos,
+                      vocab_size=50, seq_len=32)  # fmt: skip
+    model = Transformer(cfg).eval()
+    prompt = torch.randint(0, 50, (1, 5))
+    tokens, logits = dec.decode(model, prompt, 8)
+    with torch.no_grad():
+        full = model(torch.cat([prompt, tokens], 1)).logits[:, 4:12]
+        # a two-token chunk after a cached prefix: the causal offset of the mask
+        cache = KVCache(2)
+        model(prompt, cache=cache)
+        chunk = model(tokens[:, :2], cache=cache).logits
+    assert torch.allclose(logits, full, atol=TOL)
+    assert torch.allclose(chunk, full[:, 1:3], atol=TOL)
+    assert cache.length == 7
+
+
+def test_learned_positions_refuse_overflow() -> None:
+    cfg = ModelConfig(n_layers=1, d_model=16, n_heads=2, d_ff=32, vocab_size=10, seq_len=4)
+    model = Transformer(cfg).eval()
+    cache = KVCache(1)
+    model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="positions"):
+        model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Tiny trained runs: ReLU (the preset) and SiLU, 20 steps."""
+    base = tmp_path_factory.mktemp("speed")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARSETRACE_CACHE", str(base / "cache"))
+        out = {}
+        for act in ("relu", "silu"):
+            args = ["--out_dir", str(base), "--run_name", act, "--model.activation", act]
+            out[act] = train(load_config("tiny", [*args, "--train.threads", "1"]))
+        yield out
+
+
+def test_sparse_relu_model_decodes_the_same_logits(runs: dict[str, Path]) -> None:
+    model, cfg = load_trained_model(runs["relu"])
+    val = torch.as_tensor(prepare_data(cfg.data).val[:40].astype("int64"))[None]
+    prompt = val[:, :8]
+    tokens, logits = dec.decode(model, prompt, 16)
+    with torch.no_grad():
+        full = model(val[:, :32]).logits
+    downs = dec.sparsify(model)
+    assert len(downs) == cfg.model.n_layers and all(isinstance(d, SparseDown) for d in downs)
+    sparse_tokens, sparse_logits = dec.decode(model, prompt, 16)
+    assert torch.equal(sparse_tokens, tokens)
+    assert torch.allclose(sparse_logits, logits, atol=1e-4)
+    assert downs[0].fallbacks == 0  # an 8-token prompt is within MAX_ROWS: sparse too
+    with torch.no_grad():
+        assert torch.allclose(model(val[:, :32]).logits, full, atol=1e-4)
+    assert downs[0].fallbacks == 1  # 32 tokens: the dense fallback
+
+
+def test_thresholded_perplexity_is_what_ppl_p_predicted(runs: dict[str, Path]) -> None:
+    model, cfg = load_trained_model(runs["silu"])
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, 512)
+    result = ppl_sparsity(Subject(model, transformer_down_projections(model), batches), p=5.0)
+    m = result.measurement
+    taus = [m.layers[name].tau for name in sorted(m.layers)]
+    with torch.no_grad():
+        dense = sum(float(model(b.inputs, b.targets).loss) for b in batches) / len(batches)
+        dec.sparsify(model, taus, max_rows=10**9)  # every token through the sparse kernel
+        sparse = sum(float(model(b.inputs, b.targets).loss) for b in batches) / len(batches)
+    assert math.exp(sparse - dense) == pytest.approx(m.ppl_ratio, rel=1e-5)
+    assert m.ppl_ratio > 1.01  # the thresholds truncated something
+
+
+def test_non_relu_needs_thresholds(runs: dict[str, Path]) -> None:
+    model, _ = load_trained_model(runs["silu"])
+    with pytest.raises(UserError, match="sparsing-law"):
+        dec.sparsify(model)
+
+
+def test_hf_opt_sparse_decoding_equals_dense() -> None:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(5)
+    cfg = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=96,
+                    num_attention_heads=2, max_position_embeddings=64,
+                    word_embed_proj_dim=32)  # fmt: skip
+    model = OPTForCausalLM(cfg).eval()
+    prompt = torch.randint(0, 64, (1, 6))
+    tokens, logits = dec.decode(model, prompt, 8)
+    assert dec.activation_of(model) == "relu"
+    assert len(dec.sparsify(model)) == 2
+    sparse_tokens, sparse_logits = dec.decode(model, prompt, 8)
+    assert torch.equal(sparse_tokens, tokens)
+    assert torch.allclose(sparse_logits, logits, atol=1e-4)
+
+
+def test_transplant_hits_the_measured_fractions() -> None:
+    shape = dec.Shape(64, 4, 4, 256, 100, 64)
+    model = dec.transplant(shape, [0.2, 0.05])
+    seen = []
+    for block in model.blocks:
+        block.mlp.w_out.register_forward_pre_hook(
+            lambda _m, a: seen.append(float((a[0] != 0).float().mean()))
+        )
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(9)))
+    assert seen[:2] == pytest.approx([0.2, 0.2], abs=0.03)
+    assert seen[2:] == pytest.approx([0.05, 0.05], abs=0.02)
+
+
+def test_transplanted_patterns_keep_each_tokens_fraction() -> None:
+    small = [torch.rand(10, 64) < 0.1, torch.rand(10, 64) < 0.3]
+    wide = dec.transplant_patterns(small, dec.Shape(32, 4, 2, 128, 10, 16))
+    assert len(wide) == 4 and wide[0].shape == (10, 128)
+    for layer, src in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        assert torch.equal(wide[layer].sum(1), 2 * small[src].sum(1))  # 128 = 2 x 64, tiled
+
+
+def test_block_timing_bounds() -> None:
+    layers = ms.random_layers(32, 128, 2)
+    inputs = [torch.randn(4, 32) for _ in range(2)]
+    t = ms.time_mlp_block(layers, inputs, ms.random_masks(4, 128, 0.25, 2), 1e10, 1)
+    assert t.active == pytest.approx(0.25)
+    assert t.bound_speedup == pytest.approx(2 / 1.25)  # plain MLP: read W_in + a W_out
+    assert t.oracle_bound_speedup == pytest.approx(4.0)
+    assert t.of_bound == pytest.approx(t.bound_sparse / t.sparse)
+    masks = ms.random_masks(5, 100, 0.1, 3)
+    assert all(torch.equal(m.sum(1), torch.full((5,), 10.0)) for m in masks)
+
+
+def test_read_bandwidth_is_plausible() -> None:
+    bw = ms.read_bandwidth(1 << 24, repeats=2)
+    assert 1e8 < bw < 1e13  # between 0.1 GB/s and 10 TB/s
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sparsetrace", *args], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_speed_verb_end_to_end(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "speed"
+    proc = _cli("speed", str(runs["relu"]), "--shape", "64,4,4,256,100", "--fractions",
+                "0.5,0.1", "--tokens", "4", "--new-tokens", "4", "--repeats", "1",
+                "--prune-dead", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "speed.json").read_text())
+    assert [r["pattern"] for r in result["block"]] == ["measured", "random", "random"] * 2
+    assert [r["active fraction"] for r in result["block"][1:3]] == pytest.approx(
+        [0.5, 0.1], abs=1 / 128
+    )
+    assert [r["model"] for r in result["decode"]][:2] == ["model", "model, dead units pruned"]
+    assert len(result["decode"]) == 3 and result["bandwidth_GBps"] > 0
+    assert sum(result["pruning"]["removed"]) > 0  # the tiny model has dead units
+    assert (out / "report" / "index.html").is_file()
+    assert (out / "report" / "figures" / "speedup.png").is_file()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--fractions", "0"], "fractions"),
+    (["--shape", "huge"], "shape"),
+    (["--kernel", "cuda"], "kernel"),
+])  # fmt: skip
+def test_speed_bad_input(runs: dict[str, Path], args: list[str], message: str) -> None:
+    proc = _cli("speed", str(runs["relu"]), *args)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_speed_non_relu_without_thresholds(runs: dict[str, Path]) -> None:
+    proc = _cli("speed", str(runs["silu"]))
+    assert proc.returncode == 2 and "sparsing-law" in proc.stderr
+
+
+def test_prune_dead_removes_exactly_the_rarely_active_units(runs: dict[str, Path]) -> None:
+    from sparsetrace.speed.verbs import DEAD_TOKENS, _prune_dead
+
+    model, cfg = load_trained_model(runs["relu"])
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, DEAD_TOKENS)
+    counts = {}  # independent count: tokens on which each unit is nonzero
+    hooks = [
+        b.mlp.w_out.register_forward_pre_hook(
+            lambda _m, a, i=i: counts.__setitem__(i, counts.get(i, 0) + (a[0] != 0).flatten(0, 1)
+                                                  .sum(0)))
+        for i, b in enumerate(model.blocks)
+    ]  # fmt: skip
+    with torch.no_grad():
+        for b in batches:
+            model(b.inputs)
+    for h in hooks:
+        h.remove()
+    tokens = sum(b.inputs.numel() for b in batches)
+    pruned, info = _prune_dead(model, cfg, None)
+    expected = [int((counts[i] < 1e-3 * tokens).sum()) for i in sorted(counts)]
+    assert info["removed"] == expected
+    assert [b.mlp.w_in.out_features for b in pruned.blocks] == [max(1, 128 - r) for r in expected]
+    assert info["ppl_ratio"] == pytest.approx(1.0, abs=0.01)  # rarely active: little lost
+
+
+def test_swap_switches_between_dense_and_sparse(runs: dict[str, Path]) -> None:
+    model, cfg = load_trained_model(runs["relu"])
+    ids = torch.as_tensor(prepare_data(cfg.data).val[:8].astype("int64"))[None]
+    with torch.no_grad():
+        dense = model(ids).logits
+        swap = dec.Swap(model, None, "numba")
+        assert isinstance(model.blocks[0].mlp.w_out, nn.Linear)  # starts dense
+        sparse = swap.use(sparse=True)(ids).logits
+        assert isinstance(model.blocks[0].mlp.w_out, SparseDown)
+        again = swap.use(sparse=False)(ids).logits
+    assert torch.allclose(sparse, dense, atol=1e-4) and torch.equal(again, dense)
+
+
+def _hf_dir(root: Path, activation: str) -> Path:
+    """A tiny GPT-2 (MLP activation ``activation``) with a byte-level BPE tokenizer, saved."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from sparsetrace.data.tokenizer import EOT, train_bpe
+
+    text = " ".join(["the cat sat on the mat and the dog ran"] * 200)
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe([text], 300), eos_token=EOT)
+    torch.manual_seed(6)
+    eot = tok.eos_token_id
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=96, n_positions=128,
+                        activation_function=activation, vocab_size=len(tok), bos_token_id=eot,
+                        eos_token_id=eot)  # fmt: skip
+    GPT2LMHeadModel(config).save_pretrained(root)
+    tok.save_pretrained(root)
+    return root
+
+
+def test_speed_verb_on_a_hugging_face_model(tmp_path: Path) -> None:
+    source = _hf_dir(tmp_path / "relu-gpt2", "relu")
+    out = tmp_path / "speed"
+    proc = _cli("speed", str(source), "--shape", "64,4,4,256,100", "--fractions", "0.1",
+                "--tokens", "4", "--new-tokens", "4", "--repeats", "1", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "speed.json").read_text())
+    assert result["activation"] == "relu"
+    assert {r["shape"] for r in result["block"]} == {"64,4,4,256,100"}  # no own-shape sweep
+    assert [r["model"] for r in result["decode"]][0] == "model"
+    gelu = _cli("speed", str(_hf_dir(tmp_path / "gelu-gpt2", "gelu_new")))
+    assert gelu.returncode == 2 and "ReLU" in gelu.stderr
+    assert len(gelu.stderr.strip().splitlines()) == 1
+    nothing = _cli("speed", str(tmp_path))
+    assert nothing.returncode == 2 and "neither" in nothing.stderr
