@@ -329,12 +329,13 @@ def test_speed_verb_on_a_hugging_face_model(tmp_path: Path) -> None:
     source = _hf_dir(tmp_path / "relu-gpt2", "relu")
     out = tmp_path / "speed"
     proc = _cli("speed", str(source), "--shape", "64,4,4,256,100", "--fractions", "0.1",
-                "--tokens", "4", "--new-tokens", "4", "--repeats", "1", "--out", str(out))  # fmt: skip
+                "--tokens", "4", "--new-tokens", "4", "--repeats", "1",
+                "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "speed.json").read_text())
     assert result["activation"] == "relu"
     assert {r["shape"] for r in result["block"]} == {"64,4,4,256,100"}  # no own-shape sweep
-    assert [r["model"] for r in result["decode"]][0] == "model"
+    assert result["decode"][0]["model"] == "model"
     gelu = _cli("speed", str(_hf_dir(tmp_path / "gelu-gpt2", "gelu_new")))
     assert gelu.returncode == 2 and "ReLU" in gelu.stderr
     assert len(gelu.stderr.strip().splitlines()) == 1
