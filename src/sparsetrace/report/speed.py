@@ -26,11 +26,12 @@ def speed_figure(block: pd.DataFrame) -> MplFigure:
         ax = fig.add_subplot()
         a = np.geomspace(max(block["active fraction"].min(), 1e-3) * 0.8, 1.0, 100)
         ax.plot(a, 2 / (1 + a), color="black", lw=1, label="bound: read W_in + a·W_out")
+        colours = {shape: f"C{i}" for i, shape in enumerate(block["shape"].unique())}
         for (shape, pattern), rows in block.groupby(["shape", "pattern"], sort=False):
             rows = rows.sort_values("active fraction")
-            marker = "o" if pattern == "random" else "*"
-            ax.plot(rows["active fraction"], rows["speed-up"], marker=marker, ms=7 if
-                    pattern == "random" else 12, ls="-" if pattern == "random" else "none",
+            random = pattern == "random"
+            ax.plot(rows["active fraction"], rows["speed-up"], marker="o" if random else "*",
+                    ms=7 if random else 14, ls="-" if random else "none", color=colours[shape],
                     label=f"{shape} ({pattern} units)")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log")
