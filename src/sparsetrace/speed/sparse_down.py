@@ -25,6 +25,8 @@ whose union of active units makes gathering pointless); :attr:`SparseDown.fallba
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -84,6 +86,13 @@ class SparseDown(nn.Module):
         shape = a.shape
         rows = a.reshape(-1, self.d_ff).float()
         if rows.shape[0] > self.max_rows:
+            if not self.fallbacks:  # say so once per projection
+                warnings.warn(
+                    f"SparseDown: {rows.shape[0]} tokens in one call (more than max_rows="
+                    f"{self.max_rows}) run as one dense product: per-token gathering does not pay "
+                    "for batches (prefill is expected to)",
+                    stacklevel=2,
+                )
             self.fallbacks += 1
             out = self._dense(rows if self.tau is None else rows * self.active(rows))
         elif self.kernel == "numba":
