@@ -1,6 +1,7 @@
-"""Sparse MLP inference (issue 15): the sparse path computes what the dense one does (ReLU:
-exactly the same logits; CETT thresholds: the perplexity the PPL-p% search predicted), KV-cache
-decoding equals the full forward pass, and the speed verb's arithmetic and errors."""
+"""Sparse MLP inference (issue 15): the sparse path computes what the dense one does (ReLU: the
+same active units, logits equal to float tolerance, the same greedy tokens; CETT thresholds: the
+perplexity the PPL-p% search predicted), KV-cache decoding equals the full forward pass, and the
+speed verb's arithmetic and errors."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ TOL = 1e-5
 def _relu_rows(n: int, d_ff: int, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     rows = torch.relu(torch.randn(n, d_ff, generator=gen) - 1.0)  # ~16 % active
-    rows[min(1, n - 1)] = 0.0  # a token with no active unit
+    if n > 1:
+        rows[1] = 0.0  # a token with no active unit
     return rows
 
 
@@ -59,17 +61,35 @@ def test_sparse_down_equals_linear(kernel: str, n: int) -> None:
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_sparse_down_reads_only_active_rows(kernel: str) -> None:
-    # Poison the rows of inactive units: the result must not change (they are never read).
+@pytest.mark.parametrize("tau", [None, 0.5])
+def test_sparse_down_reads_only_active_rows(kernel: str, tau: float | None) -> None:
+    # Poison the rows of the units not read: the result must stay finite and right.
     torch.manual_seed(1)
     weight = torch.randn(16, 64)
-    rows = _relu_rows(1, 64)
-    inactive = rows[0] == 0
+    rows = _relu_rows(1, 64) if tau is None else torch.randn(1, 64)
+    down = SparseDown(weight, tau=tau, kernel=kernel)
+    read = down.active(rows)[0]
+    assert 0 < int(read.sum()) < 64
     poisoned = weight.clone()
-    poisoned[:, inactive] = float("nan")
-    got = SparseDown(poisoned, kernel=kernel)(rows)
+    poisoned[:, ~read] = float("nan")
+    got = SparseDown(poisoned, tau=tau, kernel=kernel)(rows)
     assert torch.isfinite(got).all()
-    assert torch.allclose(got, rows @ weight.t(), atol=TOL)
+    assert torch.allclose(got, (rows * read) @ weight.t(), atol=TOL)
+    assert down(rows) is not None and down.read_fraction == pytest.approx(
+        float(read.float().mean())
+    )
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 7])
+def test_embedding_bag_column_blocks(blocks: int) -> None:
+    # 40 output features do not divide into 3 or 7 blocks: the padding is exercised too.
+    torch.manual_seed(7)
+    linear = nn.Linear(96, 40)
+    down = SparseDown.from_module(linear, kernel="embedding_bag", blocks=blocks)
+    rows = _relu_rows(5, 96)
+    with torch.no_grad():
+        assert torch.allclose(down(rows), linear(rows), atol=TOL)
+    assert down.blocks == blocks and down.units_read == int((rows != 0).sum())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -158,7 +178,8 @@ def test_sparse_relu_model_decodes_the_same_logits(runs: dict[str, Path]) -> Non
     assert downs[0].fallbacks == 1  # 32 tokens: the dense fallback
 
 
-def test_thresholded_perplexity_is_what_ppl_p_predicted(runs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_thresholded_perplexity_is_what_ppl_p_predicted(runs: dict[str, Path], kernel: str) -> None:
     model, cfg = load_trained_model(runs["silu"])
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, 512)
     result = ppl_sparsity(Subject(model, transformer_down_projections(model), batches), p=5.0)
@@ -166,7 +187,7 @@ def test_thresholded_perplexity_is_what_ppl_p_predicted(runs: dict[str, Path]) -
     taus = [m.layers[name].tau for name in sorted(m.layers)]
     with torch.no_grad():
         dense = sum(float(model(b.inputs, b.targets).loss) for b in batches) / len(batches)
-        dec.sparsify(model, taus, max_rows=10**9)  # every token through the sparse kernel
+        dec.sparsify(model, taus, kernel, max_rows=10**9)  # every token through the kernel
         sparse = sum(float(model(b.inputs, b.targets).loss) for b in batches) / len(batches)
     assert math.exp(sparse - dense) == pytest.approx(m.ppl_ratio, rel=1e-5)
     assert m.ppl_ratio > 1.01  # the thresholds truncated something
@@ -189,10 +210,12 @@ def test_hf_opt_sparse_decoding_equals_dense() -> None:
     prompt = torch.randint(0, 64, (1, 6))
     tokens, logits = dec.decode(model, prompt, 8)
     assert dec.activation_of(model) == "relu"
-    assert len(dec.sparsify(model)) == 2
+    downs = dec.sparsify(model)
+    assert len(downs) == 2
     sparse_tokens, sparse_logits = dec.decode(model, prompt, 8)
     assert torch.equal(sparse_tokens, tokens)
     assert torch.allclose(sparse_logits, logits, atol=1e-4)
+    assert all(d.fallbacks == 0 and d.tokens_seen == 6 + 8 for d in downs)  # all sparse
 
 
 def test_transplant_hits_the_measured_fractions() -> None:
@@ -220,13 +243,15 @@ def test_transplanted_patterns_keep_each_tokens_fraction() -> None:
 def test_block_timing_bounds() -> None:
     layers = ms.random_layers(32, 128, 2)
     inputs = [torch.randn(4, 32) for _ in range(2)]
-    t = ms.time_mlp_block(layers, inputs, ms.random_masks(4, 128, 0.25, 2), 1e10, 1)
+    t = ms.time_mlp_block(layers, inputs, ms.random_masks(4, [128, 128], 0.25), 1e10, 1)
     assert t.active == pytest.approx(0.25)
     assert t.bound_speedup == pytest.approx(2 / 1.25)  # plain MLP: read W_in + a W_out
     assert t.oracle_bound_speedup == pytest.approx(4.0)
-    assert t.of_bound == pytest.approx(t.bound_sparse / t.sparse)
-    masks = ms.random_masks(5, 100, 0.1, 3)
-    assert all(torch.equal(m.sum(1), torch.full((5,), 10.0)) for m in masks)
+    assert t.bound_sparse == pytest.approx((128 * 32 + 0.25 * 32 * 128) * 4 / 1e10)
+    masks = ms.random_masks(5, [100, 50, 30], 0.1)
+    assert [m.shape[1] for m in masks] == [100, 50, 30]
+    assert [int(m[0].sum()) for m in masks] == [10, 5, 3]
+    assert all(torch.equal(m.sum(1), m[0].sum().expand(5)) for m in masks)
 
 
 def test_read_bandwidth_is_plausible() -> None:
@@ -345,3 +370,23 @@ def test_speed_verb_on_a_hugging_face_model(tmp_path: Path) -> None:
     assert len(gelu.stderr.strip().splitlines()) == 1
     nothing = _cli("speed", str(tmp_path))
     assert nothing.returncode == 2 and "neither" in nothing.stderr
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decode_bytes_count_one_row_of_untied_tables(tied: bool) -> None:
+    from sparsetrace.speed.verbs import Variant, _bytes
+
+    cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_ff=64, style="gpt2", vocab_size=50,
+                      seq_len=32, tie_embeddings=tied)  # fmt: skip
+    model = Transformer(cfg).eval()
+    every = sum(p.numel() for p in model.parameters()) * 4
+    skipped = (32 - 1) * 16 + (0 if tied else (50 - 1) * 16)  # position table; untied tokens
+    assert _bytes(model) == every - 4 * skipped
+    v = Variant.of("m", model, None, "embedding_bag")
+    assert v.down_bytes == [64 * 16 * 4] * 2
+    with torch.no_grad():
+        v.swap.use(sparse=True)(torch.randint(0, 50, (1, 4)))
+    fractions = [d.read_fraction for d in v.swap.sparse]
+    assert v.sparse_bytes() == pytest.approx(
+        v.nbytes - sum((1 - a) * 64 * 16 * 4 for a in fractions)
+    )

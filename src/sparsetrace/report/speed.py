@@ -64,15 +64,17 @@ def write_speed_report(out: Path, result: dict) -> Path:
     )  # fmt: skip
     figure = rx.figure_block(
         report / "figures", "speedup", "MLP block speed-up vs active fraction",
-        "Measured speed-ups and the memory bound. A plain MLP must read all of W_in to know "
-        "which units are active, so no exact kernel can beat 2 / (1 + a); only a predictor of "
-        "the active units (not measured here) could approach 1 / a.",
+        "Measured speed-ups and the memory bound. A plain MLP that reads all of W_in to know "
+        "which units are active cannot beat 2 / (1 + a); only a predictor of the active units "
+        "(not built here) could approach 1 / a.",
         speed_figure(block),
     )  # fmt: skip
     note = Text(
         f"Machine: {result['machine']}, {result['threads']} threads, read bandwidth "
-        f"{result['bandwidth_GBps']:.1f} GB/s (the faster of a sum and a GEMV over 1 GiB, this "
-        f"run). Kernel: {result['kernel']}. Model activation: {result['activation']}"
+        f"{result['bandwidth_GBps']:.1f} GB/s at the start and "
+        f"{result['bandwidth_end_GBps']:.1f} GB/s at the end (the faster of a sum and a GEMV "
+        f"over 1 GiB; the bound uses the first). Kernel: {result['kernel']}. Model activation: "
+        f"{result['activation']}"
         + ("" if result["thresholds"] is None else " with PPL-p% CETT thresholds")
         + f". The {result['shape']} rows use random weights with this model's measured "
         "sparsity transplanted; they are not that published model.",

@@ -29,7 +29,7 @@ from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
 from sparsetrace.speed.sparse_down import DEFAULT_KERNEL, SparseDown
 
-RELU = ("relu", "reglu")  # activations whose zeros are exact: no threshold needed
+RELU = ("relu", "relu2", "reglu")  # exact zeros: no threshold needed
 
 
 @dataclass(frozen=True)
@@ -127,25 +127,28 @@ def decode(model: nn.Module, prompt: Tensor, new_tokens: int) -> tuple[Tensor, T
     logits_seen, tokens = [], []
     if _is_ours(model):
         cache = KVCache(model.cfg.n_layers)
-        logits = model(prompt, cache=cache).logits[:, -1]
-        for _ in range(new_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            logits_seen.append(logits)
-            logits = model(nxt, cache=cache).logits[:, -1]
+
+        def step(ids: Tensor) -> Tensor:
+            return model(ids, cache=cache).logits[:, -1]
     else:
         # transformers 5.x names the cache `cache`; earlier versions `past_key_values`
         key = "cache" if "cache" in inspect.signature(model.forward).parameters else (
             "past_key_values")  # fmt: skip
-        out = model(input_ids=prompt, use_cache=True)
-        for _ in range(new_tokens):
-            logits = out.logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            tokens.append(nxt)
-            logits_seen.append(logits)
-            out = model(input_ids=nxt, use_cache=True, **{key: getattr(out, key)})
+        state: dict = {}
+
+        def step(ids: Tensor) -> Tensor:
+            out = model(input_ids=ids, use_cache=True, **state)
+            state[key] = getattr(out, key)
+            return out.logits[:, -1]
+
+    logits = step(prompt)
+    for _ in range(new_tokens):
+        nxt = logits.argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        logits_seen.append(logits)
+        logits = step(nxt)
     if not tokens:  # prefill only
-        return prompt[:, :0], torch.empty(prompt.shape[0], 0)
+        return prompt[:, :0], logits[:, None][:, :0]
     return torch.cat(tokens, 1), torch.stack(logits_seen, 1)
 
 
@@ -161,7 +164,9 @@ def decode_seconds(
         calls[name] = partial(run, new_tokens)
         calls[f"{name} prefill"] = partial(run, 0)
     t = best_times(calls, repeats)
-    return {name: max(t[name] - t[f"{name} prefill"], 0.0) / new_tokens for name in runs}
+    # a prefill slower than the whole run is noise: never report a zero or negative time
+    return {name: max(t[name] - t[f"{name} prefill"], 1e-3 * t[name]) / new_tokens
+            for name in runs}  # fmt: skip
 
 
 class Swap:
@@ -238,12 +243,13 @@ def transplant(shape: Shape, active: Sequence[float], seed: int = 0) -> Transfor
     its units active for ``active[l * len(active) // n_layers]`` of the tokens: each up
     projection's bias is shifted, layer by layer in one pass over random tokens, to that
     quantile of its pre-activations."""
-    torch.manual_seed(seed)
     cfg = ModelConfig(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
                       d_ff=shape.d_ff, activation="relu", style="gpt2",
                       vocab_size=shape.vocab_size, seq_len=shape.seq_len)  # fmt: skip
-    model = Transformer(cfg).eval()
-    ids = torch.randint(0, shape.vocab_size, (2, 64))
+    with torch.random.fork_rng():  # the caller's random state stays as it was
+        torch.manual_seed(seed)
+        model = Transformer(cfg).eval()
+        ids = torch.randint(0, shape.vocab_size, (2, 64))
     x = model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1]))
     for layer, block in enumerate(model.blocks):
         target = active[layer * len(active) // shape.n_layers]

@@ -14,26 +14,38 @@ import numba
 import numpy as np
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, inline="always")
+def keeps(v: float, norm: float, tau: float) -> bool:
+    """The unit is read: nonzero (``tau < 0``: no threshold), else the CETT rule in the form of
+    :func:`sparsetrace.sparsing.cett.kept`: ``n >= tau and n > 0`` with ``n = |v| * norm`` in
+    float32 (tau arrives as float32, as torch compares it)."""
+    if tau < 0:
+        return v != 0
+    n = np.float32(abs(v)) * norm
+    return n > 0 and n >= tau
+
+
+# reassoc and contract let the row update vectorise (ymm FMAs) without touching comparisons.
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
 def sparse_rows_matvec(
     h: np.ndarray, weight_t: np.ndarray, norms: np.ndarray, tau: float, out: np.ndarray
-) -> None:
-    """``out[r, :] = sum_i h[r, i] * weight_t[i, :]`` over units with ``h != 0`` and, when
-    ``tau >= 0``, ``|h| * norms >= tau`` (the CETT rule, float32 products as torch computes
-    them). ``fastmath`` lets the row update vectorise; the comparison itself is exact."""
+) -> int:
+    """``out[r, :] = sum_i h[r, i] * weight_t[i, :]`` over the units :func:`keeps` reads;
+    returns how many (token, unit) rows were read."""
     n, d_ff = h.shape
     d = weight_t.shape[1]
+    read = 0
     for r in range(n):
         acc = np.zeros(d, dtype=out.dtype)
         for i in range(d_ff):
             v = h[r, i]
-            if v == 0:
+            if not keeps(v, norms[i], tau):
                 continue
-            if tau >= 0 and np.float32(abs(v)) * norms[i] < tau:
-                continue
+            read += 1
             for j in range(d):
                 acc[j] += v * weight_t[i, j]
         out[r, :] = acc
+    return read
 
 
 @numba.njit(cache=True, nogil=True)
@@ -41,17 +53,14 @@ def bag_indices(
     h: np.ndarray, norms: np.ndarray, tau: float, blocks: int, d_ff: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The inputs of ``embedding_bag`` over a block-major table (``blocks`` tables of ``d_ff``
-    rows stacked): bag ``(r, b)`` holds token r's active units shifted into block b. Returns
-    (indices, per-sample weights, bag offsets); the same activity test as
-    :func:`sparse_rows_matvec`."""
+    rows stacked): bag ``(r, b)`` holds token r's units that :func:`keeps` reads, shifted into
+    block b. Returns (indices, per-sample weights, bag offsets)."""
     n = h.shape[0]
-    count = np.zeros(n, dtype=np.int64)
+    total = 0
     for r in range(n):
         for i in range(d_ff):
-            v = h[r, i]
-            if v != 0 and not (tau >= 0 and np.float32(abs(v)) * norms[i] < tau):
-                count[r] += 1
-    total = int(count.sum())
+            if keeps(h[r, i], norms[i], tau):
+                total += 1
     index = np.empty(blocks * total, dtype=np.int64)
     weight = np.empty(blocks * total, dtype=h.dtype)
     offsets = np.empty(n * blocks, dtype=np.int64)
@@ -60,7 +69,7 @@ def bag_indices(
         base, k = blocks * start, 0
         for i in range(d_ff):
             v = h[r, i]
-            if v != 0 and not (tau >= 0 and np.float32(abs(v)) * norms[i] < tau):
+            if keeps(v, norms[i], tau):
                 index[base + k] = i
                 weight[base + k] = v
                 k += 1

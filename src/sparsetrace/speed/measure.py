@@ -92,8 +92,8 @@ class BlockTiming:
     dense: float
     sparse: float
     bandwidth: float
-    up_bytes: int
-    down_bytes: int
+    up_bytes: float  # per layer, mean over layers
+    down_bytes: float
 
     @property
     def speedup(self) -> float:
@@ -161,22 +161,20 @@ def time_mlp_block(
     with torch.inference_mode():
         times = best_times({"dense": lambda: run(False), "sparse": lambda: run(True)}, repeats)
     dense, sparse = times["dense"], times["sparse"]
-    calls = tokens * len(layers)
+    calls, n = tokens * len(layers), len(layers)
     active = float(torch.stack([m.float().mean() for m in masks]).mean())
-    size = layers[0].up.element_size()
-    return BlockTiming(active, dense / calls, sparse / calls, bandwidth,
-                       layers[0].up.numel() * size, layers[0].down.numel() * size)  # fmt: skip
+    up = sum(layer.up.numel() * layer.up.element_size() for layer in layers) / n
+    down = sum(layer.down.numel() * layer.down.element_size() for layer in layers) / n
+    return BlockTiming(active, dense / calls, sparse / calls, bandwidth, up, down)
 
 
-def random_masks(
-    tokens: int, d_ff: int, active: float, n_layers: int, seed: int = 0
-) -> list[Tensor]:
-    """(tokens, d_ff) 0/1 per layer: exactly round(active * d_ff) units per token, uniform."""
+def random_masks(tokens: int, widths: Sequence[int], active: float, seed: int = 0) -> list[Tensor]:
+    """(tokens, width) 0/1 per layer of ``widths``: exactly round(active * width) units per
+    token, uniform."""
     gen = torch.Generator().manual_seed(seed)
-    k = max(1, round(active * d_ff))
     masks = []
-    for _ in range(n_layers):
-        order = torch.rand(tokens, d_ff, generator=gen).argsort(dim=1)
-        mask = torch.zeros(tokens, d_ff)
-        masks.append(mask.scatter_(1, order[:, :k], 1.0))
+    for width in widths:
+        k = max(1, round(active * width))
+        order = torch.rand(tokens, width, generator=gen).argsort(dim=1)
+        masks.append(torch.zeros(tokens, width).scatter_(1, order[:, :k], 1.0))
     return masks

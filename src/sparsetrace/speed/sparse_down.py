@@ -25,6 +25,7 @@ whose union of active units makes gathering pointless); :attr:`SparseDown.fallba
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -47,7 +48,7 @@ class SparseDown(nn.Module):
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None = None, tau: float | None = None,
-        max_rows: int = MAX_ROWS, kernel: str = DEFAULT_KERNEL,
+        max_rows: int = MAX_ROWS, kernel: str = DEFAULT_KERNEL, blocks: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if kernel not in KERNELS:
@@ -55,7 +56,8 @@ class SparseDown(nn.Module):
         weight = weight.detach().float()
         self.d_model, self.d_ff = weight.shape
         self.kernel, self.tau, self.max_rows = kernel, tau, max_rows
-        self.blocks = max(1, torch.get_num_threads()) if kernel == "embedding_bag" else 1
+        threads = max(1, torch.get_num_threads())
+        self.blocks = (blocks or threads) if kernel == "embedding_bag" else 1
         self.width = -(-self.d_model // self.blocks)
         padded = F.pad(weight.t(), (0, self.width * self.blocks - self.d_model))
         table = padded.reshape(self.d_ff, self.blocks, self.width).transpose(0, 1)
@@ -64,6 +66,8 @@ class SparseDown(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("norms", weight.norm(dim=0))  # ||W[:, i]||, as unit_norms has it
         self.fallbacks = 0
+        # (token, unit) rows read and tokens seen on the sparse path (the decode bound's input)
+        self.units_read = self.tokens_seen = 0
 
     @classmethod
     def from_module(cls, module: nn.Module, **options) -> SparseDown:
@@ -76,6 +80,11 @@ class SparseDown(nn.Module):
         table = self.table.view(self.blocks, self.d_ff, self.width).transpose(0, 1)
         return table.reshape(self.d_ff, -1)[:, : self.d_model].t()
 
+    @property
+    def read_fraction(self) -> float:
+        """Mean fraction of the units read per token on the sparse path so far (nan: none)."""
+        return self.units_read / (self.tokens_seen * self.d_ff) if self.tokens_seen else math.nan
+
     def active(self, rows: Tensor) -> Tensor:
         """Which entries of ``rows`` (n, d_ff) the projection reads."""
         if self.tau is None:
@@ -84,21 +93,20 @@ class SparseDown(nn.Module):
 
     def forward(self, a: Tensor) -> Tensor:
         shape = a.shape
-        rows = a.reshape(-1, self.d_ff).float()
+        rows = a.detach().reshape(-1, self.d_ff).float()  # an inference path: no gradient
         if rows.shape[0] > self.max_rows:
             if not self.fallbacks:  # say so once per projection
                 warnings.warn(
                     f"SparseDown: {rows.shape[0]} tokens in one call (more than max_rows="
                     f"{self.max_rows}) run as one dense product: per-token gathering does not pay "
                     "for batches (prefill is expected to)",
-                    stacklevel=2,
+                    stacklevel=4,  # past nn.Module's call machinery, to the caller
                 )
             self.fallbacks += 1
             out = self._dense(rows if self.tau is None else rows * self.active(rows))
-        elif self.kernel == "numba":
-            out = self._numba(rows)
         else:
-            out = self._bags(rows)
+            out = self._numba(rows) if self.kernel == "numba" else self._bags(rows)
+            self.tokens_seen += rows.shape[0]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.d_model).to(a.dtype)
@@ -113,8 +121,8 @@ class SparseDown(nn.Module):
 
         out = torch.empty(rows.shape[0], self.d_model)
         tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
-        sparse_rows_matvec(rows.contiguous().numpy(), self.table.numpy(), self.norms.numpy(),
-                           tau, out.numpy())  # fmt: skip
+        self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), self.table.numpy(),
+                                              self.norms.numpy(), tau, out.numpy())  # fmt: skip
         return out
 
     def _bags(self, rows: Tensor) -> Tensor:
@@ -123,6 +131,7 @@ class SparseDown(nn.Module):
         tau = np.float32(-1.0 if self.tau is None else self.tau)
         index, weights, offsets = bag_indices(rows.contiguous().numpy(), self.norms.numpy(), tau,
                                               self.blocks, self.d_ff)  # fmt: skip
+        self.units_read += len(index) // self.blocks
         out = F.embedding_bag(torch.from_numpy(index), self.table, torch.from_numpy(offsets),
                               mode="sum", per_sample_weights=torch.from_numpy(weights))  # fmt: skip
         return out.reshape(rows.shape[0], -1)[:, : self.d_model]

@@ -12,13 +12,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from sparsetrace.analysis.locate import locate
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import GATED
 from sparsetrace.speed import decode as dec
 from sparsetrace.speed import measure as ms
 
 DEFAULT_FRACTIONS = "1,0.5,0.2,0.1,0.05,0.02"
-DEAD_TOKENS = 8192  # validation tokens that decide which units are dead (0.1 %: 8 tokens)
+DEAD_TOKENS = 8192  # validation tokens that decide which units are dead (alive: >= 9 of them)
 
 
 def _fractions(text: str) -> list[float]:
@@ -31,16 +32,25 @@ def _fractions(text: str) -> list[float]:
     return values
 
 
-def _taus(run: Path, activation: str) -> list[float] | None:
-    """Each layer's CETT threshold at the run's last PPL-p% measurement (None for ReLU)."""
+def _taus(run: Path, activation: str, step: int) -> list[float] | None:
+    """Each layer's CETT threshold from the run's PPL-p% measurement of checkpoint ``step`` (the
+    one loaded); None for ReLU-like activations (exact zeros)."""
     if activation in dec.RELU:
         return None
     summary = run / "sparsing_law.json"
+    how = f"run `sparsetrace sparsing-law {run} --final-only` first"
     if not summary.is_file():
-        raise UserError(f"{run}: the {activation} MLP's sparse path needs CETT thresholds; run "
-                        f"`sparsetrace sparsing-law {run} --final-only` first")  # fmt: skip
-    last = json.loads(summary.read_text())["checkpoints"][-1]["layers"]
-    return [float(last[k]["tau"]) for k in sorted(last, key=int)]
+        raise UserError(f"{run}: the {activation} MLP's sparse path needs CETT thresholds; {how}")
+    try:
+        last = json.loads(summary.read_text())["checkpoints"][-1]
+        taus = [float(last["layers"][k]["tau"]) for k in sorted(last["layers"], key=int)]
+        measured = int(last["step"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"{summary}: not a sparsing-law summary with thresholds; {how}") from None
+    if measured != step:
+        raise UserError(f"{summary}: thresholds of step {measured}, but the latest checkpoint is "
+                        f"step {step}; {how}")  # fmt: skip
+    return taus
 
 
 def _cpu_name() -> str:
@@ -55,27 +65,41 @@ def _cpu_name() -> str:
 
 
 def _bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters a decoding step reads (every weight once; a tied head once)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights one decoding step reads: every parameter once (a tied head once: it is
+    read in full for the logits), but one row of each embedding table that no linear layer
+    shares (untied token embeddings, position tables). KV-cache reads are not counted."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in shared:
+            w = m.weight
+            total -= (w.shape[0] - 1) * w.shape[1] * w.element_size()
+    return total
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A sparse model to decode with: its label, the model, and the bytes a token reads at the
-    measured ``active`` fraction per layer (every weight once, less the inactive rows of each
-    W_out)."""
+    """A model to decode sparse: its label, its dense/sparse swap, the bytes a dense step reads
+    and each layer's W_out bytes (the part the sparse path reads only for active units)."""
 
     label: str
     swap: dec.Swap
-    nbytes: float
+    nbytes: int
+    down_bytes: list[int]
 
     @classmethod
-    def of(cls, label: str, model: torch.nn.Module, taus: list[float] | None, kernel: str,
-           active: list[float]) -> Variant:  # fmt: skip
-        downs = [site.module for site in dec.locate(model)[1]]
-        saved = sum((1 - a) * d.weight.numel() * d.weight.element_size()
-                    for a, d in zip(active, downs, strict=True))  # fmt: skip
-        return cls(label, dec.Swap(model, taus, kernel), _bytes(model) - saved)
+    def of(cls, label: str, model: torch.nn.Module, taus: list[float] | None,
+           kernel: str) -> Variant:  # fmt: skip
+        nbytes = _bytes(model)  # with the dense modules in place
+        downs = [site.module.weight for site in locate(model)[1]]
+        return cls(label, dec.Swap(model, taus, kernel), nbytes,
+                   [w.numel() * w.element_size() for w in downs])  # fmt: skip
+
+    def sparse_bytes(self) -> float:
+        """Bytes a sparse step reads at the fractions its SparseDowns counted."""
+        fractions = [down.read_fraction for down in self.swap.sparse]
+        return self.nbytes - sum((1 - a) * b for a, b in zip(fractions, self.down_bytes,
+                                                                strict=True))  # fmt: skip
 
 
 def _decode_rows(
@@ -83,35 +107,44 @@ def _decode_rows(
     bandwidth: float,
 ) -> list[dict]:  # fmt: skip
     """Decoding speed of each sparse variant against the dense reference (the first variant's
-    model with its dense projections), timed interleaved, and both against their bounds."""
+    model with its dense projections), timed interleaved, and both against their bounds. The
+    units read per token are counted in an untimed sparse run first, on the same tokens."""
     reference = variants[0].swap
-    total = _bytes(reference.use(sparse=False))  # SparseDown holds buffers, not parameters
-
-    def dense_run(n: int) -> object:
-        return dec.decode(reference.use(sparse=False), prompt, n)
-
-    runs = {"dense": dense_run}
+    for v in variants:
+        dec.decode(v.swap.use(sparse=True), prompt, new_tokens)  # counts what it reads
+    read = [v.sparse_bytes() for v in variants]
+    runs = {"dense": lambda n: dec.decode(reference.use(sparse=False), prompt, n)}
     for v in variants:
         runs[v.label] = lambda n, v=v: dec.decode(v.swap.use(sparse=True), prompt, n)
-    seconds = dec.decode_seconds(runs, new_tokens, repeats)
-    return [{"model": v.label, "dense tok/s": 1 / seconds["dense"],
-             "sparse tok/s": 1 / seconds[v.label],
-             "speed-up": seconds["dense"] / seconds[v.label], "bound speed-up": total / v.nbytes,
-             "dense of bound": total / bandwidth / seconds["dense"],
-             "sparse of bound": v.nbytes / bandwidth / seconds[v.label],
-             "MB per token (dense)": total / 1e6, "MB per token (sparse)": v.nbytes / 1e6}
-            for v in variants]  # fmt: skip
+    try:
+        seconds = dec.decode_seconds(runs, new_tokens, repeats)
+    finally:
+        for v in variants:
+            v.swap.use(sparse=False)
+    dense, total = seconds["dense"], variants[0].nbytes
+    return [{"model": v.label, "dense tok/s": 1 / dense, "sparse tok/s": 1 / seconds[v.label],
+             "speed-up": dense / seconds[v.label], "bound speed-up": total / r,
+             "dense of bound": total / bandwidth / dense,
+             "sparse of bound": r / bandwidth / seconds[v.label],
+             "active fraction (decode)": sum(d.read_fraction for d in v.swap.sparse)
+             / len(v.swap.sparse),
+             "MB per token (dense)": total / 1e6, "MB per token (sparse)": r / 1e6}
+            for v, r in zip(variants, read, strict=True)]  # fmt: skip
 
 
-def _sweep(layers, inputs, fractions, bandwidth, repeats, label, measured=None) -> list[dict]:
+def _sweep(
+    layers: list[ms.MlpLayer], inputs: list[torch.Tensor], fractions: list[float],
+    bandwidth: float, repeats: int, label: str, measured: list[torch.Tensor] | None = None,
+) -> list[dict]:  # fmt: skip
+    """MLP-block rows: at the measured patterns (if given), then at each random fraction."""
     rows = []
-    n, d_ff = len(layers), layers[0].down.shape[1]
     tokens = inputs[0].shape[0]
     if measured is not None:
         t = ms.time_mlp_block(layers, inputs, [m.float() for m in measured], bandwidth, repeats)
         rows.append({"shape": label, "pattern": "measured", **t.row()})
+    widths = [layer.down.shape[1] for layer in layers]
     for a in fractions:
-        masks = ms.random_masks(tokens, d_ff, a, n)
+        masks = ms.random_masks(tokens, widths, a)
         t = ms.time_mlp_block(layers, inputs, masks, bandwidth, repeats)
         rows.append({"shape": label, "pattern": "random", **t.row()})
     return rows
@@ -132,15 +165,18 @@ def _prune_dead(model, cfg, taus: list[float] | None) -> tuple[torch.nn.Module, 
     names = list(model.mlps())
     keep = {name: a.float().mean(0) >= DEAD_FRACTION for name, a in zip(names, active, strict=True)}
     pruned = prune_model(model, cfg, keep).float().eval()
+    sizes = [b.n_targets for b in batches]
     with torch.no_grad():
-        dense = [float(model(b.inputs, b.targets).loss) for b in batches]
-        cut = [float(pruned(b.inputs, b.targets).loss) for b in batches]
+        dense = sum(float(model(b.inputs, b.targets).loss) * n
+                    for b, n in zip(batches, sizes, strict=True))  # fmt: skip
+        cut = sum(float(pruned(b.inputs, b.targets).loss) * n
+                  for b, n in zip(batches, sizes, strict=True))  # fmt: skip
     _, after = dec.active_patterns(pruned, [b.inputs for b in batches], taus)
     return pruned, {
-        "dead_tokens": DEAD_TOKENS,
+        "dead_tokens": sum(b.inputs.numel() for b in batches),
         "removed": [int((~k).sum()) for k in keep.values()],
         "width": [int(k.numel()) for k in keep.values()],
-        "ppl_ratio": math.exp((sum(cut) - sum(dense)) / len(batches)),
+        "ppl_ratio": math.exp((cut - dense) / sum(sizes)),
         "active": [float(a.float().mean()) for a in after], "taus": taus,
     }  # fmt: skip
 
@@ -159,22 +195,30 @@ class Subject:
     cfg: object | None = None  # our RunConfig (dead-unit pruning needs it)
 
 
-def _subject(source: Path, tokens: int) -> Subject:
+def _subject(source: Path, tokens: int, prune_dead: bool) -> Subject:
     need = tokens + 16
     if (source / "config.yaml").is_file():
         from sparsetrace.data.prepare import prepare_data
-        from sparsetrace.train.checkpoint import load_trained_model
+        from sparsetrace.sparsing.over_training import checkpoint_step
+        from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
 
         model, cfg = load_trained_model(source)
+        step = checkpoint_step(list_checkpoints(source)[-1])
         if cfg.model.activation in GATED:
             raise UserError(
                 f"{cfg.model.activation}: the speed measurement covers plain MLPs (relu, gelu, "
                 "silu, relu2); gated MLPs are not supported yet"
             )
         val = prepare_data(cfg.data).val[:need].astype("int64")
-        return Subject(model.float(), cfg.model.activation, _taus(source, cfg.model.activation),
-                       torch.as_tensor(val)[None], cfg.data.seq_len, cfg)  # fmt: skip
+        if len(val) < need:
+            raise UserError(f"--tokens {tokens}: the validation split has {len(val)} tokens")
+        return Subject(model.float(), cfg.model.activation,
+                       _taus(source, cfg.model.activation, step), torch.as_tensor(val)[None],
+                       cfg.data.seq_len, cfg)  # fmt: skip
     if (source / "config.json").is_file():
+        if prune_dead:
+            raise UserError("--prune-dead needs a sparsetrace run (its pruning slices our "
+                            "model's layout); not a Hugging Face model")  # fmt: skip
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from sparsetrace.analysis.analyze import _from_pretrained, _load_tokenizer, token_batches
@@ -202,12 +246,13 @@ def run_speed(
     run, big, points = Path(run), dec.parse_shape(shape), _fractions(fractions)
     if tokens < 1 or new_tokens < 1 or repeats < 1:
         raise UserError("--tokens, --new-tokens and --repeats must be >= 1")
-    s = _subject(run, tokens)
-    if new_tokens + 1 >= s.context:
-        raise UserError(f"--new-tokens must be below the model's {s.context} positions")
-    if prune_dead and s.cfg is None:
-        raise UserError("--prune-dead needs a sparsetrace run (its pruning keeps the optimizer's "
-                        "layout); a Hugging Face model cannot be pruned here")  # fmt: skip
+    s = _subject(run, tokens, prune_dead)
+    context = min(s.context, big.seq_len)
+    if tokens > s.context:
+        raise UserError(f"--tokens {tokens}: the model reads at most {s.context} positions")
+    if new_tokens + 16 >= context:
+        raise UserError(f"--new-tokens {new_tokens}: with the 16-token prompt it must stay below "
+                        f"{context} positions (the model's and the shape's)")  # fmt: skip
     model, taus = s.model, s.taus
     inputs, active = dec.active_patterns(model, [s.ids[:, :tokens]], taus)
     fraction_by_layer = [float(a.float().mean()) for a in active]
@@ -220,14 +265,12 @@ def run_speed(
         own = [ms.MlpLayer.of(b.mlp.w_in.weight, b.mlp.w_out.weight, kernel)
                for b in model.blocks]  # fmt: skip
         block = _sweep(own, inputs, points, bandwidth, repeats, "model", active)
-        del own
-    prompt = s.ids[:, : min(16, s.context - new_tokens)]
+    prompt = s.ids[:, :16]
     variants = []
     if prune_dead:  # first, while the model is dense: the pruned copy takes its weights
         pruned, pruning = _prune_dead(model, s.cfg, taus)
-        variants.append(Variant.of("model, dead units pruned", pruned, pruning["taus"], kernel,
-                                   pruning["active"]))  # fmt: skip
-    variants.insert(0, Variant.of("model", model, taus, kernel, fraction_by_layer))
+        variants.append(Variant.of("model, dead units pruned", pruned, pruning["taus"], kernel))
+    variants.insert(0, Variant.of("model", model, taus, kernel))
     decode = _decode_rows(variants, prompt, new_tokens, repeats, bandwidth)
     # The memory-bound shape: random weights, this model's measured patterns and sparsity.
     wide = dec.transplant_patterns(active, big)
@@ -235,20 +278,20 @@ def run_speed(
     big_inputs = [torch.randn(tokens, big.d_model, generator=gen) for _ in range(big.n_layers)]
     big_layers = ms.random_layers(big.d_model, big.d_ff, big.n_layers, kernel)
     block += _sweep(big_layers, big_inputs, points, bandwidth, repeats, shape, wide)
-    del big_layers
+    big_layers.clear()  # free the sweep's weights before the decoding model is built
     big_model = dec.transplant(big, fraction_by_layer)
     big_prompt = torch.randint(0, big.vocab_size, (1, 16), generator=gen)
-    big_active = [fraction_by_layer[i * len(active) // big.n_layers] for i in range(big.n_layers)]
     big_variant = Variant.of(f"{shape} (random weights, transplanted sparsity)", big_model, None,
-                             kernel, big_active)  # fmt: skip
+                             kernel)  # fmt: skip
     decode += _decode_rows([big_variant], big_prompt, new_tokens, repeats, bandwidth)
-    del big_model
+    bandwidth_end = ms.read_bandwidth()  # the machine drifts: say by how much
     from sparsetrace.report.speed import write_speed_report
 
     out = Path(out) if out else run / "speed"
     result = {
         "run": str(run), "machine": _cpu_name(),
-        "threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth / 1e9, "kernel": kernel,
+        "threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth / 1e9,
+        "bandwidth_end_GBps": bandwidth_end / 1e9, "kernel": kernel,
         "activation": s.activation, "thresholds": taus,
         "active_by_layer": fraction_by_layer, "shape": shape,
         "pruning": pruning if prune_dead else None,
