@@ -390,3 +390,30 @@ def test_decode_bytes_count_one_row_of_untied_tables(tied: bool) -> None:
     assert v.sparse_bytes() == pytest.approx(
         v.nbytes - sum((1 - a) * 64 * 16 * 4 for a in fractions)
     )
+
+
+def test_block_sweep_takes_each_layers_width() -> None:
+    from sparsetrace.speed.verbs import _sweep
+
+    gen = torch.Generator().manual_seed(8)
+    layers = [ms.MlpLayer.of(torch.randn(w, 16, generator=gen), torch.randn(16, w, generator=gen))
+              for w in (64, 24)]  # fmt: skip
+    rows = _sweep(layers, [torch.randn(3, 16), torch.randn(3, 16)], [0.25], 1e10, 1, "pruned")
+    assert rows[0]["active fraction"] == pytest.approx((16 / 64 + 6 / 24) / 2)
+
+
+def test_thresholds_must_belong_to_the_loaded_checkpoint(runs: dict[str, Path], tmp_path) -> None:
+    import shutil
+
+    from sparsetrace.speed.verbs import _taus
+
+    run = tmp_path / "silu"
+    shutil.copytree(runs["silu"], run)
+    summary = {"checkpoints": [{"step": 10, "layers": {"0": {"tau": 0.1}, "1": {"tau": 0.2}}}]}
+    (run / "sparsing_law.json").write_text(json.dumps(summary))
+    assert _taus(run, "silu", 10) == [0.1, 0.2]
+    with pytest.raises(UserError, match="step 10, but the latest checkpoint is step 20"):
+        _taus(run, "silu", 20)
+    (run / "sparsing_law.json").write_text("{}")
+    with pytest.raises(UserError, match="not a sparsing-law summary"):
+        _taus(run, "silu", 20)
