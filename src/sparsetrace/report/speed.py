@@ -12,6 +12,7 @@ from matplotlib.figure import Figure as MplFigure
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import figures
 from sparsetrace.report.document import Section, Table, Text
+from sparsetrace.rundir import atomic_write_text
 
 
 def _three(v: float) -> str:
@@ -44,7 +45,7 @@ def speed_figure(block: pd.DataFrame) -> MplFigure:
 def write_speed_report(out: Path, result: dict) -> Path:
     """speed.json and report/ (index.html, report.md, tables, figure); returns index.html."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "speed.json", json.dumps(result, indent=2))
     block, decode = pd.DataFrame(result["block"]), pd.DataFrame(result["decode"])
     report = out / "report"
     fmt = {c: _three for c in block.columns if c not in ("shape", "pattern")}
