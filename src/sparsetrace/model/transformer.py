@@ -268,7 +268,7 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         if self.pos_table is not None:
-            x = x + self.pos_table[positions].to(x.dtype)
+            x = x + self.pos_table[start : start + t].to(x.dtype)  # a slice, not a gather
         bias = self._relative_bias(start, t, idx.device) if self.rel_bias is not None else None
         rope = self._rope(positions) if self.cfg.pos == "rope" else None
         counts: dict[str, torch.Tensor] = {}
