@@ -239,3 +239,23 @@ def test_bad_percentiles_exit_2(
     assert out.out == ""
     assert len(out.err.splitlines()) == 1
     assert out.err.startswith("sparsetrace: error: --percentiles")
+
+
+def test_argument_help_joins_continuation_lines() -> None:
+    from sparsetrace.cli import _param_help
+
+    def verb(alpha: int = 1, beta: str = "", gamma: float = 0.5) -> None:
+        """One line.
+
+        Args:
+            alpha: first part of alpha's help
+                continued here: with a colon
+            beta: 100% beta
+            gamma: gamma
+        """
+
+    assert _param_help(verb) == {
+        "alpha": "first part of alpha's help continued here: with a colon",
+        "beta": "100%% beta",  # argparse formats help with %
+        "gamma": "gamma",
+    }

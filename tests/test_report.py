@@ -296,9 +296,13 @@ def _check_files(index: Path) -> str:
     return html
 
 
-def test_single_run_report_files(single: Path) -> None:
+def test_single_run_report_files(single: Path, runs: dict[str, Path]) -> None:
     html = _check_files(single)
     assert "paper_like" in html and "finished" in html
+    # The findings say how many tokens the run saw, against the paper's scale.
+    tokens = pd.read_csv(runs["paper_like"] / "sparsity.csv")["tokens"].max()
+    assert 1e3 <= tokens < 1e6
+    assert f"training tokens seen here: paper_like: {tokens / 1e3:.3g}k" in html
 
 
 def test_multi_run_report_with_other_depth_in_progress_and_empty(multi: Path) -> None:

@@ -9,6 +9,8 @@ set -euo pipefail
 OUT=${1:-runs/ablation}
 shift || true
 S=${SPARSETRACE:-.venv/bin/sparsetrace}
+# The corpus arms' text: benchmarks/reproduction/python_docs_corpus.py writes it.
+PYDOCS=${PYDOCS:-runs/corpus/python-docs.jsonl}
 declare -A ARMS=(
   [baseline]="cpu-gpt2 train.lr=3e-3"
   [pos-sinusoidal]="cpu-gpt2 model.pos=sinusoidal"
@@ -37,11 +39,14 @@ declare -A ARMS=(
   [cpu-emb-0.177]="cpu model.emb_init_std=0.177 --model.emb_init normal"
   [cpu-cosine]="cpu train.min_lr_ratio=0.1"
   [cpu-long]="cpu-long train.steps=3000"
+  [corpus-pydocs]="cpu-gpt2 data.source=$PYDOCS"
+  [cpu-corpus-pydocs]="cpu data.source=$PYDOCS"
 )
 ORDER=(baseline pos-sinusoidal norm-rmsnorm bias-off beta2-0.999 emb-std-1 mlp-lr-x3 warmup-300
        t5-sinusoidal t5sin-constant lr-constant dff-4096 wd-0 mlp-init-truncated seq-512 batch-32
        untied pos-relative t5sin-mlp-lr-x3 t5sin-beta2-0.999 t5sin-constant-lr1e-2
-       t5sin-constant-2000 t5sin-constant-emb-0.088 cpu-long cpu-cosine cpu-emb-0.044 cpu-emb-0.177)
+       t5sin-constant-2000 t5sin-constant-emb-0.088 cpu-long cpu-cosine cpu-emb-0.044 cpu-emb-0.177
+       corpus-pydocs cpu-corpus-pydocs)
 for arm in "${@:-${ORDER[@]}}"; do
   spec=${ARMS[$arm]}
   preset=${spec%% *}; spec=${spec#"$preset "}

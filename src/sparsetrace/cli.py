@@ -173,14 +173,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _param_help(fn: Callable[..., Any]) -> dict[str, str]:
-    """``name: text`` lines of the docstring's ``Args:`` block."""
+    """``name: text`` entries of the docstring's ``Args:`` block; a line indented deeper than
+    its entry continues it."""
     doc = inspect.getdoc(fn) or ""
     if "Args:" not in doc:
         return {}
-    helps = {}
+    helps: dict[str, str] = {}
+    name, indent = None, 0
     for line in doc.split("Args:", 1)[1].splitlines():
-        name, sep, text = line.strip().partition(": ")
-        if sep and name.isidentifier():
+        depth = len(line) - len(line.lstrip())
+        if name and line.strip() and depth > indent:
+            helps[name] += " " + line.strip().replace("%", "%%")
+            continue
+        key, sep, text = line.strip().partition(": ")
+        name, indent = (key, depth) if sep and key.isidentifier() else (None, 0)
+        if name:
             helps[name] = text.replace("%", "%%")
     return helps
 

@@ -116,8 +116,8 @@ def experiment_activations(
 
     Args:
         preset: preset name or YAML file (plus --section.key value overrides)
-        activations: comma-separated model.activation values, one run each (default: the
-            paper's gated ReLU and gated SiLU, act(gate) * up; plain relu,silu as an option)
+        activations: comma-separated model.activation values, one run each; the default is
+            the paper's gated ReLU and gated SiLU, act(gate) * up (plain: relu,silu)
         p: PPL-p% sparsity: the perplexity increase allowed, in percent (paper: 1)
         tokens: validation tokens each checkpoint is measured on
         quick: a small byte-level model, 300 steps (minutes on a CPU)
