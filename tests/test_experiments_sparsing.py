@@ -126,6 +126,10 @@ def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     laws = pd.read_csv(index.parent / "tables" / "laws.csv", index_col=0)
     assert list(laws.index) == ["relu", "silu"] and (laws["checkpoints"] == 8).all()
     assert list(laws["law"]) == ["relu", "silu"] and laws["MSE"].notna().all()
+    assert laws[["A0 low", "A0 high"]].notna().all().all()
+    assert (laws["A0 low"] <= laws["A0"] + 1e-12).all()
+    assert (laws["A0"] <= laws["A0 high"] + 1e-12).all()
+    assert (laws["A0"] >= 0).all() and (laws["A0"] <= 1).all()  # a share of units
     assert "Sparsing Law finding on these runs" in (index.parent / "report.md").read_text()
     cfg = load_config("tiny", SHORT)
     assert runs.status(tmp_path / "model.activation=silu", cfg.train.steps) == "finished"

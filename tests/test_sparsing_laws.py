@@ -238,6 +238,22 @@ def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
     assert not well.limit_on_bound
 
 
+def test_silu_limit_is_a_share_of_units() -> None:
+    """A SiLU curve still rising as fast as at its start (log-linear, like the `cpu` preset's
+    gated SiLU over 2M tokens) does not determine its limit: bounded only below, least squares
+    puts A0 above 1 — more than all units; bounded by 1 too, A0 sits on that bound and says so."""
+    tokens = np.geomspace(2.56e5, 2.048e6, 8)
+    ratio = 0.20 + 0.012 * np.log(tokens / tokens[0])
+    d = tokens / 1e9
+    with np.errstate(all="ignore"):
+        lower = [1e-6, 0.0, ratio.max()]  # alpha, c, A0: A0 bounded below only
+        free, _ = curve_fit(silu_law, d, ratio, p0=(0.05, 0.01, 0.5), maxfev=40000,
+                            bounds=(lower, [np.inf] * 3))  # fmt: skip
+    assert free[2] > 1
+    fit = fit_law(tokens, ratio, "silu")
+    assert ratio.max() <= fit.limit <= 1 and fit.limit_on_bound
+
+
 # --------------------------------------------------------------------------------------------------
 # The training-loss law L(D) = L_inf + B * D**(-beta): per-step losses after warm-up
 

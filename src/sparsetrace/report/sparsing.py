@@ -153,14 +153,19 @@ def activation_figure(curves: list[Curve]) -> MplFigure | None:
 def _fit_row(c: Curve) -> dict[str, float | str]:
     law = c.fit
     params = law.params if law else {}
+    lo, hi = (law.a0_interval if law else None) or (math.nan, math.nan)
+    note = c.note
+    if law and law.limit_on_bound:
+        note = "limit A0 on its physical bound: these checkpoints do not determine it"
     return {
         "law": c.form, "checkpoints": float(len(c.ratio)),
         "final activation ratio": float(c.ratio[-1]) if len(c.ratio) else math.nan,
         **{k: params.get(k) if params.get(k) is not None else math.nan
            for k in ("A0", "alpha", "b", "c")},
+        "A0 low": lo, "A0 high": hi,
         "MAE": law.mae if law else math.nan, "MSE": law.mse if law else math.nan,
         "log baseline MSE": law.baseline.mse if law and law.baseline else math.nan,
-        "finding": curve_verdict(c), "note": c.note,
+        "finding": curve_verdict(c), "note": note,
     }  # fmt: skip
 
 
@@ -175,10 +180,12 @@ def write_activations_report(out: Path, curves: list[Curve], p: float) -> Path:
         "laws", "Activation ratio and fitted Sparsing Law per activation",
         f"Final activation ratio at PPL-{p:g}% (one CETT per run, chosen on its last "
         "checkpoints), the law fitted to ratio vs D = tokens / 1e9 (relu form for relu-like, "
-        "silu form for silu/gelu-like activations), its MAE/MSE and the log baseline's MSE; "
+        "silu form for silu/gelu-like activations), A0's 95 % interval (low, high), its "
+        "MAE/MSE and the log baseline's MSE; "
         "finding = the run's trend against the paper's direction.",
         frame,
         {"checkpoints": _whole, "final activation ratio": _four, "A0": _general,
+         "A0 low": _general, "A0 high": _general,
          "alpha": _general, "b": _general, "c": _general, "MAE": _sci, "MSE": _sci,
          "log baseline MSE": _sci},
     )  # fmt: skip

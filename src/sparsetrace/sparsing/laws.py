@@ -9,10 +9,11 @@ Sparsing Law (Luo et al.), "Laws" (D = training tokens in billions):
 
 **The limit A0 is the answer** to "what activation ratio does this model converge to", so it must
 be physical: the fit is bounded (ReLU: 0 <= A0 <= the lowest observed ratio, a falling curve
-converges below its points; SiLU: A0 >= the highest observed ratio, a rising one above them;
-alpha > 0, c >= 0). The authors fit unbounded (Levenberg-Marquardt), which on their own 0.4B
-ReLU curve returns A0 < 0. ``skip_first`` drops early checkpoints. The rule for choosing it (the
-authors' stated one, their Appendix E): drop the checkpoints taken during warm-up, and no more.
+converges below its points; SiLU: the highest observed ratio <= A0 <= 1, a rising one converges
+above its points and a ratio is a share of units; alpha > 0, c >= 0). The authors fit
+unbounded (Levenberg-Marquardt), which on their own 0.4B ReLU curve returns A0 < 0.
+``skip_first`` drops early checkpoints. The rule for choosing it (the authors' stated one, their
+Appendix E): drop the checkpoints taken during warm-up, and no more.
 Their published parameters for some models need further drops chosen by hand (1.2B ReLU: the
 first 6; docs/sparsing-law.md lists what reproduces each); when a fit's limit sits on its bound,
 the curve does not determine the limit, and the fit says so rather than dropping points until
@@ -219,7 +220,8 @@ _FORMS = {
     ),
     "silu": _Form(
         silu_law, ("alpha", "c", "A0"),
-        lambda d, y: ([1e-6, 0.0, float(y.max())], [_INF, _INF, _INF]),
+        # A0 <= 1: a share of units (the tiny margin keeps the bounds apart when max(y) = 1)
+        lambda d, y: ([1e-6, 0.0, float(y.max())], [_INF, _INF, max(1.0, float(y.max()) + 1e-9)]),
         _silu_starts, lambda alpha, c, a0: {"alpha": alpha, "b": None, "c": c, "A0": a0},
     ),
     "log": _Form(
