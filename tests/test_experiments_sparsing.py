@@ -174,3 +174,28 @@ def test_width_depth_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(UserError, match="--ratios"):
         width_depth.run_width_depth_experiment("tiny", "4,wide", "reglu", 1.0, TOKENS, False,
                                                tmp_path, SHORT)  # fmt: skip
+
+
+def test_activations_report_flags_an_undetermined_limit(tmp_path: Path) -> None:
+    """A SiLU curve still rising log-linearly puts A0 on its bound 1 and the table says so; a
+    converging one (the law with A0 = 0.4) gets its limit and no such note."""
+    from sparsetrace.report.sparsing import write_activations_report
+    from sparsetrace.sparsing.laws import silu_law
+
+    def curve(name: str, ratios: np.ndarray, tokens: np.ndarray):
+        path = tmp_path / name
+        path.mkdir()
+        pd.DataFrame({"step": range(len(tokens)), "tokens": tokens, "layer": "all",
+                      "activation_ratio": ratios, "cett": 0.1, "ppl_ratio": 1.01}
+                     ).to_csv(path / "sparsing_law.csv", index=False)  # fmt: skip
+        return activations.law_curve(name, "silu", path / "sparsing_law.csv")
+
+    tokens = np.geomspace(1e9, 1e11, 8)
+    rising = curve("rising", 0.20 + 0.012 * np.log(tokens / tokens[0]), tokens)
+    converging = curve("converging", silu_law(tokens / 1e9, 0.5, 0.1, 0.4), tokens)
+    index = write_activations_report(tmp_path / "out", [rising, converging], 1.0)
+    laws = pd.read_csv(index.parent / "tables" / "laws.csv", index_col=0)
+    assert laws.loc["rising", "A0"] == pytest.approx(1.0, abs=1e-3)
+    assert "on its physical bound" in laws.loc["rising", "note"]
+    assert laws.loc["converging", "A0"] == pytest.approx(0.4, abs=1e-3)
+    assert pd.isna(laws.loc["converging", "note"])
