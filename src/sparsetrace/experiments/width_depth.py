@@ -145,7 +145,7 @@ def arm_row(cfg: RunConfig, form: str, csv: Path) -> dict:
     curve = law_curve(cfg.run_name, form, csv)
     law, run, m = curve.fit, load_run(run_dir(cfg)), cfg.model
     loss = limit_loss(run, cfg.train.warmup_steps)
-    a0_low, a0_high = law.a0_interval if law and law.a0_interval else (math.nan, math.nan)
+    a0_low, a0_high = law.a0_low_high if law else (math.nan, math.nan)
     loss_low, loss_high = loss.interval if loss else (math.nan, math.nan)
     scores = rx.run_scores(prepare(run, cfg.run_name))
     return {

@@ -153,7 +153,7 @@ def activation_figure(curves: list[Curve]) -> MplFigure | None:
 def _fit_row(c: Curve) -> dict[str, float | str]:
     law = c.fit
     params = law.params if law else {}
-    lo, hi = (law.a0_interval if law else None) or (math.nan, math.nan)
+    lo, hi = law.a0_low_high if law else (math.nan, math.nan)
     note = c.note
     if law and law.limit_on_bound:
         note = "limit A0 on its physical bound: these checkpoints do not determine it"
@@ -458,7 +458,7 @@ def _over_training_blocks(label: str, summary: dict, run) -> list:
         return out
     fit = fit_law(frame["tokens"].to_numpy(float), frame["activation ratio %"].to_numpy() / 100,
                   law_form(activation))  # fmt: skip
-    lo, hi = fit.a0_interval or (math.nan, math.nan)
+    lo, hi = fit.a0_low_high
     out.append(Text(f"{label}: {fit.form} law fitted to {len(points)} checkpoints: limit A0 = "
                     f"{100 * fit.limit:.2f} % (95 % interval {100 * lo:.2f}–{100 * hi:.2f} %), "
                     f"MSE {fit.mse:.2e}."))  # fmt: skip

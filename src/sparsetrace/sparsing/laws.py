@@ -106,6 +106,11 @@ class LawFit:
         return _on_bound(self.limit, self.a0_bounds)
 
     @property
+    def a0_low_high(self) -> tuple[float, float]:
+        """A0's 95 % interval; (nan, nan) where none was computed."""
+        return self.a0_interval or (float("nan"), float("nan"))
+
+    @property
     def limit(self) -> float | None:
         """The activation ratio the law converges to (A0); None for the baselines."""
         return self.params.get("A0") if self.form in FORMS else None

@@ -86,7 +86,7 @@ def fit_law(
     d_lo, d_hi = tokens.min() / 1e9, tokens.max() / 1e9
     print(f"{len(tokens)} points, D = tokens / 1e9 from {d_lo:.4g} to {d_hi:.4g}; fitted on the "
           f"last {len(tokens) - fit.skip} (--skip-first {fit.skip})")  # fmt: skip
-    lo, hi = fit.a0_interval or (float("nan"), float("nan"))
+    lo, hi = fit.a0_low_high
     how = f"bootstrap, {bootstrap} resamples" if bootstrap else "the fit's covariance"
     print(f"limit activation ratio A0 = {fit.limit:.4g}, 95 % interval [{lo:.4g}, {hi:.4g}] "
           f"({how})" + (" — on its bound: the curve does not determine the limit"
