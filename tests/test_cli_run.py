@@ -12,16 +12,18 @@ from sparsetrace.rundir import load_run
 
 def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path / "cache"))
-    args = ["run", "--preset", "tiny", "--out_dir", str(tmp_path), "--train.steps", "10"]
+    args = ["run", "--preset", "tiny", "--out_dir", str(tmp_path), "--train.steps", "10",
+            "--checkpoint.every", "5"]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'tiny' / 'report' / 'index.html'}" in out
     assert "corr(per-token, per-batch)" in out  # the terminal summary of Tables 1-2
     assert (tmp_path / "tiny" / "report" / "index.html").is_file()
     assert load_run(tmp_path / "tiny").meta["status"] == "finished"
-    # the main job's Sparsing Law section: the final checkpoint, measured and reported
+    # the main job's Sparsing Law section: every checkpoint at the c found on the final one
     law = json.loads((tmp_path / "tiny" / "sparsing_law.json").read_text())
-    assert [c["step"] for c in law["checkpoints"]] == [10]
+    assert [c["step"] for c in law["checkpoints"]] == [5, 10]
+    assert law["search"]["checkpoints"] == [10]
     assert (
         "Sparsing Law: PPL-1% sparsity" in (tmp_path / "tiny" / "report" / "report.md").read_text()
     )

@@ -77,11 +77,11 @@ def test_shape_for_ratio_keeps_the_budget() -> None:
         width_depth.parse_ratios("4,-1")
 
 
-def _law_csv(path: Path, ratios: list[float]) -> Path:
+def _law_csv(path: Path, ratios: list[float], tokens: list[float] | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    tokens = [2048 * 2**i for i in range(len(ratios))]
-    rows = [{"step": i, "tokens": t, "layer": layer, "activation_ratio": r + (layer != "all") * 0.5,
-             "cett": 0.1, "ppl_ratio": 1.01}
+    tokens = tokens or [2048 * 2**i for i in range(len(ratios))]
+    rows = [{"step": i + 1, "tokens": t, "layer": layer,
+             "activation_ratio": r + (layer != "all") * 0.5, "cett": 0.1, "ppl_ratio": 1.01}
             for i, (t, r) in enumerate(zip(tokens, ratios, strict=True))
             for layer in ("all", "0")]  # fmt: skip
     pd.DataFrame(rows).to_csv(path / "sparsing_law.csv", index=False)
@@ -91,13 +91,13 @@ def _law_csv(path: Path, ratios: list[float]) -> Path:
 def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
     falling = [0.40, 0.35, 0.31, 0.28, 0.26, 0.25]
     rising = falling[::-1]
-    t = trend(*activations.layer_mean(_law_csv(tmp_path / "f", falling)))
+    t = trend(*activations.layer_mean(_law_csv(tmp_path / "f", falling))[1:])
     assert t.direction == "falls" and t.slope < 0 and t.first == pytest.approx(0.353333, 1e-4)
 
     def curves(relu: list[float], silu: list[float]) -> list:
         return [
             activations.law_curve(name, law_form(name),
-                                  _law_csv(tmp_path / f"{name}-{relu[0]}", values))
+                                  _law_csv(tmp_path / f"{name}-{relu[0]}", values), 0)
             for name, values in (("relu", relu), ("silu", silu))
         ]  # fmt: skip
 
@@ -107,14 +107,56 @@ def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
     assert check_finding(curves(falling, falling)).outcome == FAILS  # silu moves the wrong way
     one = check_finding(curves(falling, rising)[:1])  # one family only: the claim contrasts two
     assert one.outcome == INCONCLUSIVE and "both families" in one.decide
-    few = activations.law_curve("silu", "silu", _law_csv(tmp_path / "few", [0.3]))
+    few = activations.law_curve("silu", "silu", _law_csv(tmp_path / "few", [0.3]), 0)
     assert few.fit is None and check_finding([few]).outcome == NA
-    short = activations.law_curve("gelu", "silu", _law_csv(tmp_path / "short", [0.2, 0.3, 0.4]))
+    short = activations.law_curve("gelu", "silu", _law_csv(tmp_path / "short", [0.2, 0.3, 0.4]), 0)
     assert short.fit is None and "needs at least 5" in short.note
     assert check_finding([short]).outcome == INCONCLUSIVE
     assert law_form("swiglu") == "silu" and law_form("reglu") == "relu"
     with pytest.raises(UserError):
         law_form("tanh")
+
+
+def test_law_curve_drops_the_warm_up_checkpoints(tmp_path: Path) -> None:
+    """The authors' rule: checkpoints taken at or before the end of warm-up stay on the curve
+    but out of the fit; the fit equals one on the later points alone."""
+    from sparsetrace.sparsing.laws import fit_law, relu_law
+
+    tokens = np.geomspace(1e8, 1e11, 9)
+    ratios = list(relu_law(tokens / 1e9, 0.5, -1.0, 3.0, 0.05))
+    ratios[:2] = [0.9, 0.6]  # warm-up transients the law does not describe
+    csv = _law_csv(tmp_path / "w", ratios, list(tokens))  # steps 1..9
+    curve = activations.law_curve("relu", "relu", csv, warmup_steps=2)
+    assert curve.fit is not None and curve.fit.skip == 2 and len(curve.ratio) == 9
+    alone = fit_law(tokens[2:], np.array(ratios[2:]), "relu")
+    assert curve.fit.params == pytest.approx(alone.params, rel=1e-6)
+    assert curve.fit.limit == pytest.approx(0.05, abs=1e-3)
+    assert activations.law_curve("relu", "relu", csv, warmup_steps=0).fit.skip == 0
+    late = activations.law_curve("relu", "relu", csv, warmup_steps=5)  # 4 left after warm-up
+    assert late.fit is None and "5 of them during warm-up" in late.note
+
+
+def test_experiments_default_to_the_papers_architectures() -> None:
+    """The paper's models are gated (act(gate) * up): ReLU vs SiLU compares reglu with swiglu;
+    width-depth uses gated ReLU with default ratios on both sides of its bottleneck (~114)."""
+    import inspect
+
+    from sparsetrace.experiments import verbs
+    from sparsetrace.model.transformer import GATED
+
+    def default(verb, name: str):
+        return inspect.signature(verb).parameters[name].default
+
+    compared = default(verbs.experiment_activations, "activations").split(",")
+    assert {law_form(a) for a in compared} == {"relu", "silu"} and set(compared) <= set(GATED)
+    activation = default(verbs.experiment_width_depth, "activation")
+    assert activation in GATED and law_form(activation) == "relu"
+    base = load_config("cpu").model
+    budget = width_depth.non_embedding_params(base)
+    shapes = [width_depth.shape_for_ratio(base, budget, r, activation)
+              for r in width_depth.parse_ratios(width_depth.DEFAULT_RATIOS)]  # fmt: skip
+    below = [s for s in shapes if s.ratio < 114]
+    assert len(below) >= 4 and len(shapes) - len(below) >= 2  # the rise and past it
 
 
 def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
@@ -185,10 +227,10 @@ def test_activations_report_flags_an_undetermined_limit(tmp_path: Path) -> None:
     def curve(name: str, ratios: np.ndarray, tokens: np.ndarray):
         path = tmp_path / name
         path.mkdir()
-        pd.DataFrame({"step": range(len(tokens)), "tokens": tokens, "layer": "all",
+        pd.DataFrame({"step": range(1, len(tokens) + 1), "tokens": tokens, "layer": "all",
                       "activation_ratio": ratios, "cett": 0.1, "ppl_ratio": 1.01}
                      ).to_csv(path / "sparsing_law.csv", index=False)  # fmt: skip
-        return activations.law_curve(name, "silu", path / "sparsing_law.csv")
+        return activations.law_curve(name, "silu", path / "sparsing_law.csv", 0)
 
     tokens = np.geomspace(1e9, 1e11, 8)
     rising = curve("rising", 0.20 + 0.012 * np.log(tokens / tokens[0]), tokens)

@@ -168,6 +168,93 @@ def test_fit_law_verb_errors(tmp_path: Path) -> None:
         verbs.fit_law(tmp_path / "g.csv")
     with pytest.raises(UserError, match="skip-first"):
         verbs.fit_law(good, skip_first=17)  # 20 points: 3 left
+    flat = pd.DataFrame({"tokens": [1, 2, 3, 4, 5], "activation_ratio": [0.0] * 5})
+    flat.to_csv(tmp_path / "h.csv")
+    with pytest.raises(UserError, match="constant curve"):  # no law: every limit fits as well
+        verbs.fit_law(tmp_path / "h.csv")
+    tail = pd.DataFrame({"tokens": range(1, 8), "activation_ratio": [0.3, 0.2] + [0.1] * 5})
+    tail.to_csv(tmp_path / "i.csv")
+    with pytest.raises(UserError, match="constant curve"):  # constant once the first 2 are gone
+        verbs.fit_law(tmp_path / "i.csv", skip_first=2)
+
+
+def test_fit_law_cli_bad_input_is_one_line_exit_2(tmp_path: Path, capsys) -> None:
+    from sparsetrace.cli import main
+
+    pd.DataFrame({"tokens": [1, 2, 3, 4, 5], "activation_ratio": [0.2] * 5}).to_csv(
+        tmp_path / "flat.csv", index=False
+    )
+    assert main(["fit-law", str(tmp_path / "flat.csv")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "constant curve" in err
+
+
+def test_relu_curve_that_reaches_zero_pins_its_limit_at_zero() -> None:
+    """A ReLU curve whose last point is 0 bounds A0 to [0, 0]: the fit must still follow the
+    points (no log(0) in its starts) and report A0 = 0 with the degenerate interval."""
+    import warnings
+
+    truth = relu_law(D, 1.0, -2.0, 0.05, 0.0)
+    ratio = truth.copy()
+    ratio[-1] = 0.0  # the last point rounds to 0 (no unit left on at PPL-p%)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log(0) or 0/0 in the fit would raise here
+        fit = fit_law(D * 1e9, ratio, "relu")
+    assert fit.limit == 0.0 and fit.a0_interval == (0.0, 0.0) and fit.limit_on_bound
+    assert np.abs(fit.curve(D) - truth).max() < 1e-3
+
+
+def test_bootstrap_interval_tracks_the_noise_and_covers_the_limit() -> None:
+    """A residual bootstrap: deterministic, another interval than the covariance's, covering the
+    true A0, and about 4x wider when the noise is 4x larger."""
+    truth = silu_law(D, 0.5, 0.1, 0.4)
+    widths = {}
+    for scale in (1, 4):
+        ratio = truth + scale * (noisy(truth, 7) - truth)
+        fit = fit_law(D * 1e9, ratio, "silu", bootstrap=100)
+        lo, hi = fit.a0_interval
+        assert lo <= 0.4 <= hi
+        widths[scale] = hi - lo
+        covariance = fit_law(D * 1e9, ratio, "silu").a0_interval
+        assert fit.a0_interval != pytest.approx(covariance, rel=1e-6)
+        assert fit_law(D * 1e9, ratio, "silu", bootstrap=100) == fit  # fixed seed
+    assert 2.5 < widths[4] / widths[1] < 6
+
+
+def test_covariance_at_a_grid_start_is_curve_fits() -> None:
+    """When no refinement beats a grid start, the fit's covariance is computed at that point:
+    at a converged point it must equal curve_fit's own."""
+    from sparsetrace.sparsing.laws import _FORMS, _covariance_at
+
+    ratio = noisy(silu_law(D, 0.5, 0.1, 0.4), 8)
+    popt, pcov = curve_fit(silu_law, D, ratio, p0=(0.4, 0.1, 0.45), maxfev=40000)
+    free = np.array([-np.inf] * 3), np.array([np.inf] * 3)
+    ours = _covariance_at(_FORMS["silu"], D, ratio, tuple(popt), *free)
+    assert ours == pytest.approx(pcov, rel=1e-3)
+    pinned = _covariance_at(_FORMS["silu"], D, ratio, tuple(popt), np.array([-np.inf, -np.inf,
+                            popt[2]]), np.array([np.inf, np.inf, popt[2]]))  # fmt: skip
+    assert pinned[2].tolist() == [0.0, 0.0, 0.0] and pinned[0, 0] > 0
+
+
+def test_fit_law_on_a_run_drops_its_warm_up_checkpoints(tmp_path: Path, capsys) -> None:
+    """A run directory: by default the checkpoints at or before the end of warm-up (its
+    config.yaml) are left out; --skip-first 0 keeps them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    d = np.linspace(1.0, 50.0, 7)
+    ratio = relu_law(d, 0.5, -1.0, 1.0, 0.1)
+    rows = [{"step": 100 * (i + 1), "tokens": d[i] * 1e9, "layer": "all",
+             "activation_ratio": ratio[i], "cett": 0.2, "ppl_ratio": 1.01}
+            for i in range(len(d))]  # fmt: skip
+    pd.DataFrame(rows).to_csv(run / "sparsing_law.csv", index=False)
+    (run / "config.yaml").write_text("train:\n  warmup_steps: 200\n")  # steps 100, 200: warm-up
+    verbs.fit_law(run, json=True)
+    assert json.loads(capsys.readouterr().out)["skip_first"] == 2
+    verbs.fit_law(run, skip_first=0, json=True)
+    assert json.loads(capsys.readouterr().out)["skip_first"] == 0
+    (run / "config.yaml").write_text("train:\n  warmup_steps: 300\n")  # 4 left: too few
+    with pytest.raises(UserError, match="3 taken during warm-up"):
+        verbs.fit_law(run)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from sparsetrace.sparsing import verbs
 from sparsetrace.sparsing.baselines import evaluate_baseline, match_ppl
 from sparsetrace.sparsing.cett import cett
 from sparsetrace.sparsing.figures import plot_activation_ratio
+from sparsetrace.sparsing.laws import fit_law
 from sparsetrace.sparsing.over_training import COLUMNS, sparsing_law, validation_batches
 from sparsetrace.sparsing.search import PPL_TOL, Subject, ppl_sparsity
 from sparsetrace.sparsing.truncation import transformer_down_projections
@@ -180,9 +181,45 @@ def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_
     sparsing_law(one, p=1.0, tokens=1024)
     md = write_report([one], tmp_path / "r2").with_name("report.md").read_text()
     section = md[md.index("## Sparsing Law: PPL-1% sparsity") :]
-    assert "Activation ratio over training" in section and "the law needs 5 to fit" in section
+    assert "Activation ratio over training" in section
+    assert "4 checkpoints, 1 of them during warm-up; the law needs 5 after it" in section
+    mean = table.loc["mean of layers", "dead units %"]  # all layers' units together
+    dead = sum(v["dead_units"] for v in final["layers"].values())
+    assert mean == pytest.approx(100 * dead / (hidden * len(final["layers"])))
+    # enough checkpoints: the law is fitted without the warm-up one (step 5 <= warm-up 5)
+    fitted = _with_curve(one, steps=range(5, 50, 5))
+    md = write_report([fitted], tmp_path / "r4").with_name("report.md").read_text()
+    section = md[md.index("## Sparsing Law: PPL-1% sparsity") :]
+    points = json.loads((fitted / "sparsing_law.json").read_text())["checkpoints"]
+    expected = fit_law([c["tokens"] for c in points], [c["activation_ratio"] for c in points],
+                       "relu", skip_first=1)  # fmt: skip
+    assert expected.limit == pytest.approx(0.05, abs=2e-3)
+    assert (f"relu law fitted to 8 checkpoints (the 1 taken during warm-up left out): limit "
+            f"A0 = {100 * expected.limit:.2f} %") in section  # fmt: skip
     # no measurement: no section
     plain = tmp_path / "plain"
     shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("sparsing_law.*"))
     md = write_report([plain], tmp_path / "r3").with_name("report.md").read_text()
     assert "Sparsing Law: PPL" not in md
+
+
+def _with_curve(run: Path, steps: range) -> Path:
+    """A copy of ``run`` whose ``sparsing_law.json`` holds one checkpoint per step, the ratio
+    following the ReLU law towards A0 = 0.05 (the first point, a warm-up transient, off it)."""
+    import shutil
+
+    from sparsetrace.sparsing.laws import relu_law
+
+    out = run.parent / f"{run.name}-curve"
+    shutil.copytree(run, out)
+    summary = json.loads((run / "sparsing_law.json").read_text())
+    last = summary["checkpoints"][-1]
+    per_step = 1e8  # tokens: 0.5B ... 4.5B, where the law has converged
+    points = []
+    for i, step in enumerate(steps):
+        ratio = 0.9 if i == 0 else float(relu_law(step * per_step / 1e9, 1.0, -1.0, 1.0, 0.05))
+        points.append({**last, "step": step, "tokens": int(step * per_step),
+                       "activation_ratio": ratio})  # fmt: skip
+    summary["checkpoints"] = points
+    (out / "sparsing_law.json").write_text(json.dumps(summary))
+    return out

@@ -26,7 +26,7 @@ from sparsetrace.experiments.runs import (
 )
 from sparsetrace.experiments.sweep import build_arms, split_values
 from sparsetrace.report.sparsing import Curve, write_activations_report
-from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form
+from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form, warmup_points
 from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, sparsing_law
 from sparsetrace.train.checkpoint import list_checkpoints
 
@@ -52,20 +52,24 @@ def measure(run: Path, p: float, tokens: int, last: int) -> Path:
     return sparsing_law(run, p=p, tokens=tokens, last=last)
 
 
-def layer_mean(csv: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens, activation ratio) of the mean over layers (rows ``layer == all``), by tokens."""
+def layer_mean(csv: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(step, tokens, activation ratio) of the mean over layers (rows ``layer == all``), by
+    tokens."""
     frame = pd.read_csv(csv, dtype={"layer": str})
     rows = frame[frame["layer"] == "all"].sort_values("tokens")
-    return rows["tokens"].to_numpy(float), rows["activation_ratio"].to_numpy(float)
+    return tuple(rows[k].to_numpy(float) for k in ("step", "tokens", "activation_ratio"))
 
 
-def law_curve(label: str, form: str, csv: Path) -> Curve:
-    """A run's curve with its Sparsing Law fitted (too few checkpoints: no fit, a note)."""
-    tokens, ratio = layer_mean(csv)
-    if len(ratio) < MIN_POINTS:
-        note = f"{len(ratio)} checkpoints: fitting needs at least {MIN_POINTS}"
+def law_curve(label: str, form: str, csv: Path, warmup_steps: int) -> Curve:
+    """A run's curve with its Sparsing Law fitted to the checkpoints after warm-up (the
+    authors' rule; too few: no fit, a note)."""
+    steps, tokens, ratio = layer_mean(csv)
+    skip = warmup_points(steps, warmup_steps)
+    if len(ratio) - skip < MIN_POINTS:
+        note = (f"{len(ratio)} checkpoints, {skip} of them during warm-up: fitting needs at "
+                f"least {MIN_POINTS} after it")  # fmt: skip
         return Curve(label, form, tokens, ratio, None, note)
-    return Curve(label, form, tokens, ratio, fit_law(tokens, ratio, form))
+    return Curve(label, form, tokens, ratio, fit_law(tokens, ratio, form, skip_first=skip))
 
 
 def run_activations_experiment(
@@ -88,5 +92,5 @@ def run_activations_experiment(
         run_to_end(arm.cfg)
         csv = measure(run_dir(arm.cfg), p, tokens, LAST)
         name = arm.values[KEY]
-        curves.append(law_curve(name, forms[name], csv))
+        curves.append(law_curve(name, forms[name], csv, arm.cfg.train.warmup_steps))
     return write_activations_report(out, curves, p)

@@ -142,7 +142,7 @@ def arm_row(cfg: RunConfig, form: str, csv: Path) -> dict:
     """One arm's table row: its shape, the final and the limit activation ratio (A0 of its
     Sparsing Law, 95 % interval, on its bound or not), final losses and the limit loss (L_inf,
     95 % interval, on its bound or not)."""
-    curve = law_curve(cfg.run_name, form, csv)
+    curve = law_curve(cfg.run_name, form, csv, cfg.train.warmup_steps)
     law, run, m = curve.fit, load_run(run_dir(cfg)), cfg.model
     loss = limit_loss(run, cfg.train.warmup_steps)
     a0_low, a0_high = law.a0_low_high if law else (math.nan, math.nan)

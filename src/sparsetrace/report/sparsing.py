@@ -159,6 +159,7 @@ def _fit_row(c: Curve) -> dict[str, float | str]:
         note = "limit A0 on its physical bound: these checkpoints do not determine it"
     return {
         "law": c.form, "checkpoints": float(len(c.ratio)),
+        "warm-up points dropped": float(law.skip) if law else math.nan,
         "final activation ratio": float(c.ratio[-1]) if len(c.ratio) else math.nan,
         **{k: params.get(k) if params.get(k) is not None else math.nan
            for k in ("A0", "alpha", "b", "c")},
@@ -179,12 +180,14 @@ def write_activations_report(out: Path, curves: list[Curve], p: float) -> Path:
     table = Table(
         "laws", "Activation ratio and fitted Sparsing Law per activation",
         f"Final activation ratio at PPL-{p:g}% (one CETT per run, chosen on its last "
-        "checkpoints), the law fitted to ratio vs D = tokens / 1e9 (relu form for relu-like, "
+        "checkpoints), the law fitted to ratio vs D = tokens / 1e9 without the checkpoints "
+        "taken during warm-up (the authors' rule) (relu form for relu-like, "
         "silu form for silu/gelu-like activations), A0's 95 % interval (low, high), its "
         "MAE/MSE and the log baseline's MSE; "
         "finding = the run's trend against the paper's direction.",
         frame,
-        {"checkpoints": _whole, "final activation ratio": _four, "A0": _general,
+        {"checkpoints": _whole, "warm-up points dropped": _whole,
+         "final activation ratio": _four, "A0": _general,
          "A0 low": _general, "A0 high": _general,
          "alpha": _general, "b": _general, "c": _general, "MAE": _sci, "MSE": _sci,
          "log baseline MSE": _sci},
@@ -374,8 +377,8 @@ def _pct(v: float) -> str:
 
 
 def run_section(runs: list) -> Section | None:
-    """PPL-p% sparsity of each run that has ``sparsing_law.json`` (``sparsetrace run`` measures
-    its final checkpoint; ``sparsetrace sparsing-law RUN`` every checkpoint): per layer the CETT
+    """PPL-p% sparsity of each run that has ``sparsing_law.json`` (``sparsetrace run`` and
+    ``sparsetrace sparsing-law RUN`` measure every checkpoint): per layer the CETT
     threshold, the activation ratio and the dead units; the over-training curve and its law fit
     when there are enough checkpoints. None when no run has the file."""
     blocks: list = []
@@ -388,9 +391,10 @@ def run_section(runs: list) -> Section | None:
         ps.add(summary["p"])
         final = summary["checkpoints"][-1]
         widths = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
-        rows = {}
+        rows, dead, units = {}, 0, 0.0
         for layer, v in final["layers"].items():
             hidden = widths["hidden"].get(int(layer), math.nan)
+            dead, units = dead + v["dead_units"], units + hidden
             rows[f"layer {layer}"] = {
                 "CETT threshold τ": v["tau"], "activation ratio %": 100 * v["activation_ratio"],
                 "at τ in the dense model %": 100 * v["activation_ratio_dense"],
@@ -398,7 +402,7 @@ def run_section(runs: list) -> Section | None:
             }  # fmt: skip
         rows["mean of layers"] = {
             "CETT threshold τ": math.nan, "activation ratio %": 100 * final["activation_ratio"],
-            "at τ in the dense model %": math.nan, "dead units %": math.nan,
+            "at τ in the dense model %": math.nan, "dead units %": 100 * dead / units,
         }  # fmt: skip
         frame = pd.DataFrame.from_dict(rows, orient="index")
         frame.index.name = "layer"
@@ -427,15 +431,17 @@ def run_section(runs: list) -> Section | None:
     intro = Text(
         "Sparsing Law (Luo et al., arXiv 2411.02335): PPL-p% sparsity counts the units whose "
         "contribution matters at a perplexity cost of p %, for any activation function "
-        "(docs/sparsing-law.md). `sparsetrace run` measures the final checkpoint; `sparsetrace "
-        "sparsing-law RUN` measures every checkpoint and fits the law over training."
+        "(docs/sparsing-law.md). `sparsetrace run` measures every checkpoint at the c found on "
+        "the final one; `sparsetrace sparsing-law RUN` finds c on the last 5 (the public "
+        "scripts' choice). The law is fitted over training without the checkpoints taken "
+        "during warm-up (the authors' rule)."
     )
     title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in sorted(ps)) + " sparsity"
     return Section("sparsing-law", title, [intro, *blocks])
 
 
 def _over_training_blocks(label: str, summary: dict, run) -> list:
-    from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form
+    from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form, warmup_points
 
     points = summary["checkpoints"]
     if len(points) < 2:
@@ -452,16 +458,20 @@ def _over_training_blocks(label: str, summary: dict, run) -> list:
                        "One CETT c for all checkpoints, found on the final ones.", frame,
                        formats=formats)]  # fmt: skip
     activation = (run.config.get("model") or {}).get("activation", "")
-    if len(points) < MIN_POINTS:
-        out.append(Text(f"{label}: {len(points)} checkpoints; the law needs {MIN_POINTS} to fit.",
-                        "note"))  # fmt: skip
+    warmup = int((run.config.get("train") or {}).get("warmup_steps", 0))
+    skip = warmup_points(frame.index.to_numpy(), warmup)
+    if len(points) - skip < MIN_POINTS:
+        out.append(Text(f"{label}: {len(points)} checkpoints, {skip} of them during warm-up; the "
+                        f"law needs {MIN_POINTS} after it to fit.", "note"))  # fmt: skip
         return out
     fit = fit_law(frame["tokens"].to_numpy(float), frame["activation ratio %"].to_numpy() / 100,
-                  law_form(activation))  # fmt: skip
+                  law_form(activation), skip_first=skip)  # fmt: skip
     lo, hi = fit.a0_low_high
-    out.append(Text(f"{label}: {fit.form} law fitted to {len(points)} checkpoints: limit A0 = "
-                    f"{100 * fit.limit:.2f} % (95 % interval {100 * lo:.2f}–{100 * hi:.2f} %), "
-                    f"MSE {fit.mse:.2e}."))  # fmt: skip
+    dropped = f" (the {skip} taken during warm-up left out)" if skip else ""
+    out.append(Text(f"{label}: {fit.form} law fitted to {len(points) - skip} checkpoints"
+                    f"{dropped}: limit A0 = {100 * fit.limit:.2f} % (95 % interval "
+                    f"{100 * lo:.2f}–{100 * hi:.2f} %), MSE {fit.mse:.2e}; the log baseline's "
+                    f"MSE {fit.baseline.mse:.2e}."))  # fmt: skip
     if fit.limit_on_bound:
         out.append(Text(f"{label}: the limit sits on its bound — the curve does not determine "
                         "it yet (more or later checkpoints would).", "warning"))  # fmt: skip

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from sparsetrace.errors import UserError
@@ -171,7 +172,10 @@ def _relu_starts(d: Array, y: Array) -> list[tuple[float, ...]]:
     starts = []
     for alpha in _ALPHAS:
         for a0 in floors:
-            b, c = _lstsq([np.ones_like(d), -(d**alpha)], np.log(y - a0))
+            # Points on the floor (a curve that reaches 0 pins A0 there) have no logarithm: the
+            # start comes from the others, the refinement fits them all.
+            above = y > a0
+            b, c = _lstsq([np.ones_like(d[above]), -(d[above] ** alpha)], np.log(y[above] - a0))
             starts.append((alpha, b, max(c, 0.0), a0))
     return starts
 
@@ -253,17 +257,53 @@ def _refine(
     max_evals: int = 3000,
 ) -> tuple[tuple[float, ...], Array | None]:  # fmt: skip
     """One bounded curve_fit from p0: (parameters, covariance) or (p0, None) without
-    convergence."""
+    convergence. A parameter whose bounds coincide (A0 of a ReLU curve that reaches 0) is held
+    there with zero variance: curve_fit refuses equal bounds."""
+    start = np.clip(np.asarray(p0, dtype=np.float64), lower, upper)
+    free = lower < upper
+
+    def f(x: Array, *theta: float) -> Array:
+        full = start.copy()
+        full[free] = theta
+        return form.f(x, *full)
+
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore", OptimizeWarning)
-            popt, pcov = curve_fit(
-                form.f, d, y, p0=np.clip(p0, lower, upper), bounds=(lower, upper),
-                method="trf", maxfev=max_evals,
+            popt, pcov_free = curve_fit(
+                f, d, y, p0=start[free], bounds=(lower[free], upper[free]), method="trf",
+                maxfev=max_evals,
             )  # fmt: skip
-        return tuple(float(v) for v in popt), pcov
     except (RuntimeError, ValueError):  # no convergence from this start: the others remain
         return p0, None
+    params = start.copy()
+    params[free] = popt
+    pcov = np.zeros((len(start), len(start)))
+    pcov[np.ix_(free, free)] = pcov_free
+    return tuple(float(v) for v in params), pcov
+
+
+def _covariance_at(
+    form: _Form, d: Array, y: Array, params: tuple[float, ...], lower: Array, upper: Array
+) -> Array:
+    """The covariance curve_fit would report at ``params`` (s^2 (J'J)^-1, J by central
+    differences, s^2 = SSR / (n - free parameters)), for a best fit that is a grid start no
+    refinement improved on; parameters pinned by equal bounds get zero variance."""
+    p = np.asarray(params, dtype=np.float64)
+    free = np.flatnonzero(lower < upper)
+    jac = np.empty((len(d), len(free)))
+    with np.errstate(all="ignore"):
+        for col, i in enumerate(free):
+            h = 1e-6 * max(abs(p[i]), 1e-6)
+            up, down = p.copy(), p.copy()
+            up[i], down[i] = p[i] + h, p[i] - h
+            jac[:, col] = (form.f(d, *up) - form.f(d, *down)) / (2 * h)
+        ssr = float(np.sum((form.f(d, *p) - y) ** 2))
+    cov = np.full((len(p), len(p)), np.inf)
+    if np.isfinite(jac).all() and len(d) > len(free):
+        cov[:] = 0.0
+        cov[np.ix_(free, free)] = np.linalg.pinv(jac.T @ jac) * ssr / (len(d) - len(free))
+    return cov
 
 
 def _best(form: _Form, d: Array, y: Array) -> tuple[tuple[float, ...], Array | None]:
@@ -271,7 +311,10 @@ def _best(form: _Form, d: Array, y: Array) -> tuple[tuple[float, ...], Array | N
     starts = sorted(form.starts(d, y), key=lambda p: _mse(form, d, y, p))[:_REFINED]
     candidates = [(tuple(np.clip(p, lower, upper)), None) for p in starts]
     candidates += [_refine(form, d, y, p0, lower, upper) for p0 in starts]
-    return min(candidates, key=lambda c: _mse(form, d, y, c[0]))
+    params, pcov = min(candidates, key=lambda c: _mse(form, d, y, c[0]))
+    if pcov is None:
+        pcov = _covariance_at(form, d, y, params, lower, upper)
+    return params, pcov
 
 
 def _fit_form(name: str, d: Array, y: Array) -> LawFit:
@@ -330,6 +373,9 @@ def _check(d: Array, y: Array) -> None:
     _check_points(d, y, "ratios")
     if (y < 0).any() or (y > 1).any():
         raise ValueError("activation ratios must lie in [0, 1]")
+    if np.ptp(y) == 0:
+        raise ValueError(f"the activation ratio is {y[0]:g} at every point: a constant curve "
+                         "determines no law")  # fmt: skip
 
 
 def fit_law(
@@ -350,6 +396,7 @@ def fit_law(
             f"skip_first {skip} leaves {len(d_all) - skip} points; fitting needs {MIN_POINTS}"
         )
     d, y = d_all[skip:], y_all[skip:]
+    _check(d, y)
     fit = _fit_form(form, d, y)
     with np.errstate(all="ignore"):
         mse_all = float(np.mean((fit.curve(d_all) - y_all) ** 2))
@@ -361,8 +408,30 @@ def fit_law(
     baselines = {name: _fit_form(name, d, y) for name in BASELINES}
     lower, upper = _FORMS[form].bounds(d, y)
     i = _FORMS[form].names.index("A0")
+    if lower[i] == upper[i]:  # A0 pinned (a ReLU curve that reaches 0): no spread to estimate
+        interval = (float(lower[i]), float(upper[i]))
     return LawFit(form, fit.params, fit.mae, fit.mse, skip, mse_all, fit.se, interval, baselines,
                   (float(lower[i]), float(upper[i])))  # fmt: skip
+
+
+def warmup_points(steps: Array, warmup_steps: int) -> int:
+    """The authors' rule for ``skip_first`` (their Appendix E): the number of checkpoints taken
+    during warm-up, i.e. at or before step ``warmup_steps`` (every update they saw was a warm-up
+    update). ``steps`` ascending, one per point."""
+    return int((np.asarray(steps) <= warmup_steps).sum())
+
+
+def run_warmup_points(run: Path) -> int:
+    """:func:`warmup_points` of a run directory's ``sparsing_law.csv`` (rows ``layer == all``)
+    under the warm-up of its ``config.yaml``; 0 when either is missing or unreadable."""
+    try:
+        frame = pd.read_csv(Path(run) / "sparsing_law.csv", dtype={"layer": str})
+        config = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+        warmup = int(config["train"]["warmup_steps"])
+        steps = frame.loc[frame["layer"] == "all", "step"].sort_values().to_numpy()
+    except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError, yaml.YAMLError):
+        return 0
+    return warmup_points(steps, warmup)
 
 
 def read_law_data(path: Path) -> tuple[Array, Array]:

@@ -107,8 +107,10 @@ class Subject:
     """One model on a fixed evaluation set; counts its passes over that set in ``passes``.
 
     ``down`` maps layer names to down projections (see :mod:`sparsetrace.sparsing.truncation`);
-    ``gates`` the gated layers' gate activations (for rules that decide on them); ``loss_fn``
-    gives a batch's mean loss (default: our Transformer's).
+    ``gates`` the gated layers' gate activations (for rules that decide on them; a gated layer
+    missing from it is decided on its product ``act(gate) * up``, the ``ours`` definition, so
+    pass :func:`~sparsetrace.sparsing.truncation.transformer_gates` or your model's own);
+    ``loss_fn`` gives a batch's mean loss (default: our Transformer's).
     """
 
     def __init__(

@@ -52,7 +52,11 @@ def sparsing_law(
 
 
 def fit_law(
-    data: Path, form: str = "relu", skip_first: int = 0, bootstrap: int = 0, json: bool = False
+    data: Path,
+    form: str = "relu",
+    skip_first: int | None = None,
+    bootstrap: int = 0,
+    json: bool = False,
 ) -> None:
     """Fit the Sparsing Law (relu or silu form; log and sigmoid-like baselines) to activation
     ratio vs tokens; prints the limit A0 the model converges to, with its 95 % interval.
@@ -61,7 +65,8 @@ def fit_law(
         data: a CSV (tokens, activation_ratio), a run directory (its sparsing_law.csv) or the
             Sparsing Law authors' JSON
         form: relu (falling, exp(-c D^alpha + b) + A0) or silu (rising, -c D^-alpha + A0)
-        skip_first: checkpoints dropped from the start; the rule: those taken during warm-up
+        skip_first: points dropped from the start (default: for a run directory its checkpoints
+            taken during warm-up, the authors' rule; for a file 0)
         bootstrap: residual bootstrap resamples for A0's interval (0: the fit's covariance)
         json: print one JSON object instead of text and a plot
     """
@@ -71,12 +76,19 @@ def fit_law(
     if form not in laws.FORMS:
         raise UserError(f"--form must be one of {', '.join(laws.FORMS)}; got {form!r}")
     tokens, ratio = laws.read_law_data(data)
+    why = f"--skip-first {skip_first}"
+    if skip_first is None:
+        skip_first = laws.run_warmup_points(data) if Path(data).is_dir() else 0
+        why = f"dropping the {skip_first} taken during warm-up (--skip-first 0 keeps them)"
     if not 0 <= skip_first <= len(tokens) - laws.MIN_POINTS:
-        raise UserError(f"--skip-first {skip_first} leaves {len(tokens) - skip_first} of "
-                        f"{len(tokens)} points; fitting needs {laws.MIN_POINTS}")  # fmt: skip
+        raise UserError(f"{why} leaves {len(tokens) - skip_first} of {len(tokens)} points; "
+                        f"fitting needs {laws.MIN_POINTS}")  # fmt: skip
     if bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")
-    fit = laws.fit_law(tokens, ratio, form, skip_first, bootstrap)
+    try:
+        fit = laws.fit_law(tokens, ratio, form, skip_first, bootstrap)
+    except ValueError as err:  # e.g. the points left after --skip-first are constant
+        raise UserError(f"{data}: {err}") from None
     if json:
         print(jsonlib.dumps(fit.to_dict()))
         return
