@@ -150,6 +150,25 @@ def test_curve_equals_direct_cett_and_threshold_is_brute_force(seed: int) -> Non
         assert t.activation_ratio == pytest.approx(activation_ratio(a, w, t.tau, mask))
 
 
+def test_curve_skips_zeros_with_the_same_sums() -> None:
+    """ReLU-like rows (mostly zeros, one row all zero, chunks whose tokens differ in their count
+    of nonzeros): the curve that skips the zero columns is the definition at every candidate,
+    CETT and activation ratio (zeros counted as dropped everywhere)."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.relu(torch.randn(30, 64, generator=g) - 1.2)  # ~12 % nonzero
+    a[4] = 0.0
+    a[5, :40] = 1.0  # a dense token beside sparse ones in its chunk
+    w = torch.randn(8, 64, generator=g)
+    sampler = ThresholdGrid(w)
+    sampler.update(a)
+    grid = sampler.grid()
+    curve = CettCurve(w, grid, chunk_elements=8 * 64 * 4)  # chunks of 4 tokens
+    curve.update(a)
+    assert torch.allclose(curve.cett, cett(a, w, grid), atol=1e-6)
+    ratios = torch.tensor([activation_ratio(a, w, float(t)) for t in grid], dtype=torch.float64)
+    assert torch.allclose(curve.activation_ratio, ratios, atol=1e-12)
+
+
 def _linear(d_ff: int, d_model: int, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(d_ff, d_model)

@@ -76,7 +76,7 @@ def report(runs: list[Path], out: Path | None = None) -> None:
 
 
 def run(
-    preset: str = "cpu", sparsing_tokens: int = 8192, overrides: list[str] | None = None
+    preset: str = "cpu", sparsing_tokens: int = 4096, overrides: list[str] | None = None
 ) -> None:
     """The main job: train the preset on its corpus, write the report, print a summary.
 
