@@ -164,6 +164,9 @@ def test_curve_skips_zeros_with_the_same_sums() -> None:
     grid = sampler.grid()
     curve = CettCurve(w, grid, chunk_elements=8 * 64 * 4)  # chunks of 4 tokens
     curve.update(a)
+    every = CettCurve(w, grid, chunk_elements=8 * 64 * 4, skip_zeros=False)
+    every.update(a)
+    assert torch.equal(curve.tail, every.tail) and torch.equal(curve.dropped, every.dropped)
     assert torch.allclose(curve.cett, cett(a, w, grid), atol=1e-6)
     ratios = torch.tensor([activation_ratio(a, w, float(t)) for t in grid], dtype=torch.float64)
     assert torch.allclose(curve.activation_ratio, ratios, atol=1e-12)

@@ -236,6 +236,29 @@ def test_covariance_at_a_grid_start_is_curve_fits() -> None:
     assert pinned[2].tolist() == [0.0, 0.0, 0.0] and pinned[0, 0] > 0
 
 
+def test_a_best_fit_no_refinement_reached_still_has_an_interval(monkeypatch) -> None:
+    """Every curve_fit refinement failing leaves a grid start as the fit: its A0 interval comes
+    from the covariance at that start, not NaN."""
+    from sparsetrace.sparsing import laws
+
+    def fails(form, d, y, p0, lower, upper, max_evals=3000):
+        return tuple(np.clip(p0, lower, np.maximum(upper, lower))), None
+
+    monkeypatch.setattr(laws, "_refine", fails)
+    fit = fit_law(D * 1e9, noisy(silu_law(D, 0.5, 0.1, 0.4), 9), "silu")
+    lo, hi = fit.a0_interval
+    assert np.isfinite([lo, hi]).all() and lo < fit.limit < hi and fit.se["A0"] > 0
+
+
+def test_bootstrap_of_a_relu_curve_near_zero_keeps_a0_physical() -> None:
+    """Resamples of a ReLU curve converging to 0 dip below 0; their A0 stays at its floor 0."""
+    truth = relu_law(D, 1.0, -3.0, 0.05, 0.0)
+    ratio = np.clip(truth + np.random.default_rng(10).normal(0.0, 3e-4, D.shape), 0.0, None)
+    fit = fit_law(D * 1e9, ratio, "relu", bootstrap=40)
+    lo, hi = fit.a0_interval
+    assert 0.0 <= lo <= fit.limit <= hi <= ratio.min() + 1e-12
+
+
 def test_fit_law_on_a_run_drops_its_warm_up_checkpoints(tmp_path: Path, capsys) -> None:
     """A run directory: by default the checkpoints at or before the end of warm-up (its
     config.yaml) are left out; --skip-first 0 keeps them."""
@@ -255,6 +278,10 @@ def test_fit_law_on_a_run_drops_its_warm_up_checkpoints(tmp_path: Path, capsys) 
     (run / "config.yaml").write_text("train:\n  warmup_steps: 300\n")  # 4 left: too few
     with pytest.raises(UserError, match="3 taken during warm-up"):
         verbs.fit_law(run)
+    (run / "config.yaml").unlink()  # warm-up unknown: nothing dropped, and it says so
+    verbs.fit_law(run, json=True)
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["skip_first"] == 0 and "warm-up unknown" in captured.err
 
 
 # --------------------------------------------------------------------------------------------------

@@ -196,6 +196,9 @@ def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_
     assert expected.limit == pytest.approx(0.05, abs=2e-3)
     assert (f"relu law fitted to 8 checkpoints (the 1 taken during warm-up left out): limit "
             f"A0 = {100 * expected.limit:.2f} %") in section  # fmt: skip
+    flat = _with_curve(one, steps=range(5, 50, 5), name="flat", ratio=lambda _step: 0.2)
+    md = write_report([flat], tmp_path / "r5").with_name("report.md").read_text()
+    assert "no law fitted (the activation ratio is 0.2 at every point" in md  # a note, no crash
     # no measurement: no section
     plain = tmp_path / "plain"
     shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("sparsing_law.*"))
@@ -203,23 +206,24 @@ def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_
     assert "Sparsing Law: PPL" not in md
 
 
-def _with_curve(run: Path, steps: range) -> Path:
+def _with_curve(run: Path, steps: range, name: str = "curve", ratio=None) -> Path:
     """A copy of ``run`` whose ``sparsing_law.json`` holds one checkpoint per step, the ratio
-    following the ReLU law towards A0 = 0.05 (the first point, a warm-up transient, off it)."""
+    ``ratio(step)`` or by default following the ReLU law towards A0 = 0.05 (the first point, a
+    warm-up transient, off it)."""
     import shutil
 
     from sparsetrace.sparsing.laws import relu_law
 
-    out = run.parent / f"{run.name}-curve"
+    out = run.parent / f"{run.name}-{name}"
     shutil.copytree(run, out)
     summary = json.loads((run / "sparsing_law.json").read_text())
     last = summary["checkpoints"][-1]
     per_step = 1e8  # tokens: 0.5B ... 4.5B, where the law has converged
     points = []
     for i, step in enumerate(steps):
-        ratio = 0.9 if i == 0 else float(relu_law(step * per_step / 1e9, 1.0, -1.0, 1.0, 0.05))
+        value = 0.9 if i == 0 else float(relu_law(step * per_step / 1e9, 1.0, -1.0, 1.0, 0.05))
         points.append({**last, "step": step, "tokens": int(step * per_step),
-                       "activation_ratio": ratio})  # fmt: skip
+                       "activation_ratio": ratio(step) if ratio else value})  # fmt: skip
     summary["checkpoints"] = points
     (out / "sparsing_law.json").write_text(json.dumps(summary))
     return out

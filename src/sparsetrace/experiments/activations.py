@@ -69,7 +69,11 @@ def law_curve(label: str, form: str, csv: Path, warmup_steps: int) -> Curve:
         note = (f"{len(ratio)} checkpoints, {skip} of them during warm-up: fitting needs at "
                 f"least {MIN_POINTS} after it")  # fmt: skip
         return Curve(label, form, tokens, ratio, None, note)
-    return Curve(label, form, tokens, ratio, fit_law(tokens, ratio, form, skip_first=skip))
+    try:
+        fit = fit_law(tokens, ratio, form, skip_first=skip)
+    except ValueError as err:  # e.g. a constant curve: no law to fit
+        return Curve(label, form, tokens, ratio, None, f"no law fitted: {err}")
+    return Curve(label, form, tokens, ratio, fit)
 
 
 def run_activations_experiment(

@@ -131,8 +131,10 @@ def build_arms(
 
 def limit_loss(run: Run, warmup: int) -> LossFit | None:
     """The training-loss law fitted to a run's per-step loss after warm-up (None: too few
-    steps). A row's loss is measured before its update, on a model that has seen ``tokens``."""
-    rows = run.train[(run.train["step"] >= warmup) & (run.train["tokens"] > 0)]
+    steps). A row's loss is measured before its update, on a model that has seen ``tokens``
+    (``step`` updates): rows up to ``step == warmup`` are warm-up models, left out as
+    :func:`~sparsetrace.sparsing.laws.warmup_points` leaves out their checkpoints."""
+    rows = run.train[(run.train["step"] > warmup) & (run.train["tokens"] > 0)]
     if len(rows) < MIN_POINTS:
         return None
     return fit_loss_law(rows["tokens"].to_numpy(float), rows["loss"].to_numpy(float))

@@ -170,12 +170,17 @@ class CettCurve:
     sum gives the token's relative tail norm at *every* threshold. Each unit's increment of that
     norm is added to the first candidate that drops it; a cumulative sum over candidates then
     gives CETT exactly at each of them. Cost per token: (nonzero units) * d_model, at most one
-    down projection's worth (zero entries, which sort first, are skipped: they change no tail);
-    memory: chunks of ``chunk_elements``; nothing of the activations is kept.
+    down projection's worth (zero entries, which sort first, are skipped: they change no tail;
+    ``skip_zeros=False`` accumulates every column, the reference the tests and
+    ``benchmarks/cett_curve_bench.py`` compare with); memory: chunks of ``chunk_elements``;
+    nothing of the activations is kept.
     """
 
-    def __init__(self, w_out: Tensor, grid: Tensor, chunk_elements: int = _CHUNK_ELEMENTS) -> None:
-        self.w_out = w_out.detach()
+    def __init__(
+        self, w_out: Tensor, grid: Tensor, chunk_elements: int = _CHUNK_ELEMENTS,
+        skip_zeros: bool = True,
+    ) -> None:  # fmt: skip
+        self.w_out, self.skip_zeros = w_out.detach(), skip_zeros
         self.wt = self.w_out.float().T.contiguous()  # (d_ff, d_model)
         self.grid = grid.float().to(self.wt.device)
         self.units, d_model = self.wt.shape
@@ -192,7 +197,7 @@ class CettCurve:
             # Zero entries sort first and add nothing to any tail: only the last `live` columns
             # (the most nonzeros of any token in the chunk) are accumulated — for ReLU-like
             # activations a fraction of the d_ff * d_model work, with the same sums.
-            live = int((n > 0).sum(-1).max())
+            live = int((n != 0).sum(-1).max()) if self.skip_zeros else n.shape[1]
             skipped = n.shape[1] - live
             self.dropped[0] += skipped * x.shape[0]  # zeros: dropped at every candidate
             if live == 0:

@@ -256,9 +256,11 @@ def _refine(
     form: _Form, d: Array, y: Array, p0: tuple[float, ...], lower: Array, upper: Array,
     max_evals: int = 3000,
 ) -> tuple[tuple[float, ...], Array | None]:  # fmt: skip
-    """One bounded curve_fit from p0: (parameters, covariance) or (p0, None) without
-    convergence. A parameter whose bounds coincide (A0 of a ReLU curve that reaches 0) is held
-    there with zero variance: curve_fit refuses equal bounds."""
+    """One bounded curve_fit from p0: (parameters, covariance) or (p0 clipped to the bounds,
+    None) without convergence. A parameter whose bounds coincide (A0 of a ReLU curve that
+    reaches 0) is held there with zero variance: curve_fit refuses equal bounds. An upper bound
+    below the lower one (a bootstrap resample of a ReLU curve dipping below 0) is raised to it."""
+    upper = np.maximum(upper, lower)
     start = np.clip(np.asarray(p0, dtype=np.float64), lower, upper)
     free = lower < upper
 
@@ -275,7 +277,7 @@ def _refine(
                 maxfev=max_evals,
             )  # fmt: skip
     except (RuntimeError, ValueError):  # no convergence from this start: the others remain
-        return p0, None
+        return tuple(float(v) for v in start), None
     params = start.copy()
     params[free] = popt
     pcov = np.zeros((len(start), len(start)))
@@ -421,16 +423,16 @@ def warmup_points(steps: Array, warmup_steps: int) -> int:
     return int((np.asarray(steps) <= warmup_steps).sum())
 
 
-def run_warmup_points(run: Path) -> int:
+def run_warmup_points(run: Path) -> int | None:
     """:func:`warmup_points` of a run directory's ``sparsing_law.csv`` (rows ``layer == all``)
-    under the warm-up of its ``config.yaml``; 0 when either is missing or unreadable."""
+    under the warm-up of its ``config.yaml``; None when either is missing or unreadable."""
     try:
         frame = pd.read_csv(Path(run) / "sparsing_law.csv", dtype={"layer": str})
         config = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
         warmup = int(config["train"]["warmup_steps"])
         steps = frame.loc[frame["layer"] == "all", "step"].sort_values().to_numpy()
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError, yaml.YAMLError):
-        return 0
+        return None
     return warmup_points(steps, warmup)
 
 

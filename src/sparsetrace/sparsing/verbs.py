@@ -7,6 +7,7 @@ parameters ``--options`` (bool: a flag), the first docstring line is the help.
 from __future__ import annotations
 
 import json as jsonlib
+import sys
 from pathlib import Path
 
 from sparsetrace.errors import UserError
@@ -77,9 +78,14 @@ def fit_law(
         raise UserError(f"--form must be one of {', '.join(laws.FORMS)}; got {form!r}")
     tokens, ratio = laws.read_law_data(data)
     why = f"--skip-first {skip_first}"
-    if skip_first is None:
-        skip_first = laws.run_warmup_points(data) if Path(data).is_dir() else 0
+    if skip_first is None and Path(data).is_dir():
+        skip_first = laws.run_warmup_points(data)
+        if skip_first is None:
+            print(f"{data}: warm-up unknown (no readable config.yaml): no checkpoint dropped",
+                  file=sys.stderr)  # fmt: skip
+            skip_first = 0
         why = f"dropping the {skip_first} taken during warm-up (--skip-first 0 keeps them)"
+    skip_first = skip_first or 0
     if not 0 <= skip_first <= len(tokens) - laws.MIN_POINTS:
         raise UserError(f"{why} leaves {len(tokens) - skip_first} of {len(tokens)} points; "
                         f"fitting needs {laws.MIN_POINTS}")  # fmt: skip
