@@ -251,12 +251,14 @@ def test_a_best_fit_no_refinement_reached_still_has_an_interval(monkeypatch) -> 
 
 
 def test_bootstrap_of_a_relu_curve_near_zero_keeps_a0_physical() -> None:
-    """Resamples of a ReLU curve converging to 0 dip below 0; their A0 stays at its floor 0."""
-    truth = relu_law(D, 1.0, -3.0, 0.05, 0.0)
-    ratio = np.clip(truth + np.random.default_rng(10).normal(0.0, 3e-4, D.shape), 0.0, None)
+    """Resamples of a ReLU curve converging to just above 0 (noise larger than its lowest point)
+    dip below 0; their A0 stays at its floor 0 (it went to -1.3e-4 before)."""
+    truth = relu_law(D, 1.0, -3.0, 0.05, 0.0008)
+    ratio = truth + np.random.default_rng(10).normal(0.0, 3e-4, D.shape)
+    assert 0 < ratio.min() < 3e-4
     fit = fit_law(D * 1e9, ratio, "relu", bootstrap=40)
     lo, hi = fit.a0_interval
-    assert 0.0 <= lo <= fit.limit <= hi <= ratio.min() + 1e-12
+    assert lo == 0.0 and lo <= fit.limit <= ratio.min() + 1e-12 and hi <= ratio.min() + 1e-12
 
 
 def test_fit_law_on_a_run_drops_its_warm_up_checkpoints(tmp_path: Path, capsys) -> None:
