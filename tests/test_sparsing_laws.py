@@ -354,6 +354,19 @@ def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
     assert not well.limit_on_bound
 
 
+def test_an_interval_spanning_the_whole_range_is_flagged_as_undetermined() -> None:
+    """The `cpu` preset's PPL-1% curve (fresh-clone `make run`, 2026-12-01): still falling at 2M
+    tokens, its ReLU fit puts A0 inside the range but the interval reaches both 0 and the lowest
+    point — the limit is not determined, and the fit says so; a converged curve is not flagged."""
+    tokens = 256_000 * np.arange(1, 9)
+    ratio = np.array([28.9455, 20.3391, 17.9281, 16.5304, 14.9254, 14.0185, 13.0333, 12.1545])
+    fit = fit_law(tokens, ratio / 100, "relu")
+    assert not fit.limit_on_bound
+    assert fit.limit_undetermined == "the 95 % interval of A0 spans its whole physical range"
+    well = fit_law(D * 1e9, noisy(relu_law(D, 0.683, -3.46, 0.079, 0.069), 11), "relu")
+    assert well.limit_undetermined == "" and well.a0_interval[1] - well.a0_interval[0] < 0.01
+
+
 def test_silu_limit_is_a_share_of_units() -> None:
     """A SiLU curve still rising as fast as at its start (log-linear, like the `cpu` preset's
     gated SiLU over 2M tokens) does not determine its limit: bounded only below, least squares

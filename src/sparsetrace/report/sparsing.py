@@ -156,8 +156,8 @@ def _fit_row(c: Curve) -> dict[str, float | str]:
     params = law.params if law else {}
     lo, hi = law.a0_low_high if law else (math.nan, math.nan)
     note = c.note
-    if law and law.limit_on_bound:
-        note = "limit A0 on its physical bound: these checkpoints do not determine it"
+    if law and law.limit_undetermined:
+        note = f"{law.limit_undetermined}: these checkpoints do not determine it"
     return {
         "law": c.form, "checkpoints": float(len(c.ratio)),
         "warm-up points dropped": float(law.skip) if law else math.nan,
@@ -483,7 +483,7 @@ def _over_training_blocks(label: str, summary: dict, run) -> list:
                     f"{dropped}: limit A0 = {100 * fit.limit:.2f} % (95 % interval "
                     f"{100 * lo:.2f}–{100 * hi:.2f} %), MSE {fit.mse:.2e}; the log baseline's "
                     f"MSE {fit.baseline.mse:.2e}."))  # fmt: skip
-    if fit.limit_on_bound:
-        out.append(Text(f"{label}: the limit sits on its bound — the curve does not determine "
-                        "it yet (more or later checkpoints would).", "warning"))  # fmt: skip
+    if fit.limit_undetermined:
+        out.append(Text(f"{label}: {fit.limit_undetermined} — the curve does not determine the "
+                        "limit yet (more or later checkpoints would).", "warning"))  # fmt: skip
     return out

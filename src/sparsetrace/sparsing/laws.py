@@ -107,6 +107,19 @@ class LawFit:
         return _on_bound(self.limit, self.a0_bounds)
 
     @property
+    def limit_undetermined(self) -> str:
+        """Why the points do not determine A0 ('' when they do): A0 on its physical bound, or
+        its 95 % interval reaching both ends of the physical range (within 0.1 %)."""
+        if self.limit_on_bound:
+            return "limit A0 on its physical bound"
+        if self.a0_interval and self.a0_bounds and all(np.isfinite(self.a0_bounds)):
+            (lo, hi), (lower, upper) = self.a0_interval, self.a0_bounds
+            tol = 1e-3 * max(abs(lower), abs(upper))
+            if lo <= lower + tol and hi >= upper - tol:
+                return "the 95 % interval of A0 spans its whole physical range"
+        return ""
+
+    @property
     def a0_low_high(self) -> tuple[float, float]:
         """A0's 95 % interval; (nan, nan) where none was computed."""
         return self.a0_interval or (float("nan"), float("nan"))

@@ -107,8 +107,8 @@ def fit_law(
     lo, hi = fit.a0_low_high
     how = f"bootstrap, {bootstrap} resamples" if bootstrap else "the fit's covariance"
     print(f"limit activation ratio A0 = {fit.limit:.4g}, 95 % interval [{lo:.4g}, {hi:.4g}] "
-          f"({how})" + (" — on its bound: the curve does not determine the limit"
-                        if fit.limit_on_bound else ""))  # fmt: skip
+          f"({how})" + (f" — {fit.limit_undetermined}: the curve does not determine the limit"
+                        if fit.limit_undetermined else ""))  # fmt: skip
     for law in (fit, *fit.baselines.values()):
         params = ", ".join(f"{k} = {v:.4g}" for k, v in law.params.items() if v is not None)
         print(f"{law.form:>7}: {params}; MAE {law.mae:.3e}, MSE {law.mse:.3e}")
