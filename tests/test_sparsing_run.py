@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -20,8 +21,8 @@ from sparsetrace.sparsing.cett import cett
 from sparsetrace.sparsing.figures import plot_activation_ratio
 from sparsetrace.sparsing.laws import fit_law
 from sparsetrace.sparsing.over_training import COLUMNS, sparsing_law, validation_batches
-from sparsetrace.sparsing.search import PPL_TOL, Subject, ppl_sparsity
-from sparsetrace.sparsing.truncation import transformer_down_projections
+from sparsetrace.sparsing.search import PPL_TOL, Subject, find_cett, ppl_sparsity
+from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
 from sparsetrace.train.checkpoint import load_trained_model
 from sparsetrace.train.loop import train
 
@@ -142,6 +143,50 @@ def test_sparsing_law_verb(run_dir: Path, capsys: pytest.CaptureFixture[str]) ->
     summary = json.loads(capsys.readouterr().out)
     assert summary["p"] == 2.0 and summary["tokens_evaluated"] == 1024
     assert [c["step"] for c in summary["checkpoints"]] == [5, 10, 15, 20]
+
+
+def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from sparsetrace.report import write_report
+
+    cfg = load_config("tiny")
+    val, seq = prepare_data(cfg.data).val, cfg.data.seq_len
+    sets = [validation_batches(val, seq, 512, token_set=k) for k in range(3)]
+    for k, batches in enumerate(sets):  # the k-th run of 16 windows, by hand
+        rows = torch.cat([b.inputs for b in batches])
+        assert rows.shape == (16, seq)
+        for i in (0, 15):
+            start = (16 * k + i) * seq
+            assert rows[i].tolist() == val[start : start + seq].tolist()
+    with pytest.raises(UserError, match="disjoint sets"):
+        validation_batches(val, seq, 512, token_set=10**6)
+
+    rep_dir = tmp_path / "rep"
+    shutil.copytree(run_dir, rep_dir, ignore=shutil.ignore_patterns("sparsing_law.*"))
+    verbs.sparsing_law(rep_dir, tokens=512, final_only=True, replicates=2)
+    assert "Replicates: the whole measurement of step 20" in capsys.readouterr().out
+    summary = json.loads((rep_dir / "sparsing_law.json").read_text())
+    rep = summary["replicates"]
+    ratios = [r["activation_ratio"] for r in rep["sets"]]
+    assert [r["token_set"] for r in rep["sets"]] == [1, 2] and rep["tokens_per_set"] == 512
+    assert rep["sd"] == pytest.approx(float(np.std(ratios, ddof=1)))
+    model, _ = load_trained_model(rep_dir, rep_dir / "checkpoints" / "step_0000020")
+    direct = Subject(model, transformer_down_projections(model), sets[2],
+                     gates=transformer_gates(model))  # fmt: skip
+    c = find_cett([direct], 1.0).x  # set 2, searched on its own
+    assert rep["sets"][1]["cett"] == c
+    assert rep["sets"][1]["activation_ratio"] == direct.measure(c).activation_ratio
+    md = write_report([rep_dir], tmp_path / "r").with_name("report.md").read_text()
+    assert "Replicates: the whole measurement of step 20" in md
+    before = (rep_dir / "sparsing_law.json").read_bytes()
+    with pytest.raises(UserError, match="replicates 0 or >= 2"):
+        verbs.sparsing_law(rep_dir, replicates=1)
+    with pytest.raises(UserError, match="does not fit"):  # refused before measuring
+        verbs.sparsing_law(rep_dir, tokens=512, final_only=True, replicates=10**6)
+    assert (rep_dir / "sparsing_law.json").read_bytes() == before
 
 
 def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:

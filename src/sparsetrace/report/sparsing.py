@@ -423,6 +423,8 @@ def run_section(runs: list) -> Section | None:
             f"the untruncated model: {100 * final['dense_activation_ratio']:.2f} %. Dead: active "
             "on < 0.1 % of the tokens."
         ))  # fmt: skip
+        if "replicates" in summary:
+            blocks.append(Text(f"{rd.label}: {replicates_text(summary)}"))
         blocks.append(Table(
             f"sparsing_law_{rd.label}", f"PPL-{p:g}% sparsity per layer ({rd.label})",
             "The threshold τ keeps each layer's CETT (the relative error of dropping the units "
@@ -444,6 +446,21 @@ def run_section(runs: list) -> Section | None:
     )
     title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in sorted(ps)) + " sparsity"
     return Section("sparsing-law", title, [intro, *blocks])
+
+
+def replicates_text(summary: dict) -> str:
+    """One sentence on the replicate sets of a ``sparsing_law.json`` summary that has them."""
+    rep = summary["replicates"]
+    final = next(c for c in summary["checkpoints"] if c["step"] == rep["step"])
+    se = final["activation_ratio_se"]
+    ratios = ", ".join(f"{r['activation_ratio']:.4f}" for r in rep["sets"])
+    return (
+        f"Replicates: the whole measurement of step {rep['step']} (c searched on each set) on "
+        f"{len(rep['sets'])} further disjoint sets of {rep['tokens_per_set']:,} tokens gives "
+        f"{ratios}: SD {rep['sd']:.4f} ({rep['sd'] / rep['mean']:.1%} of their mean), "
+        f"{rep['sd'] / se:.1f}x the bootstrap SE at fixed c ({se:.4f}) — the uncertainty of one "
+        "such measurement, the search included."
+    )
 
 
 def _over_training_blocks(label: str, summary: dict, run) -> list:

@@ -39,17 +39,24 @@ COLUMNS = ["step", "tokens", "layer", "activation_ratio", "cett", "ppl_ratio"]
 BATCH_TOKENS = 4096  # tokens per forward pass of the evaluation
 
 
-def validation_batches(val: np.ndarray, seq_len: int, tokens: int) -> list[TokenBatch]:
-    """The first ``ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched:
-    the same fixed token set for every checkpoint and every candidate c."""
+def validation_batches(
+    val: np.ndarray, seq_len: int, tokens: int, token_set: int = 0
+) -> list[TokenBatch]:
+    """``ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched: the same
+    fixed token set for every checkpoint and every candidate c. ``token_set`` k > 0 takes the
+    k-th next disjoint run of as many windows (for replicates; UserError when the split ends)."""
     available = max(0, (len(val) - 1) // seq_len)
     n = min(math.ceil(tokens / seq_len), available)
     if n < 1:
         raise UserError(f"the validation split holds no window of {seq_len + 1} tokens")
+    first = token_set * n
+    if first + n > available:
+        raise UserError(f"the validation split holds {available // n} disjoint sets of {n} "
+                        f"windows of {seq_len} tokens; set {token_set} does not fit")  # fmt: skip
     per_batch = max(1, BATCH_TOKENS // seq_len)
     batches = []
-    for start in range(0, n, per_batch):
-        window = get_batch(val, np.arange(start, min(start + per_batch, n)), seq_len)
+    for start in range(first, first + n, per_batch):
+        window = get_batch(val, np.arange(start, min(start + per_batch, first + n)), seq_len)
         batches.append(TokenBatch(window[:, :-1], window[:, 1:]))
     return batches
 
@@ -67,12 +74,16 @@ def _tokens_per_step(run: Path) -> int:
 
 
 def sparsing_law(
-    run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5, final_only: bool = False
-) -> Path:
+    run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5, final_only: bool = False,
+    replicates: int = 0,
+) -> Path:  # fmt: skip
     """Activation ratio at PPL-p% sparsity for every checkpoint of ``run`` (``final_only``: the
-    last checkpoint alone, searched on itself — the main job's cheap variant); writes
-    ``sparsing_law.csv`` (step, tokens, layer ('all' or index), activation_ratio, cett,
-    ppl_ratio) and ``sparsing_law.json`` into the run directory; returns the CSV's path.
+    last checkpoint alone, searched on itself); writes ``sparsing_law.csv`` (step, tokens, layer
+    ('all' or index), activation_ratio, cett, ppl_ratio) and ``sparsing_law.json`` into the run
+    directory; returns the CSV's path. ``replicates`` K > 0 repeats the whole measurement of the
+    final checkpoint (search and ratio) on K further disjoint sets of as many validation tokens:
+    their spread is the ratio's sampling uncertainty including the search for c, which the
+    bootstrap SE (at fixed c) leaves out (:func:`replicate_final`).
 
     Memory: the last ``last`` models are held at once during the search; each layer keeps
     ``GRID_SIZE + 1`` numbers of its CETT curve, never the activations.
@@ -80,8 +91,10 @@ def sparsing_law(
     run = Path(run)
     if not p > 0:
         raise UserError(f"p must be > 0 (percent of perplexity); got {p}")
-    if tokens < 1 or last < 1:
-        raise UserError(f"tokens and last must be >= 1; got tokens={tokens}, last={last}")
+    if tokens < 1 or last < 1 or replicates < 0 or replicates == 1:
+        raise UserError(f"tokens and last must be >= 1, replicates 0 or >= 2 (a spread needs "
+                        f"two); got tokens={tokens}, last={last}, "
+                        f"replicates={replicates}")  # fmt: skip
     ckpts = list_checkpoints(run)
     if not ckpts:
         raise UserError(f"{run}: no checkpoint to evaluate")
@@ -89,7 +102,10 @@ def sparsing_law(
         ckpts, last = ckpts[-1:], 1
     per_step = _tokens_per_step(run)
     _, cfg = load_trained_model(run, ckpts[-1])
-    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
+    val = prepare_data(cfg.data).val
+    batches = validation_batches(val, cfg.data.seq_len, tokens)
+    if replicates:  # refuse before the measurement, not after it
+        validation_batches(val, cfg.data.seq_len, tokens, token_set=replicates)
     device = resolve_device("auto")
 
     def subject(ckpt: Path) -> Subject:
@@ -122,8 +138,33 @@ def sparsing_law(
         "tokens_evaluated": sum(b.n_targets for b in batches), "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
     }  # fmt: skip
+    if replicates:
+        summary["replicates"] = replicate_final(run, ckpts[-1], p, tokens, replicates)
     atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
     return csv
+
+
+def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> dict[str, Any]:
+    """The whole PPL-p% measurement of ``ckpt`` (search for c on it alone, then the ratio)
+    repeated on validation token sets 1..``sets`` (set 0 is the evaluation set): per set c, PPL
+    ratio, activation ratio and its bootstrap SE, and the ratios' mean and SD."""
+    model, cfg = load_trained_model(run, ckpt)
+    model.to(resolve_device("auto"))
+    val = prepare_data(cfg.data).val
+    rows = []
+    for k in range(1, sets + 1):
+        batches = validation_batches(val, cfg.data.seq_len, tokens, token_set=k)
+        s = Subject(model, transformer_down_projections(model), batches,
+                    gates=transformer_gates(model))  # fmt: skip
+        c = find_cett([s], p).x
+        m = s.measure(c)
+        rows.append({"token_set": k, "cett": c, "ppl_ratio": m.ppl_ratio,
+                     "activation_ratio": m.activation_ratio,
+                     "activation_ratio_se": m.activation_ratio_se})  # fmt: skip
+    ratios = [r["activation_ratio"] for r in rows]
+    sd = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else math.nan
+    return {"step": checkpoint_step(ckpt), "tokens_per_set": sum(b.n_targets for b in batches),
+            "sets": rows, "mean": float(np.mean(ratios)), "sd": sd}  # fmt: skip
 
 
 def measurement_rows(step: int, tokens: int, m: Measurement) -> list[dict[str, Any]]:

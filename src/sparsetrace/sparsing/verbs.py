@@ -14,7 +14,12 @@ from sparsetrace.errors import UserError
 
 
 def sparsing_law(
-    run: Path, p: float = 1.0, tokens: int = 16384, final_only: bool = False, json: bool = False
+    run: Path,
+    p: float = 1.0,
+    tokens: int = 16384,
+    final_only: bool = False,
+    replicates: int = 0,
+    json: bool = False,
 ) -> None:
     """Activation ratio at PPL-p% sparsity over a run's checkpoints (Sparsing Law).
 
@@ -23,13 +28,16 @@ def sparsing_law(
         p: perplexity increase allowed, in percent (paper: 1)
         tokens: validation tokens per evaluation (16,384: relative SE of the ratio ~0.3 %)
         final_only: the last checkpoint alone (minutes less; no over-training curve)
+        replicates: repeat the final checkpoint's whole measurement (search for c included) on
+            this many further disjoint token sets: the spread the bootstrap SE leaves out
         json: print the summary as JSON
     """
+    from sparsetrace.report.sparsing import replicates_text
     from sparsetrace.sparsing.figures import plot_activation_ratio
     from sparsetrace.sparsing.over_training import JSON_NAME, PNG_NAME
     from sparsetrace.sparsing.over_training import sparsing_law as measure
 
-    csv = measure(run, p=p, tokens=tokens, final_only=final_only)
+    csv = measure(run, p=p, tokens=tokens, final_only=final_only, replicates=replicates)
     summary = jsonlib.loads((csv.parent / JSON_NAME).read_text())
     png = plot_activation_ratio(csv, csv.parent / PNG_NAME)
     if json:
@@ -49,6 +57,8 @@ def sparsing_law(
             f"{ck['activation_ratio_se']:>8.4f} {ck['dense_activation_ratio']:>8.4f} "
             f"{ck['ppl_ratio']:>10.5f}"
         )
+    if "replicates" in summary:
+        print(replicates_text(summary))
     print(f"wrote {csv}, {csv.parent / JSON_NAME}, {png}")
 
 
