@@ -417,7 +417,7 @@ def run_section(runs: list) -> Section | None:
             f"{se / max(100 * final['activation_ratio'], 1e-12):.1%}). The SE holds c fixed, but "
             "c is searched on the same tokens, so the whole measurement varies more from one "
             "token set to another (measured on the `cpu` preset's final model at 4,096 tokens: "
-            "7.6x this SE; how much depends on the model and the token count — "
+            "about 8x this SE; how much depends on the model and the token count — "
             "benchmarks/sparsing_token_spread.py, docs/sparsing-law.md). Nonzero "
             "activations of "
             f"the untruncated model: {100 * final['dense_activation_ratio']:.2f} %. Dead: active "
