@@ -365,6 +365,10 @@ def test_an_interval_spanning_the_whole_range_is_flagged_as_undetermined() -> No
     assert fit.limit_undetermined == "the 95 % interval of A0 spans its whole physical range"
     well = fit_law(D * 1e9, noisy(relu_law(D, 0.683, -3.46, 0.079, 0.069), 11), "relu")
     assert well.limit_undetermined == "" and well.a0_interval[1] - well.a0_interval[0] < 0.01
+    from dataclasses import replace
+
+    blind = replace(well, a0_interval=(float("nan"), float("nan")))  # covariance not finite
+    assert blind.limit_undetermined.startswith("no interval for A0")
 
 
 def test_silu_limit_is_a_share_of_units() -> None:

@@ -181,12 +181,13 @@ def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
     assert rep["sets"][1]["activation_ratio"] == direct.measure(c).activation_ratio
     md = write_report([rep_dir], tmp_path / "r").with_name("report.md").read_text()
     assert "Replicates: the whole measurement of step 20" in md
-    before = (rep_dir / "sparsing_law.json").read_bytes()
+    files = [rep_dir / "sparsing_law.json", rep_dir / "sparsing_law.csv"]
+    before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
     with pytest.raises(UserError, match="replicates 0 or >= 2"):
         verbs.sparsing_law(rep_dir, replicates=1)
-    with pytest.raises(UserError, match="does not fit"):  # refused before measuring
+    with pytest.raises(UserError, match="does not fit"):  # refused before measuring or writing
         verbs.sparsing_law(rep_dir, tokens=512, final_only=True, replicates=10**6)
-    assert (rep_dir / "sparsing_law.json").read_bytes() == before
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
 
 
 def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:

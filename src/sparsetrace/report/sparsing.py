@@ -449,18 +449,22 @@ def run_section(runs: list) -> Section | None:
     return Section("sparsing-law", title, [intro, *blocks])
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a replicate SE or mean of exactly 0)."""
+    return a / b if b else math.nan
+
+
 def replicates_text(summary: dict) -> str:
     """One sentence on the replicate sets of a ``sparsing_law.json`` summary that has them."""
     rep = summary["replicates"]
-    final = next(c for c in summary["checkpoints"] if c["step"] == rep["step"])
-    se = final["activation_ratio_se"]
+    se = float(np.mean([r["activation_ratio_se"] for r in rep["sets"]]))
     ratios = ", ".join(f"{r['activation_ratio']:.4f}" for r in rep["sets"])
     return (
         f"Replicates: the whole measurement of step {rep['step']} (c searched on each set) on "
         f"{len(rep['sets'])} further disjoint sets of {rep['tokens_per_set']:,} tokens gives "
-        f"{ratios}: SD {rep['sd']:.4f} ({rep['sd'] / rep['mean']:.1%} of their mean), "
-        f"{rep['sd'] / se:.1f}x the bootstrap SE at fixed c ({se:.4f}) — the uncertainty of one "
-        "such measurement, the search included."
+        f"{ratios}: SD {rep['sd']:.4f} ({_ratio(rep['sd'], rep['mean']):.1%} of their mean), "
+        f"{_ratio(rep['sd'], se):.1f}x their mean bootstrap SE at fixed c ({se:.4f}) — the "
+        "uncertainty of one such measurement, the search included."
     )
 
 

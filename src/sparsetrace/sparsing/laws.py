@@ -108,10 +108,13 @@ class LawFit:
 
     @property
     def limit_undetermined(self) -> str:
-        """Why the points do not determine A0 ('' when they do): A0 on its physical bound, or
-        its 95 % interval reaching both ends of the physical range (within 0.1 %)."""
+        """Why the points do not determine A0 ('' when they do): A0 on its physical bound, no
+        finite interval, or its 95 % interval reaching both ends of the physical range (within
+        0.1 %)."""
         if self.limit_on_bound:
             return "limit A0 on its physical bound"
+        if self.form in FORMS and not np.isfinite(self.a0_low_high).all():
+            return "no interval for A0 (the fit's covariance is not finite)"
         if self.a0_interval and self.a0_bounds and all(np.isfinite(self.a0_bounds)):
             (lo, hi), (lower, upper) = self.a0_interval, self.a0_bounds
             tol = 1e-3 * max(abs(lower), abs(upper))

@@ -52,7 +52,9 @@ def validation_batches(
     first = token_set * n
     if first + n > available:
         raise UserError(f"the validation split holds {available // n} disjoint sets of {n} "
-                        f"windows of {seq_len} tokens; set {token_set} does not fit")  # fmt: skip
+                        f"windows of {seq_len} tokens (the evaluation set and at most "
+                        f"{available // n - 1} replicates); set {token_set} does not "
+                        "fit")  # fmt: skip
     per_batch = max(1, BATCH_TOKENS // seq_len)
     batches = []
     for start in range(first, first + n, per_batch):
@@ -126,6 +128,8 @@ def sparsing_law(
         rows += measurement_rows(step, step * per_step, m)
         results.append(_result(step, step * per_step, s, m))
         passes += s.passes
+    # Measured before either file is written: the CSV and the JSON change together.
+    replicated = replicate_final(run, ckpts[-1], p, tokens, replicates) if replicates else None
     csv = run / CSV_NAME
     atomic_write_text(csv, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
     summary = {
@@ -138,8 +142,8 @@ def sparsing_law(
         "tokens_evaluated": sum(b.n_targets for b in batches), "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
     }  # fmt: skip
-    if replicates:
-        summary["replicates"] = replicate_final(run, ckpts[-1], p, tokens, replicates)
+    if replicated:
+        summary["replicates"] = replicated
     atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
     return csv
 
@@ -148,9 +152,12 @@ def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> 
     """The whole PPL-p% measurement of ``ckpt`` (search for c on it alone, then the ratio)
     repeated on validation token sets 1..``sets`` (set 0 is the evaluation set): per set c, PPL
     ratio, activation ratio and its bootstrap SE, and the ratios' mean and SD."""
+    if sets < 1:
+        raise UserError(f"replicates need at least one token set; got {sets}")
     model, cfg = load_trained_model(run, ckpt)
     model.to(resolve_device("auto"))
     val = prepare_data(cfg.data).val
+    validation_batches(val, cfg.data.seq_len, tokens, token_set=sets)  # refuse before measuring
     rows = []
     for k in range(1, sets + 1):
         batches = validation_batches(val, cfg.data.seq_len, tokens, token_set=k)
