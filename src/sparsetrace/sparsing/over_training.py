@@ -27,8 +27,8 @@ from sparsetrace.sparsing.search import (
     TokenBatch,
     find_cett,
     target_ratio,
+    transformer_subject,
 )
-from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
 from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
 from sparsetrace.train.device import resolve_device
 
@@ -113,8 +113,7 @@ def sparsing_law(
     def subject(ckpt: Path) -> Subject:
         model, _ = load_trained_model(run, ckpt)
         model.to(device)
-        return Subject(model, transformer_down_projections(model), batches,
-                       gates=transformer_gates(model))  # fmt: skip
+        return transformer_subject(model, batches)
 
     finals = {ckpt: subject(ckpt) for ckpt in ckpts[-last:]}
     search = find_cett(list(finals.values()), p)
@@ -161,8 +160,7 @@ def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> 
     rows = []
     for k in range(1, sets + 1):
         batches = validation_batches(val, cfg.data.seq_len, tokens, token_set=k)
-        s = Subject(model, transformer_down_projections(model), batches,
-                    gates=transformer_gates(model))  # fmt: skip
+        s = transformer_subject(model, batches)
         c = find_cett([s], p).x
         m = s.measure(c)
         rows.append({"token_set": k, "cett": c, "ppl_ratio": m.ppl_ratio,

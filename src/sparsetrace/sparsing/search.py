@@ -22,7 +22,15 @@ import torch
 from torch import Tensor, nn
 
 from sparsetrace.sparsing.cett import GRID_SIZE, CettCurve, CettThreshold, ThresholdGrid
-from sparsetrace.sparsing.truncation import GateTap, Observer, Rule, Threshold, Truncation
+from sparsetrace.sparsing.truncation import (
+    GateTap,
+    Observer,
+    Rule,
+    Threshold,
+    Truncation,
+    transformer_down_projections,
+    transformer_gates,
+)
 
 PPL_TOL = 0.01  # stop when |PPL ratio - (1 + p/100)| <= PPL_TOL * p/100 ...
 C_TOL = 1e-6  # ... or when the bracket on the searched parameter is narrower than this
@@ -51,6 +59,13 @@ LossFn = Callable[[nn.Module, TokenBatch], Tensor]  # mean loss over the batch's
 def transformer_loss(model: nn.Module, batch: TokenBatch) -> Tensor:
     """Mean next-token cross-entropy of our Transformer (packed windows: no padding)."""
     return model(batch.inputs, batch.targets).loss
+
+
+def transformer_subject(model: nn.Module, batches: Sequence[TokenBatch]) -> Subject:
+    """Our Transformer on an evaluation set: its down projections, and its gates (rules that
+    decide on ``act(gate)`` need them)."""
+    return Subject(model, transformer_down_projections(model), batches,
+                   gates=transformer_gates(model))  # fmt: skip
 
 
 @dataclass(frozen=True)
