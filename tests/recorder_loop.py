@@ -43,6 +43,11 @@ def main(run_dir: str) -> None:
         opt.zero_grad()
     rec.close()
     if world > 1:
+        # Free DDP's Reducer before the process group: if the Reducer is the group's last owner,
+        # freeing it joins gloo's worker threads while holding the GIL, and a worker still
+        # finishing the last collective needs the GIL -- a deadlock (pytorch#56297) that hung
+        # this script in CI and in 1 of 11 runs on a loaded machine (scripts/gloo_teardown.py).
+        del model, opt
         dist.barrier()  # leave together: rank 0 may still be writing when rank 1 tears down
         dist.destroy_process_group()
 

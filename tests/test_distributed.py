@@ -7,11 +7,7 @@ A 2-process run with device batch B sees the same global batch as a 1-process ru
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +22,7 @@ from sparsetrace.model.transformer import Transformer
 from sparsetrace.rundir import load_run
 from sparsetrace.train.checkpoint import list_checkpoints
 from sparsetrace.train.loop import train
+from torchrun import torchrun
 
 pytestmark = pytest.mark.slow
 METRICS = ["per_token", "per_sequence", "per_batch", "p50", "p65", "p75", "p90"]
@@ -36,21 +33,9 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def torchrun(cache: Path, out: Path, *args: str) -> None:
-    env = {**os.environ, "SPARSETRACE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--standalone", "-m", "sparsetrace", "train", "--preset", "tiny",
-           "--out_dir", str(out), *args]  # fmt: skip
-    # A new session, so that a hung run's worker processes can be killed with torchrun itself.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        pytest.fail(f"torchrun timed out: {err[-3000:]}")
-    assert proc.returncode == 0, err[-3000:]
+def torchrun_train(cache: Path, out: Path, *args: str) -> None:
+    torchrun("-m", "sparsetrace", "train", "--preset", "tiny", "--out_dir", str(out), *args,
+             env={"SPARSETRACE_CACHE": str(cache)})  # fmt: skip
 
 
 def single(cache: Path, out: Path, monkeypatch, *args: str, resume: bool = False) -> Path:
@@ -61,7 +46,7 @@ def single(cache: Path, out: Path, monkeypatch, *args: str, resume: bool = False
 @pytest.fixture(scope="module")
 def ddp_run(cache: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    torchrun(cache, out, "--run_name", "ddp", "--train.batch_size", "2")
+    torchrun_train(cache, out, "--run_name", "ddp", "--train.batch_size", "2")
     return out / "ddp"
 
 
@@ -115,7 +100,7 @@ def test_resume_two_processes_and_at_another_world_size(
     for name in ("again", "solo"):
         shutil.copytree(ddp_run, tmp_path / name)
         shutil.rmtree(list_checkpoints(tmp_path / name)[-1])  # resume from step 10
-    torchrun(cache, tmp_path, "--run_name", "again", "--train.batch_size", "2", "--resume")
+    torchrun_train(cache, tmp_path, "--run_name", "again", "--train.batch_size", "2", "--resume")
     straight = load_run(ddp_run)
     again = load_run(tmp_path / "again")
     pd.testing.assert_frame_equal(straight.train.drop(columns="step_time_s"),
@@ -130,7 +115,7 @@ def test_resume_two_processes_and_at_another_world_size(
 def test_fsdp_matches_ddp_and_its_checkpoint_loads_on_one_process(
     ddp_run: Path, cache: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    torchrun(cache, tmp_path, "--run_name", "fsdp", "--train.batch_size", "2",
+    torchrun_train(cache, tmp_path, "--run_name", "fsdp", "--train.batch_size", "2",
              "--train.parallel", "fsdp")  # fmt: skip
     ddp_loss = load_run(ddp_run).train.loss
     np.testing.assert_allclose(load_run(tmp_path / "fsdp").train.loss, ddp_loss, rtol=1e-5)

@@ -4,10 +4,12 @@ and their run directories against ``trace()`` on the same batches with the same 
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from sparsetrace.integrations.huggingface import STATE_FILE, attach
 from sparsetrace.recording import Recorder
 from sparsetrace.report import write_report
 from sparsetrace.rundir import load_run
+from torchrun import torchrun
 
 SEQ, VOCAB = 16, 64
 METRICS = ["per_token", "per_sequence", "per_batch", "p50", "p65", "p75", "p90"]
@@ -360,12 +363,7 @@ def test_two_process_global_rows_equal_one_process_on_the_whole_batch(tmp_path: 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env,
                    timeout=240)  # fmt: skip
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-         str(script), str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    torchrun(str(script), str(tmp_path / "two"))
     one, both = load_run(tmp_path / "one").sparsity, load_run(tmp_path / "two").sparsity
     assert set(both.scope) == {"device", "global", "device_min", "device_max"}
     glob = both[both.scope == "global"].reset_index(drop=True)
@@ -376,6 +374,21 @@ def test_two_process_global_rows_equal_one_process_on_the_whole_batch(tmp_path: 
     # rank 0's own rows are its half only: per-batch use below the union's somewhere
     half = both[both.scope == "device"].reset_index(drop=True)
     assert (half.per_batch <= glob.per_batch).all() and (half.per_batch < glob.per_batch).any()
+
+
+def test_a_closed_recorder_does_not_keep_the_model_alive(tmp_path: Path) -> None:
+    # Under DDP the wrapper must die before the process group (its Reducer must not be the group's
+    # last owner: scripts/gloo_teardown.py); a Recorder holding the model would keep it alive.
+    model = tiny_gpt2()
+    rec = Recorder(model, tmp_path / "r", every=1, tensorboard=False)
+    with rec.step(0):
+        model(input_ids=Tokens(n=2).ids)
+    rec.close()
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert load_run(tmp_path / "r").meta["model"]["class"] == "GPT2LMHeadModel"
 
 
 def test_hf_warmup_given_as_a_ratio(tmp_path: Path) -> None:

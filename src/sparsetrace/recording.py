@@ -126,7 +126,11 @@ class Recorder:
                 "dropped, so measurements would be silently wrong; give the Recorder the "
                 "uncompiled module (model._orig_mod) and call it, or train with sparsetrace"
             )
-        self.model, self.every, self.tokens_per_step = model, every, tokens_per_step
+        # No reference to the model is kept past __init__ (the hooks hold the Recorder, not the
+        # reverse): under DDP the wrapper's C++ Reducer owns the process group, and if it is the
+        # last owner when it is freed, PyTorch joins gloo's worker threads while holding the GIL
+        # -- a deadlock (pytorch#56297) that a Recorder keeping the wrapper alive would invite.
+        self.every, self.tokens_per_step = every, tokens_per_step
         self.percentiles = [float(p) for p in percentiles]
         self.architecture, sites = locate(model, gated, modules)
         self.sites: list[Site] = select(sites, layers)
@@ -143,6 +147,7 @@ class Recorder:
         self._batch_shape: tuple[int, ...] | None = None
         self._closed = False
         self._meta: dict[str, Any] = {}
+        self._model_class = type(model).__name__
         self.writer: RunWriter | None = None
         if self.is_main:
             self._open(resume, dict(meta or {}), tensorboard)
@@ -177,7 +182,7 @@ class Recorder:
             "run_name": self.run_dir.name, "status": "running", "step": 0,
             "source": "sparsetrace.Recorder", "architecture": self.architecture,
             "model": {"n_layers": len(self.sites), "d_ff": None,
-                      "class": type(self.model).__name__},
+                      "class": self._model_class},
             "layers": [{"layer": s.layer, "name": s.name, "module": s.path, "measured": s.measured}
                        for s in self.sites],
             "trace": {"every": self.every, "percentiles": self.percentiles,

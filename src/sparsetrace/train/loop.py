@@ -303,6 +303,9 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
         progress.close()
         if writer is not None:
             writer.close()
+        # The DDP wrapper goes first: its C++ Reducer must not be the process group's last owner
+        # (see parallelize.shutdown).
+        session.step_model = session.model
         parallelize.shutdown(session.dist)
     if meta is not None:
         runmeta.update_meta(session.run_dir, meta, status="finished", step=t.steps,

@@ -64,6 +64,9 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def shutdown(info: Dist) -> None:
+    """Leave the process group. Free any DDP wrapper first: if its C++ Reducer is the group's last
+    owner, freeing it later joins gloo's worker threads with the GIL held while a worker finishing
+    the last collective waits for the GIL -- a deadlock at exit (pytorch#56297; seen in CI)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
 
