@@ -29,6 +29,7 @@ from sparsetrace.sparsing.truncation import (
     transformer_down_projections,
     transformer_gates,
 )
+from sparsetrace.sparsing.uncertainty import SequenceStats, ratio_se
 
 # Hand layer: d_model 2, d_ff 3, W_out columns w0 = (1, 0), w1 = (0, 2), w2 = (3, 4): norms 1, 2, 5.
 W = torch.tensor([[1.0, 0.0, 3.0], [0.0, 2.0, 4.0]])
@@ -282,6 +283,12 @@ def test_reference_baselines_decide_on_act_gate_in_a_gated_mlp() -> None:
     assert len(mlp.w_in._forward_hooks) == 1  # only the test's own hook: the taps are gone
 
 
+def _fixed_c_se(trunc: Truncation) -> float:
+    active, tokens, widths = trunc.sequence_counts()
+    n = active.shape[1]
+    return ratio_se(SequenceStats(np.zeros(n), np.ones(n), active, tokens, widths))
+
+
 def test_activation_ratio_standard_error_is_a_bootstrap_over_sequences() -> None:
     """Sequences that all use the same share of units give a standard error of zero; sequences
     that differ give the bootstrap's spread of the pooled ratio (checked against a direct
@@ -290,7 +297,7 @@ def test_activation_ratio_standard_error_is_a_bootstrap_over_sequences() -> None
     same = torch.tensor([[[1.0, 0, 0, 0]] * 2] * 6)  # 6 sequences of 2 tokens, 1 of 4 units
     with Truncation({"l": layer}) as trunc:
         layer(same)
-    assert trunc.activation_ratio()["l"] == 0.25 and trunc.activation_ratio_se() == 0.0
+    assert trunc.activation_ratio()["l"] == 0.25 and _fixed_c_se(trunc) == 0.0
     differ = torch.zeros(8, 2, 4)
     counts = [0, 1, 2, 3, 4, 1, 2, 3]  # active units per token, per sequence
     for i, k in enumerate(counts):
@@ -300,4 +307,4 @@ def test_activation_ratio_standard_error_is_a_bootstrap_over_sequences() -> None
     picks = np.random.default_rng(0).integers(0, 8, size=(1000, 8))
     per_seq = np.array(counts) * 2.0
     expected = (per_seq[picks].sum(1) / (16 * 4)).std(ddof=1)
-    assert trunc.activation_ratio_se() == pytest.approx(expected)
+    assert _fixed_c_se(trunc) == pytest.approx(expected)

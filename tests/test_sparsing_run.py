@@ -4,6 +4,7 @@ the ``sparsing-law`` verb."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,14 @@ from sparsetrace.sparsing.cett import cett
 from sparsetrace.sparsing.figures import plot_activation_ratio
 from sparsetrace.sparsing.laws import fit_law
 from sparsetrace.sparsing.over_training import COLUMNS, sparsing_law, validation_batches
-from sparsetrace.sparsing.search import PPL_TOL, Subject, find_cett, ppl_sparsity
+from sparsetrace.sparsing.search import (
+    PPL_TOL,
+    REFINE_QUANTILES,
+    Subject,
+    find_cett,
+    ppl_sparsity,
+    search_uncertainty,
+)
 from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
 from sparsetrace.train.checkpoint import load_trained_model
 from sparsetrace.train.loop import train
@@ -68,8 +76,10 @@ def test_ppl_search_lands_on_target(subject: Subject, dense_hidden: dict) -> Non
     m = result.measurement
     assert abs(m.ppl_ratio - 1.01) <= PPL_TOL * 0.01
     assert m.ppl_ratio == result.search.value and m.cett == result.search.x
-    # the outer loop runs the model once per distinct candidate c, plus the 2 dense passes
-    assert result.passes <= 2 + len(result.search.points) <= 2 + 20
+    # the outer loop runs the model once per distinct candidate c, plus the 2 dense passes and
+    # the uncertainty's refinement
+    refine = len(REFINE_QUANTILES)
+    assert result.passes <= 2 + len(result.search.points) + refine <= 2 + 20 + refine
     dense = subject.reference.dense.mean_activation_ratio
     assert 0 < m.activation_ratio < dense
     for name, layer in m.layers.items():
@@ -78,6 +88,18 @@ def test_ppl_search_lands_on_target(subject: Subject, dense_hidden: dict) -> Non
         assert layer.cett == pytest.approx(direct, abs=1e-5)
         assert layer.cett <= m.cett
         assert 0 <= layer.ratio_gap < 1e-3
+
+
+def test_search_uncertainty_refines_around_the_resampled_c(subject: Subject) -> None:
+    search = find_cett([subject], p=1.0)
+    before = set(subject.probed)
+    (boot,) = search_uncertainty([subject], p=1.0)
+    added = set(subject.probed) - before
+    assert 1 <= len(added) <= len(REFINE_QUANTILES)
+    lo, hi = boot.c_interval()
+    assert lo <= search.x <= hi and boot.clipped < 0.05
+    fixed = subject.measure(search.x).activation_ratio_se
+    assert math.isfinite(boot.se) and boot.se > fixed > 0  # the search adds to the spread
 
 
 def test_relu_activation_ratio_tends_to_the_nonzero_fraction(

@@ -26,9 +26,11 @@ from sparsetrace.sparsing.search import (
     Subject,
     TokenBatch,
     find_cett,
+    search_uncertainty,
     target_ratio,
     transformer_subject,
 )
+from sparsetrace.sparsing.uncertainty import SearchBootstrap
 from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
 from sparsetrace.train.device import resolve_device
 
@@ -117,6 +119,7 @@ def sparsing_law(
 
     finals = {ckpt: subject(ckpt) for ckpt in ckpts[-last:]}
     search = find_cett(list(finals.values()), p)
+    boots = dict(zip(finals, search_uncertainty(list(finals.values()), p), strict=True))
     rows: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     passes = 0
@@ -125,8 +128,9 @@ def sparsing_law(
         m = s.measure(search.x)
         step = checkpoint_step(ckpt)
         rows += measurement_rows(step, step * per_step, m)
-        results.append(_result(step, step * per_step, s, m))
+        results.append(_result(step, step * per_step, s, m, boots.get(ckpt)))
         passes += s.passes
+    first_boot = next(iter(boots.values()))
     # Measured before either file is written: the CSV and the JSON change together.
     replicated = replicate_final(run, ckpts[-1], p, tokens, replicates) if replicates else None
     csv = run / CSV_NAME
@@ -137,6 +141,7 @@ def sparsing_law(
             "checkpoints": [checkpoint_step(c) for c in ckpts[-last:]],
             "mean_ppl_ratio": search.value, "bracket": [search.lo, search.hi],
             "candidates": len(search.points), "ppl_tolerance": PPL_TOL * p / 100,
+            "c_interval_95": first_boot.c_interval(), "clipped": first_boot.clipped,
         },
         "tokens_evaluated": sum(b.n_targets for b in batches), "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
@@ -163,9 +168,11 @@ def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> 
         s = transformer_subject(model, batches)
         c = find_cett([s], p).x
         m = s.measure(c)
+        (boot,) = search_uncertainty([s], p)
         rows.append({"token_set": k, "cett": c, "ppl_ratio": m.ppl_ratio,
                      "activation_ratio": m.activation_ratio,
-                     "activation_ratio_se": m.activation_ratio_se})  # fmt: skip
+                     "activation_ratio_se": m.activation_ratio_se,
+                     "activation_ratio_se_search": boot.se})  # fmt: skip
     ratios = [r["activation_ratio"] for r in rows]
     sd = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else math.nan
     return {"step": checkpoint_step(ckpt), "tokens_per_set": sum(b.n_targets for b in batches),
@@ -187,10 +194,15 @@ def measurement_rows(step: int, tokens: int, m: Measurement) -> list[dict[str, A
     ]
 
 
-def _result(step: int, tokens: int, s: Subject, m: Measurement) -> dict[str, Any]:
+def _result(
+    step: int, tokens: int, s: Subject, m: Measurement, boot: SearchBootstrap | None
+) -> dict[str, Any]:
+    """A checkpoint's entry; ``activation_ratio_se_search`` (the SE with the search for c
+    included) only for the checkpoints the search was run on, NaN for the others."""
     return {
         "step": step, "tokens": tokens, "activation_ratio": m.activation_ratio,
         "activation_ratio_se": m.activation_ratio_se,
+        "activation_ratio_se_search": boot.se if boot is not None else math.nan,
         "dense_activation_ratio": s.reference.dense.mean_activation_ratio,
         "ppl_ratio": m.ppl_ratio, "loss_dense": m.loss_dense, "loss_sparse": m.loss_sparse,
         "layers": {str(layer_index(name)): asdict(lm) for name, lm in m.layers.items()},

@@ -18,7 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsetrace.sparsing.cett import GRID_SIZE, CettCurve, CettThreshold, ThresholdGrid
@@ -31,6 +33,8 @@ from sparsetrace.sparsing.truncation import (
     transformer_down_projections,
     transformer_gates,
 )
+from sparsetrace.sparsing.uncertainty import SearchBootstrap, SequenceStats, ratio_se
+from sparsetrace.sparsing.uncertainty import search_bootstrap as bootstrap_search
 
 PPL_TOL = 0.01  # stop when |PPL ratio - (1 + p/100)| <= PPL_TOL * p/100 ...
 C_TOL = 1e-6  # ... or when the bracket on the searched parameter is narrower than this
@@ -53,12 +57,17 @@ class TokenBatch:
         return TokenBatch(self.inputs.to(device), self.targets.to(device), valid)
 
 
-LossFn = Callable[[nn.Module, TokenBatch], Tensor]  # mean loss over the batch's valid targets
+# (batch,): each sequence's loss summed over its valid targets (per sequence, so that the
+# uncertainty can resample sequences)
+LossFn = Callable[[nn.Module, TokenBatch], Tensor]
 
 
 def transformer_loss(model: nn.Module, batch: TokenBatch) -> Tensor:
-    """Mean next-token cross-entropy of our Transformer (packed windows: no padding)."""
-    return model(batch.inputs, batch.targets).loss
+    """Per sequence, the summed next-token cross-entropy of our Transformer."""
+    logits = model(batch.inputs).logits.float()
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
+    loss = loss.view(batch.targets.shape)
+    return (loss if batch.valid is None else loss * batch.valid).sum(-1)
 
 
 def transformer_subject(model: nn.Module, batches: Sequence[TokenBatch]) -> Subject:
@@ -75,7 +84,12 @@ class Evaluation:
     loss: float
     activation_ratio: dict[str, float]
     dead_units: dict[str, int]
-    activation_ratio_se: float = float("nan")  # of the mean over layers (bootstrap, sequences)
+    sequences: SequenceStats  # per evaluated sequence: loss and activity (for uncertainties)
+
+    @property
+    def activation_ratio_se(self) -> float:
+        """SE of the mean over layers at these thresholds (bootstrap over sequences)."""
+        return ratio_se(self.sequences)
 
     @property
     def mean_activation_ratio(self) -> float:
@@ -125,7 +139,7 @@ class Subject:
     ``gates`` the gated layers' gate activations (for rules that decide on them; a gated layer
     missing from it is decided on its product ``act(gate) * up``, the ``ours`` definition, so
     pass :func:`~sparsetrace.sparsing.truncation.transformer_gates` or your model's own);
-    ``loss_fn`` gives a batch's mean loss (default: our Transformer's).
+    ``loss_fn`` gives each sequence's summed loss (default: our Transformer's).
     """
 
     def __init__(
@@ -144,6 +158,7 @@ class Subject:
         self.loss_fn, self.grid_size = loss_fn, grid_size
         self.passes = 0
         self._memo: dict[tuple, Evaluation] = {}
+        self.probed: dict[float, Evaluation] = {}  # every c evaluated (at_cett)
 
     @torch.no_grad()
     def run(
@@ -151,17 +166,25 @@ class Subject:
     ) -> Evaluation:
         """One pass over the evaluation set with ``rules`` applied (none: dense)."""
         device = next(self.model.parameters()).device
-        total, count = 0.0, 0
+        losses, targets = [], []
         with Truncation(self.down, rules, observe, self.gates) as trunc:
             for batch in self.batches:
                 batch = batch.to(device)
                 trunc.valid = batch.valid
-                n = batch.n_targets
-                total += float(self.loss_fn(self.model, batch)) * n
-                count += n
+                loss = self.loss_fn(self.model, batch)
+                if loss.shape != batch.targets.shape[:1]:
+                    raise ValueError(f"loss_fn must return one summed loss per sequence, shape "
+                                     f"{tuple(batch.targets.shape[:1])}; got "
+                                     f"{tuple(loss.shape)}")  # fmt: skip
+                losses.append(loss.double().cpu())
+                n = batch.targets.shape[-1] if batch.valid is None else batch.valid.sum(-1)
+                targets.append(torch.as_tensor(n).double().cpu().expand(loss.shape))
         self.passes += 1
-        return Evaluation(total / count, trunc.activation_ratio(), trunc.dead_units(),
-                          trunc.activation_ratio_se())  # fmt: skip
+        active, tokens, widths = trunc.sequence_counts()
+        sequences = SequenceStats(torch.cat(losses).numpy(), torch.cat(targets).numpy(),
+                                  active, tokens, widths)  # fmt: skip
+        return Evaluation(float(sequences.loss.sum() / sequences.targets.sum()),
+                          trunc.activation_ratio(), trunc.dead_units(), sequences)  # fmt: skip
 
     @cached_property
     def reference(self) -> Reference:
@@ -190,7 +213,9 @@ class Subject:
         return {name: curve.threshold(c) for name, curve in self.reference.curves.items()}
 
     def at_cett(self, c: float) -> Evaluation:
-        return self.evaluate({name: Threshold(t.tau) for name, t in self.thresholds(c).items()})
+        ev = self.evaluate({name: Threshold(t.tau) for name, t in self.thresholds(c).items()})
+        self.probed[c] = ev
+        return ev
 
     def measure(self, c: float) -> Measurement:
         """The model truncated at shared CETT c: PPL ratio and per-layer results."""
@@ -274,18 +299,47 @@ def find_cett(subjects: Sequence[Subject], p: float, c_tol: float = C_TOL) -> Bi
     return bisect(mean_ratio, 0.0, 1.0, target, PPL_TOL * (target - 1.0), c_tol)
 
 
+# Where the search's uncertainty evaluates c again after a first bootstrap: quantiles of the
+# resamples' own c, so that their crossings fall between close evaluated points.
+REFINE_QUANTILES = (0.025, 0.16, 0.5, 0.84, 0.975)
+
+
+def search_uncertainty(subjects: Sequence[Subject], p: float) -> list[SearchBootstrap]:
+    """Per subject, its activation ratio at PPL-p% with the search for c redone on each bootstrap
+    resample of the evaluated sequences (:mod:`sparsetrace.sparsing.uncertainty`): first along the
+    c that :func:`find_cett` evaluated, then again after evaluating the first bootstrap's c
+    quantiles (``REFINE_QUANTILES``; at most 5 passes per subject, fewer when thresholds repeat).
+    The subjects are those the search averaged over, on the same sequences."""
+
+    def bootstrap() -> list[SearchBootstrap]:
+        dense = [s.reference.dense.sequences for s in subjects]
+        probes = [{c: ev.sequences for c, ev in s.probed.items()} for s in subjects]
+        return bootstrap_search(dense, probes, target_ratio(p))
+
+    for c in np.quantile(bootstrap()[0].c, REFINE_QUANTILES):
+        for s in subjects:
+            s.at_cett(float(c))
+    return bootstrap()
+
+
 @dataclass(frozen=True)
 class PplSparsity:
-    """PPL-p% sparsity of one model: the search and the model at the c found."""
+    """PPL-p% sparsity of one model: the search and the model at the c found; ``uncertainty``
+    the resamples of the whole measurement (its ``se`` includes the search for c), None when not
+    asked for."""
 
     p: float
     search: Bisection
     measurement: Measurement
     passes: int
+    uncertainty: SearchBootstrap | None = None
 
 
-def ppl_sparsity(subject: Subject, p: float = 1.0) -> PplSparsity:
-    """PPL-p% sparsity of one model (Sparsing Law, "PPL-p% sparsity"; the paper's p = 1)."""
+def ppl_sparsity(subject: Subject, p: float = 1.0, search_se: bool = True) -> PplSparsity:
+    """PPL-p% sparsity of one model (Sparsing Law, "PPL-p% sparsity"; the paper's p = 1);
+    ``search_se``: also the uncertainty with the search included (up to 5 passes more)."""
     search = find_cett([subject], p)
     measurement = subject.measure(search.x)
-    return PplSparsity(p=p, search=search, measurement=measurement, passes=subject.passes)
+    uncertainty = search_uncertainty([subject], p)[0] if search_se else None
+    return PplSparsity(p=p, search=search, measurement=measurement, passes=subject.passes,
+                       uncertainty=uncertainty)  # fmt: skip

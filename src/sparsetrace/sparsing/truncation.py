@@ -160,21 +160,14 @@ class Truncation:
             for name, active in self.active.items()
         }
 
-    def activation_ratio_se(self, resamples: int = 1000) -> float:
-        """Standard error of the mean-over-layers activation ratio, from a bootstrap over the
-        evaluated sequences (fixed seed); NaN below two sequences."""
-        if not self.down or not all(self.sequences.values()):
-            return float("nan")
-        per_layer = [torch.cat(v).double().numpy() for v in self.sequences.values()]
-        n = len(per_layer[0])
-        if n < 2:
-            return float("nan")
-        picks = np.random.default_rng(0).integers(0, n, size=(resamples, n))
-        ratios = np.mean([
-            seq[picks, 0].sum(1) / np.maximum(seq[picks, 1].sum(1) * m.in_features, 1)
-            for seq, m in zip(per_layer, self.down.values(), strict=True)
-        ], axis=0)  # fmt: skip
-        return float(ratios.std(ddof=1))
+    def sequence_counts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per layer and sequence: active (token, unit) pairs and valid tokens, (layers, n) each
+        (n = 0 if some layer never ran), and the layers' widths."""
+        widths = np.array([m.in_features for m in self.down.values()], dtype=float)
+        if not self.sequences or not all(self.sequences.values()):
+            return np.zeros((len(widths), 0)), np.zeros((len(widths), 0)), widths
+        counts = np.stack([torch.cat(v).double().numpy() for v in self.sequences.values()])
+        return counts[..., 0], counts[..., 1], widths
 
     def dead_units(self, min_frac: float = DEAD_FRACTION) -> dict[str, int]:
         """Per layer: units active on fewer than ``min_frac`` of the valid tokens."""

@@ -386,7 +386,7 @@ def _sparsing_law_rows(session: Session, done: int) -> list[dict[str, Any]]:
     if tr.sparsing_cett > 0:
         measured = subject.measure(tr.sparsing_cett)
     else:
-        measured = ppl_sparsity(subject, tr.sparsing_p).measurement
+        measured = ppl_sparsity(subject, tr.sparsing_p, search_se=False).measurement
     model.train()
     return measurement_rows(done, done * session.tokens_per_step, measured)
 

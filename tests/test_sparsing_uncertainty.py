@@ -1,0 +1,107 @@
+"""The activation ratio's uncertainty with the search for c included (sparsing/uncertainty.py).
+
+Checked against: a hand-computed crossing; a case whose resampled c has a closed form; and a
+simulation in which many independent evaluation sets give the true sampling spread, which the
+bootstrap of one set must estimate (and the fixed-c SE must miss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsetrace.model.transformer import ModelConfig, Transformer
+from sparsetrace.sparsing.search import TokenBatch, transformer_subject
+from sparsetrace.sparsing.uncertainty import (
+    SequenceStats,
+    cross,
+    ratio_se,
+    resample_weights,
+    search_bootstrap,
+)
+
+
+def test_crossing_is_linear_between_the_evaluated_c_and_clipped_outside() -> None:
+    cs = np.array([0.0, 0.1, 0.2])
+    ppl = np.array([[1.0, 1.005, 1.02], [1.0, 1.011, 1.03], [1.0, 1.001, 1.002]])
+    ratio = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    out = cross(cs, ppl, ratio, target=1.01)
+    # row 0: 1.01 lies a third of the way from 1.005 to 1.02, between c = 0.1 and 0.2
+    assert out.c[0] == pytest.approx(0.1 + 0.1 / 3) and out.ratio[0] == pytest.approx(0.3 - 0.1 / 3)
+    # row 1: between 1.0 and 1.011 at c = 0 and 0.1: 10/11 of the way
+    assert out.c[1] == pytest.approx(0.1 * 10 / 11) and out.ratio[1] == pytest.approx(
+        0.5 - 0.2 * 10 / 11
+    )
+    # row 2 never reaches the target: clipped to the last c
+    assert out.c[2] == 0.2 and out.ratio[2] == 0.2
+    assert out.clipped == pytest.approx(1 / 3)
+
+
+def _linear_world(k: np.ndarray, cs: np.ndarray, r0: float, slope: float):
+    """Sequences of 10 targets whose mean loss rises by k_i per unit of c, and whose activation
+    ratio falls as r0 - slope * c for every sequence: a resample's own c is ln(T) / mean(k)."""
+    n = len(k)
+    targets = np.full(n, 10.0)
+    dense_loss = np.full(n, 30.0)
+
+    def at(c: float) -> SequenceStats:
+        active = np.full((1, n), (r0 - slope * c) * 10 * 4)  # 10 tokens x 4 units
+        return SequenceStats(dense_loss + 10 * k * c, targets, active, np.full((1, n), 10.0),
+                             np.array([4.0]))  # fmt: skip
+
+    return at(0.0), {float(c): at(float(c)) for c in cs}
+
+
+def test_resampled_c_follows_the_closed_form() -> None:
+    rng = np.random.default_rng(1)
+    k = rng.gamma(4.0, 0.05, size=40)  # mean 0.2: c* = ln(1.01) / 0.2 ~ 0.05
+    cs = np.linspace(0.001, 0.2, 400)
+    dense, probes = _linear_world(k, cs, r0=0.3, slope=2.0)
+    (boot,) = search_bootstrap([dense], [probes], target=1.01)
+    w = resample_weights(len(k))
+    c_exact = math.log(1.01) / ((w @ k) / w.sum(1))
+    assert np.allclose(boot.c, c_exact, rtol=2e-3)
+    assert boot.se == pytest.approx((0.3 - 2.0 * c_exact).std(ddof=1), rel=1e-2)
+    # every sequence has the same ratio at a given c: the fixed-c SE sees nothing
+    assert ratio_se(probes[float(cs[50])]) == pytest.approx(0.0, abs=1e-12)
+    assert boot.se > 0
+
+
+def test_bootstrap_estimates_the_spread_over_independent_evaluation_sets() -> None:
+    """The estimate repeated on 300 independent sets of 32 sequences: its SD is the truth that one
+    set's bootstrap SE must estimate (within 25 %, on average over 40 sets)."""
+    rng = np.random.default_rng(7)
+    cs = np.linspace(0.002, 0.3, 150)
+    r0, slope, n = 0.3, 2.0, 32
+
+    def draw() -> np.ndarray:
+        return rng.gamma(2.0, 0.1, size=n)  # heavy-ish spread of per-sequence loss slopes
+
+    truth = np.std([r0 - slope * math.log(1.01) / draw().mean() for _ in range(300)], ddof=1)
+    ses = []
+    for _ in range(40):
+        dense, probes = _linear_world(draw(), cs, r0, slope)
+        ses.append(search_bootstrap([dense], [probes], target=1.01)[0].se)
+    assert np.mean(ses) == pytest.approx(truth, rel=0.25)
+
+
+def _tiny_subject(seed: int = 0):
+    cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_ff=64, vocab_size=40, seq_len=16)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    data = torch.randint(0, 40, (24, 17), generator=torch.Generator().manual_seed(seed))
+    batches = [TokenBatch(data[i : i + 8, :-1], data[i : i + 8, 1:]) for i in range(0, 24, 8)]
+    return model, batches, transformer_subject(model, batches)
+
+
+def test_per_sequence_losses_pool_to_the_models_own_loss() -> None:
+    model, batches, subject = _tiny_subject()
+    dense = subject.reference.dense
+    with torch.no_grad():
+        direct = np.mean([float(model(b.inputs, b.targets).loss) for b in batches])
+    assert dense.loss == pytest.approx(direct, rel=1e-6)
+    assert dense.sequences.n == 24 and (dense.sequences.targets == 16).all()
+    assert dense.sequences.active.shape == (2, 24)
