@@ -178,6 +178,11 @@ def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(runs, "train", _no_call)
     monkeypatch.setattr(activations, "sparsing_law", _no_call)
     assert activations.run_activations_experiment(*args) == index
+    arm = tmp_path / "model.activation=silu"
+    assert activations.measure(arm, 1.0, TOKENS, activations.LAST) == arm / "sparsing_law.csv"
+    for p, tokens in ((1.0, 2 * TOKENS), (2.0, TOKENS)):  # measured at other settings: again
+        with pytest.raises(AssertionError, match="measured again"):
+            activations.measure(arm, p, tokens, activations.LAST)
     with pytest.raises(UserError, match="another experiment"):
         activations.run_activations_experiment("tiny", "relu", 1.0, TOKENS, False, tmp_path, SHORT)
 

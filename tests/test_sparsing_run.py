@@ -177,11 +177,13 @@ def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
     cfg = load_config("tiny")
     val, seq = prepare_data(cfg.data).val, cfg.data.seq_len
     sets = [validation_batches(val, seq, 512, token_set=k) for k in range(3)]
-    for k, batches in enumerate(sets):  # the k-th run of 16 windows, by hand
+    stride = ((len(val) - 1) // seq) // 16  # 16 windows spread over the split
+    assert stride >= 3
+    for k, batches in enumerate(sets):  # windows k, k + stride, ..., by hand
         rows = torch.cat([b.inputs for b in batches])
         assert rows.shape == (16, seq)
-        for i in (0, 15):
-            start = (16 * k + i) * seq
+        for i in (0, 1, 15):
+            start = (k + i * stride) * seq
             assert rows[i].tolist() == val[start : start + seq].tolist()
     with pytest.raises(UserError, match="disjoint sets"):
         validation_batches(val, seq, 512, token_set=10**6)
@@ -203,6 +205,10 @@ def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
     assert rep["sets"][1]["activation_ratio"] == direct.measure(c).activation_ratio
     md = write_report([rep_dir], tmp_path / "r").with_name("report.md").read_text()
     assert "Replicates: the whole measurement of step 20" in md
+    final = summary["checkpoints"][-1]
+    assert final["activation_ratio_se_search"] > 0 and "With the search for c redone" in md
+    assert f"± {100 * final['activation_ratio_se_search']:.2f} (" in md
+    assert "the one with the search" in md  # the replicates' SD against both SEs
     files = [rep_dir / "sparsing_law.json", rep_dir / "sparsing_law.csv"]
     before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
     with pytest.raises(UserError, match="replicates 0 or >= 2"):

@@ -105,3 +105,14 @@ def test_per_sequence_losses_pool_to_the_models_own_loss() -> None:
     assert dense.loss == pytest.approx(direct, rel=1e-6)
     assert dense.sequences.n == 24 and (dense.sequences.targets == 16).all()
     assert dense.sequences.active.shape == (2, 24)
+
+
+def test_report_sentence_names_both_standard_errors() -> None:
+    from sparsetrace.report.sparsing import uncertainty_text
+
+    final = {"activation_ratio": 0.1, "activation_ratio_se": 0.001}
+    old = uncertainty_text({"search": {}}, final)  # a file from before the search SE
+    assert "± 0.10 (" in old and "1.0% relative" in old and "varies more" in old
+    summary = {"search": {"c_interval_95": [0.02, 0.05], "clipped": 0.1}}
+    new = uncertainty_text(summary, {**final, "activation_ratio_se_search": 0.003})
+    assert "± 0.30 (3.0% relative; c 95 % interval 0.02-0.05; 10% of resamples outside" in new

@@ -37,13 +37,16 @@ KEY = "model.activation"
 
 def measure(run: Path, p: float, tokens: int, last: int) -> Path:
     """``sparsing_law.csv`` of a trained run: measured, unless ``sparsing_law.json`` is newer
-    than the newest checkpoint and was measured at the same p (then kept as it is)."""
+    than the newest checkpoint and was measured at the same p and token count (then kept as it
+    is; files written before ``tokens_requested`` was recorded compare ``tokens_evaluated``)."""
     summary, newest = run / JSON_NAME, list_checkpoints(run)[-1]
+    done = json.loads(summary.read_text()) if summary.is_file() else {}
     if (
-        summary.is_file()
+        done
         and (run / CSV_NAME).is_file()
         and summary.stat().st_mtime > newest.stat().st_mtime
-        and json.loads(summary.read_text()).get("p") == p
+        and done.get("p") == p
+        and done.get("tokens_requested", done.get("tokens_evaluated")) == tokens
     ):
         print(f"{run}: sparsing law up to date", flush=True)
         return run / CSV_NAME

@@ -407,22 +407,15 @@ def run_section(runs: list) -> Section | None:
         }  # fmt: skip
         frame = pd.DataFrame.from_dict(rows, orient="index")
         frame.index.name = "layer"
-        p, se = summary["p"], 100 * final["activation_ratio_se"]
+        p = summary["p"]
         blocks.append(Text(
             f"{rd.label}, step {final['step']}: CETT c = {summary['cett']:.4g}, chosen so "
             f"that perplexity rises by {p:g} % (measured ratio {final['ppl_ratio']:.4f}, target "
             f"{summary['target_ppl_ratio']:.4f}) on {summary['tokens_evaluated']:,} validation "
             f"tokens. Activation ratio at PPL-{p:g}%: {100 * final['activation_ratio']:.2f} % "
-            f"± {se:.2f} (bootstrap SE over sequences at this c; relative SE "
-            f"{100 * se / max(100 * final['activation_ratio'], 1e-12):.1f} %). The SE holds c "
-            "fixed, but "
-            "c is searched on the same tokens, so the whole measurement varies more from one "
-            "token set to another (measured on the `cpu` preset's final model at 4,096 tokens: "
-            "about 8x this SE; how much depends on the model and the token count — "
-            "benchmarks/sparsing_token_spread.py, docs/sparsing-law.md). Nonzero "
-            "activations of "
-            f"the untruncated model: {100 * final['dense_activation_ratio']:.2f} %. Dead: active "
-            "on < 0.1 % of the tokens."
+            f"{uncertainty_text(summary, final)} Nonzero activations of the untruncated model: "
+            f"{100 * final['dense_activation_ratio']:.2f} %. Dead: active on < 0.1 % of the "
+            "tokens."
         ))  # fmt: skip
         if "replicates" in summary:
             blocks.append(Text(f"{rd.label}: {replicates_text(summary)}"))
@@ -454,17 +447,46 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else math.nan
 
 
+def uncertainty_text(summary: dict, final: dict) -> str:
+    """The activation ratio's uncertainty at a checkpoint of a ``sparsing_law.json`` summary: the
+    SE at fixed c, and the SE with the search for c included where it was measured."""
+    ratio, se = final["activation_ratio"], final["activation_ratio_se"]
+    fixed = (f"± {100 * se:.2f} (bootstrap SE over sequences with c held fixed; "
+             f"{_ratio(se, ratio):.1%} relative).")  # fmt: skip
+    se_search = final.get("activation_ratio_se_search", math.nan)
+    if not math.isfinite(se_search):
+        return (
+            fixed + " c is searched on the same tokens, so the whole measurement varies "
+            "more from one token set to another (`sparsetrace sparsing-law RUN` measures it)."
+        )
+    lo, hi = summary["search"]["c_interval_95"]
+    clipped = summary["search"].get("clipped", 0.0)
+    return (
+        f"{fixed} With the search for c redone on every resample: ± {100 * se_search:.2f} "
+        f"({_ratio(se_search, ratio):.1%} relative; c 95 % interval {lo:.3g}-{hi:.3g}"
+        + (f"; {clipped:.0%} of resamples outside the evaluated c" if clipped else "")
+        + "). On the `cpu` model this SE was about 3/4 of the spread over disjoint token sets "
+        "(docs/sparsing-law.md, Precision; `--replicates K` measures that spread)."
+    )
+
+
 def replicates_text(summary: dict) -> str:
     """One sentence on the replicate sets of a ``sparsing_law.json`` summary that has them."""
     rep = summary["replicates"]
     se = float(np.mean([r["activation_ratio_se"] for r in rep["sets"]]))
+    se_search = float(np.mean([r.get("activation_ratio_se_search", math.nan)
+                               for r in rep["sets"]]))  # fmt: skip
     ratios = ", ".join(f"{r['activation_ratio']:.4f}" for r in rep["sets"])
+    versus = f"{_ratio(rep['sd'], se):.1f}x their mean bootstrap SE at fixed c ({se:.4f})"
+    if math.isfinite(se_search):
+        versus += (
+            f" and {_ratio(rep['sd'], se_search):.2f}x the one with the search ({se_search:.4f})"
+        )
     return (
         f"Replicates: the whole measurement of step {rep['step']} (c searched on each set) on "
         f"{len(rep['sets'])} further disjoint sets of {rep['tokens_per_set']:,} tokens gives "
         f"{ratios}: SD {rep['sd']:.4f} ({_ratio(rep['sd'], rep['mean']):.1%} of their mean), "
-        f"{_ratio(rep['sd'], se):.1f}x their mean bootstrap SE at fixed c ({se:.4f}) — the "
-        "uncertainty of one such measurement, the search included."
+        f"{versus} — the uncertainty of one such measurement, the search included."
     )
 
 

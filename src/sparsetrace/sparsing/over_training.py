@@ -45,22 +45,26 @@ def validation_batches(
     val: np.ndarray, seq_len: int, tokens: int, token_set: int = 0
 ) -> list[TokenBatch]:
     """``ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched: the same
-    fixed token set for every checkpoint and every candidate c. ``token_set`` k > 0 takes the
-    k-th next disjoint run of as many windows (for replicates; UserError when the split ends)."""
+    fixed token set for every checkpoint and every candidate c. The windows are spread evenly over
+    the whole split (every ``stride``-th, ``stride = windows available // n``), not a contiguous
+    run: neighbouring windows share documents, so a contiguous set varies more from set to set
+    than its own bootstrap says. ``token_set`` k > 0 starts k windows later: a disjoint set spread
+    alike (for replicates; UserError when k >= stride)."""
     available = max(0, (len(val) - 1) // seq_len)
     n = min(math.ceil(tokens / seq_len), available)
     if n < 1:
         raise UserError(f"the validation split holds no window of {seq_len + 1} tokens")
-    first = token_set * n
-    if first + n > available:
-        raise UserError(f"the validation split holds {available // n} disjoint sets of {n} "
+    stride = available // n
+    if token_set >= stride:
+        raise UserError(f"the validation split holds {stride} disjoint sets of {n} "
                         f"windows of {seq_len} tokens (the evaluation set and at most "
-                        f"{available // n - 1} replicates); set {token_set} does not "
+                        f"{stride - 1} replicates); set {token_set} does not "
                         "fit")  # fmt: skip
+    windows = token_set + stride * np.arange(n)
     per_batch = max(1, BATCH_TOKENS // seq_len)
     batches = []
-    for start in range(first, first + n, per_batch):
-        window = get_batch(val, np.arange(start, min(start + per_batch, first + n)), seq_len)
+    for start in range(0, n, per_batch):
+        window = get_batch(val, windows[start : start + per_batch], seq_len)
         batches.append(TokenBatch(window[:, :-1], window[:, 1:]))
     return batches
 
@@ -78,7 +82,7 @@ def _tokens_per_step(run: Path) -> int:
 
 
 def sparsing_law(
-    run: Path, p: float = 1.0, tokens: int = 16384, last: int = 5, final_only: bool = False,
+    run: Path, p: float = 1.0, tokens: int = 32768, last: int = 5, final_only: bool = False,
     replicates: int = 0,
 ) -> Path:  # fmt: skip
     """Activation ratio at PPL-p% sparsity for every checkpoint of ``run`` (``final_only``: the
@@ -143,7 +147,8 @@ def sparsing_law(
             "candidates": len(search.points), "ppl_tolerance": PPL_TOL * p / 100,
             "c_interval_95": first_boot.c_interval(), "clipped": first_boot.clipped,
         },
-        "tokens_evaluated": sum(b.n_targets for b in batches), "grid_size": GRID_SIZE,
+        "tokens_requested": tokens, "tokens_evaluated": sum(b.n_targets for b in batches),
+        "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
     }  # fmt: skip
     if replicated:

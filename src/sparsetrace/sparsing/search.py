@@ -33,8 +33,12 @@ from sparsetrace.sparsing.truncation import (
     transformer_down_projections,
     transformer_gates,
 )
-from sparsetrace.sparsing.uncertainty import SearchBootstrap, SequenceStats, ratio_se
-from sparsetrace.sparsing.uncertainty import search_bootstrap as bootstrap_search
+from sparsetrace.sparsing.uncertainty import (
+    SearchBootstrap,
+    SequenceStats,
+    ratio_se,
+    search_bootstrap,
+)
 
 PPL_TOL = 0.01  # stop when |PPL ratio - (1 + p/100)| <= PPL_TOL * p/100 ...
 C_TOL = 1e-6  # ... or when the bracket on the searched parameter is narrower than this
@@ -314,7 +318,7 @@ def search_uncertainty(subjects: Sequence[Subject], p: float) -> list[SearchBoot
     def bootstrap() -> list[SearchBootstrap]:
         dense = [s.reference.dense.sequences for s in subjects]
         probes = [{c: ev.sequences for c, ev in s.probed.items()} for s in subjects]
-        return bootstrap_search(dense, probes, target_ratio(p))
+        return search_bootstrap(dense, probes, target_ratio(p))
 
     for c in np.quantile(bootstrap()[0].c, REFINE_QUANTILES):
         for s in subjects:

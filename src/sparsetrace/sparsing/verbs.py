@@ -7,6 +7,7 @@ parameters ``--options`` (bool: a flag), the first docstring line is the help.
 from __future__ import annotations
 
 import json as jsonlib
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sparsetrace.errors import UserError
 def sparsing_law(
     run: Path,
     p: float = 1.0,
-    tokens: int = 16384,
+    tokens: int = 32768,
     final_only: bool = False,
     replicates: int = 0,
     json: bool = False,
@@ -26,7 +27,8 @@ def sparsing_law(
     Args:
         run: a sparsetrace run directory with checkpoints
         p: perplexity increase allowed, in percent (paper: 1)
-        tokens: validation tokens per evaluation (16,384: relative SE of the ratio ~0.3 %)
+        tokens: validation tokens per evaluation, spread over the split (32,768: ~1 % relative
+            uncertainty with the search for c, measured on the cpu model; docs/sparsing-law.md)
         final_only: the last checkpoint alone (minutes less; no over-training curve)
         replicates: repeat the final checkpoint's whole measurement (search for c included) on
             this many further disjoint token sets: the spread the bootstrap SE leaves out
@@ -49,14 +51,21 @@ def sparsing_law(
         f"{search['mean_ppl_ratio']:.5f} (target {summary['target_ppl_ratio']:.5f}) over steps "
         f"{', '.join(map(str, search['checkpoints']))}; {summary['tokens_evaluated']:,} tokens"
     )
-    print(f"{'step':>9} {'tokens':>14} {'activation':>11} {'± se':>8} {'dense':>8} "
-          f"{'PPL ratio':>10}")  # fmt: skip
+    print(f"{'step':>9} {'tokens':>14} {'activation':>11} {'± se':>8} {'± search':>9} "
+          f"{'dense':>8} {'PPL ratio':>10}")  # fmt: skip
     for ck in summary["checkpoints"]:
+        se_search = ck["activation_ratio_se_search"]
+        search_col = f"{se_search:.4f}" if math.isfinite(se_search) else ""
         print(
             f"{ck['step']:>9} {ck['tokens']:>14,} {ck['activation_ratio']:>11.4f} "
-            f"{ck['activation_ratio_se']:>8.4f} {ck['dense_activation_ratio']:>8.4f} "
-            f"{ck['ppl_ratio']:>10.5f}"
+            f"{ck['activation_ratio_se']:>8.4f} {search_col:>9} "
+            f"{ck['dense_activation_ratio']:>8.4f} {ck['ppl_ratio']:>10.5f}"
         )
+    lo, hi = search["c_interval_95"]
+    print(
+        f"± se: bootstrap over sequences at this c; ± search: with the search for c redone on "
+        f"each resample (the checkpoints c was searched on; c 95 % interval {lo:.3g}-{hi:.3g})"
+    )
     if "replicates" in summary:
         print(replicates_text(summary))
     print(f"wrote {csv}, {csv.parent / JSON_NAME}, {png}")
