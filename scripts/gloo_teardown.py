@@ -8,7 +8,8 @@ freed. ``model-last`` frees the DDP model after the group is destroyed, so its C
 group's last owner: freeing it joins gloo's worker threads with the GIL held, while a worker still
 destroying the last collective's work (whose thread-local state holds the Python context that
 ``backward`` stashes) waits for the GIL -- a deadlock (pytorch#56297). ``model-first`` frees the
-model before the barrier, so the group dies in ``destroy_process_group``, which releases the GIL.
+model before the barrier, so the group dies with its last Python reference (``del group``), whose
+holder releases the GIL before the C++ destructor runs.
 A round that does not finish within --timeout seconds prints every thread's stack and exits 1.
 Why it matters: sparsetrace's trainer and tests/recorder_loop.py end this way (a CI run hung).
 """

@@ -72,9 +72,10 @@ def dense_hidden(subject: Subject) -> dict[str, torch.Tensor]:
 
 
 def test_ppl_search_lands_on_target(subject: Subject, dense_hidden: dict) -> None:
-    result = ppl_sparsity(subject, p=1.0)
+    result = ppl_sparsity(subject, p=1.0, search_se=True)
     m = result.measurement
     assert abs(m.ppl_ratio - 1.01) <= PPL_TOL * 0.01
+    assert result.uncertainty is not None and result.uncertainty.se > m.activation_ratio_se > 0
     assert m.ppl_ratio == result.search.value and m.cett == result.search.x
     # the outer loop runs the model once per distinct candidate c, plus the 2 dense passes and
     # the uncertainty's refinement
@@ -151,6 +152,14 @@ def test_sparsing_law_over_training(run_dir: Path) -> None:
     assert (frame[frame.layer != "all"].cett <= summary["cett"]).all()
     final_two = frame[(frame.layer == "all") & frame.step.isin([15, 20])].ppl_ratio
     assert final_two.mean() == pytest.approx(summary["search"]["mean_ppl_ratio"])
+    # the SE with the search: for the two checkpoints searched on, null (not NaN) for the others
+    se_search = {c["step"]: c["activation_ratio_se_search"] for c in summary["checkpoints"]}
+    assert se_search[5] is None and se_search[10] is None
+    assert se_search[15] > 0 and se_search[20] > 0
+    lo, hi = summary["search"]["c_interval_95"]
+    assert lo <= summary["cett"] <= hi
+    assert "NaN" not in (run_dir / "sparsing_law.json").read_text()  # valid JSON for jq & co.
+    assert summary["windows"] == "random, seed 0" and summary["tokens_requested"] == 2048
     png = plot_activation_ratio(csv, run_dir / "ratio.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -177,17 +186,22 @@ def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
     cfg = load_config("tiny")
     val, seq = prepare_data(cfg.data).val, cfg.data.seq_len
     sets = [validation_batches(val, seq, 512, token_set=k) for k in range(3)]
-    stride = ((len(val) - 1) // seq) // 16  # 16 windows spread over the split
-    assert stride >= 3
-    for k, batches in enumerate(sets):  # windows k, k + stride, ..., by hand
+    available = (len(val) - 1) // seq
+    order = np.random.default_rng(0).permutation(available)  # WINDOW_SEED, by hand
+    seen: set[int] = set()
+    for k, batches in enumerate(sets):  # the k-th 16 windows of the permutation, in order
         rows = torch.cat([b.inputs for b in batches])
         assert rows.shape == (16, seq)
+        windows = sorted(order[16 * k : 16 * (k + 1)])
         for i in (0, 1, 15):
-            start = (k + i * stride) * seq
+            start = windows[i] * seq
             assert rows[i].tolist() == val[start : start + seq].tolist()
+        assert seen.isdisjoint(windows)
+        seen.update(windows)
+    last = available // 16 - 1  # the last whole set fits, the next does not
+    assert len(validation_batches(val, seq, 512, token_set=last)) == len(sets[0])
     with pytest.raises(UserError, match="disjoint sets"):
-        validation_batches(val, seq, 512, token_set=10**6)
-
+        validation_batches(val, seq, 512, token_set=last + 1)
     rep_dir = tmp_path / "rep"
     shutil.copytree(run_dir, rep_dir, ignore=shutil.ignore_patterns("sparsing_law.*"))
     verbs.sparsing_law(rep_dir, tokens=512, final_only=True, replicates=2)

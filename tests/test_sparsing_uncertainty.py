@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparsetrace.model.transformer import ModelConfig, Transformer
-from sparsetrace.sparsing.search import TokenBatch, transformer_subject
+from sparsetrace.sparsing.search import TokenBatch, transformer_loss, transformer_subject
 from sparsetrace.sparsing.uncertainty import (
     SequenceStats,
     cross,
@@ -26,8 +26,8 @@ from sparsetrace.sparsing.uncertainty import (
 
 def test_crossing_is_linear_between_the_evaluated_c_and_clipped_outside() -> None:
     cs = np.array([0.0, 0.1, 0.2])
-    ppl = np.array([[1.0, 1.005, 1.02], [1.0, 1.011, 1.03], [1.0, 1.001, 1.002]])
-    ratio = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    ppl = np.array([[1.0, 1.005, 1.02], [1.0, 1.011, 1.03], [1.0, 1.001, 1.002], [1.02] * 3])
+    ratio = np.array([[0.5, 0.3, 0.2]] * 4)
     out = cross(cs, ppl, ratio, target=1.01)
     # row 0: 1.01 lies a third of the way from 1.005 to 1.02, between c = 0.1 and 0.2
     assert out.c[0] == pytest.approx(0.1 + 0.1 / 3) and out.ratio[0] == pytest.approx(0.3 - 0.1 / 3)
@@ -37,7 +37,9 @@ def test_crossing_is_linear_between_the_evaluated_c_and_clipped_outside() -> Non
     )
     # row 2 never reaches the target: clipped to the last c
     assert out.c[2] == 0.2 and out.ratio[2] == 0.2
-    assert out.clipped == pytest.approx(1 / 3)
+    # row 3 is past the target at the first c: clipped to it
+    assert out.c[3] == 0.0 and out.ratio[3] == 0.5
+    assert out.clipped == 0.5
 
 
 def _linear_world(k: np.ndarray, cs: np.ndarray, r0: float, slope: float):
@@ -68,6 +70,36 @@ def test_resampled_c_follows_the_closed_form() -> None:
     # every sequence has the same ratio at a given c: the fixed-c SE sees nothing
     assert ratio_se(probes[float(cs[50])]) == pytest.approx(0.0, abs=1e-12)
     assert boot.se > 0
+
+
+def test_several_models_share_one_resampled_c_from_their_mean_ppl_ratio() -> None:
+    # two models on the same 30 sequences; the search averages their PPL ratios (as find_cett)
+    rng = np.random.default_rng(3)
+    k1, k2 = rng.gamma(4.0, 0.05, size=30), rng.gamma(4.0, 0.1, size=30)
+    cs = np.linspace(0.001, 0.2, 800)
+    (d1, p1), (d2, p2) = _linear_world(k1, cs, 0.3, 2.0), _linear_world(k2, cs, 0.2, 1.0)
+    b1, b2 = search_bootstrap([d1, d2], [p1, p2], target=1.01)
+    assert np.array_equal(b1.c, b2.c)
+    w = resample_weights(30)
+    m1, m2 = (w @ k1) / w.sum(1), (w @ k2) / w.sum(1)
+    for row in (0, 1, 500):  # mean(exp(m1 c), exp(m2 c)) = 1.01, solved by bisection here
+        lo, hi = 0.0, 0.2
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (
+                (mid, hi)
+                if (math.exp(m1[row] * mid) + math.exp(m2[row] * mid)) / 2 < 1.01
+                else (lo, mid)
+            )
+        assert b1.c[row] == pytest.approx(lo, rel=1e-3)
+        assert b2.ratio[row] == pytest.approx(0.2 - 1.0 * lo, rel=1e-3)
+    with pytest.raises(ValueError, match="no c > 0"):
+        search_bootstrap([d1, d2], [p1, {}], target=1.01)
+    one = SequenceStats(*(a[:1] for a in (d1.loss, d1.targets)), d1.active[:, :1],
+                        d1.tokens[:, :1], d1.widths)  # fmt: skip
+    probes = {c: SequenceStats(v.loss[:1], v.targets[:1], v.active[:, :1], v.tokens[:, :1],
+                               v.widths) for c, v in p1.items()}  # fmt: skip
+    assert math.isnan(search_bootstrap([one], [probes], target=1.01)[0].se)  # nothing to resample
 
 
 def test_bootstrap_estimates_the_spread_over_independent_evaluation_sets() -> None:
@@ -105,6 +137,19 @@ def test_per_sequence_losses_pool_to_the_models_own_loss() -> None:
     assert dense.loss == pytest.approx(direct, rel=1e-6)
     assert dense.sequences.n == 24 and (dense.sequences.targets == 16).all()
     assert dense.sequences.active.shape == (2, 24)
+    # a valid mask: each sequence sums its valid targets' losses only, and counts them
+    valid = torch.arange(16).expand(8, 16) < torch.arange(1, 9)[:, None] * 2  # 2, 4, ..., 16
+    masked = TokenBatch(batches[0].inputs, batches[0].targets, valid)
+    with torch.no_grad():
+        logits = model(masked.inputs).logits
+        per_token = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), masked.targets, reduction="none"
+        )
+        expected = [float(per_token[i, : 2 * (i + 1)].sum()) for i in range(8)]
+        assert transformer_loss(model, masked).tolist() == pytest.approx(expected, rel=1e-5)
+    ev = transformer_subject(model, [masked]).run()
+    assert ev.sequences.targets.tolist() == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert ev.loss == pytest.approx(sum(expected) / 72, rel=1e-5)
 
 
 def test_report_sentence_names_both_standard_errors() -> None:
@@ -115,4 +160,6 @@ def test_report_sentence_names_both_standard_errors() -> None:
     assert "± 0.10 (" in old and "1.0% relative" in old and "varies more" in old
     summary = {"search": {"c_interval_95": [0.02, 0.05], "clipped": 0.1}}
     new = uncertainty_text(summary, {**final, "activation_ratio_se_search": 0.003})
-    assert "± 0.30 (3.0% relative; c 95 % interval 0.02-0.05; 10% of resamples outside" in new
+    assert "± 0.30 (3.0% relative; c 95 % interval 0.02-0.05; 10.0% of resamples outside" in new
+    # a checkpoint c was not searched on (null in the JSON): the fixed-c sentence only
+    assert uncertainty_text(summary, {**final, "activation_ratio_se_search": None}) == old

@@ -27,7 +27,7 @@ from sparsetrace.experiments.runs import (
 from sparsetrace.experiments.sweep import build_arms, split_values
 from sparsetrace.report.sparsing import Curve, write_activations_report
 from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form, warmup_points
-from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, sparsing_law
+from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, WINDOWS, sparsing_law
 from sparsetrace.train.checkpoint import list_checkpoints
 
 CHECKPOINTS = 8  # per run: the ReLU law has 4 parameters, a fit needs MIN_POINTS = 5
@@ -37,8 +37,9 @@ KEY = "model.activation"
 
 def measure(run: Path, p: float, tokens: int, last: int) -> Path:
     """``sparsing_law.csv`` of a trained run: measured, unless ``sparsing_law.json`` is newer
-    than the newest checkpoint and was measured at the same p and token count (then kept as it
-    is; files written before ``tokens_requested`` was recorded compare ``tokens_evaluated``)."""
+    than the newest checkpoint and was measured at the same p, token count and choice of windows
+    (then kept as it is; a file from before ``tokens_requested`` and ``windows`` were recorded is
+    measured again: its windows were contiguous)."""
     summary, newest = run / JSON_NAME, list_checkpoints(run)[-1]
     done = json.loads(summary.read_text()) if summary.is_file() else {}
     if (
@@ -46,7 +47,8 @@ def measure(run: Path, p: float, tokens: int, last: int) -> Path:
         and (run / CSV_NAME).is_file()
         and summary.stat().st_mtime > newest.stat().st_mtime
         and done.get("p") == p
-        and done.get("tokens_requested", done.get("tokens_evaluated")) == tokens
+        and done.get("tokens_requested") == tokens
+        and done.get("windows") == WINDOWS
     ):
         print(f"{run}: sparsing law up to date", flush=True)
         return run / CSV_NAME

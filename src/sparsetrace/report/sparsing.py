@@ -453,8 +453,8 @@ def uncertainty_text(summary: dict, final: dict) -> str:
     ratio, se = final["activation_ratio"], final["activation_ratio_se"]
     fixed = (f"± {100 * se:.2f} (bootstrap SE over sequences with c held fixed; "
              f"{_ratio(se, ratio):.1%} relative).")  # fmt: skip
-    se_search = final.get("activation_ratio_se_search", math.nan)
-    if not math.isfinite(se_search):
+    se_search = final.get("activation_ratio_se_search")  # absent in files before 2026-12-02
+    if se_search is None or not math.isfinite(se_search):
         return (
             fixed + " c is searched on the same tokens, so the whole measurement varies "
             "more from one token set to another (`sparsetrace sparsing-law RUN` measures it)."
@@ -464,7 +464,7 @@ def uncertainty_text(summary: dict, final: dict) -> str:
     return (
         f"{fixed} With the search for c redone on every resample: ± {100 * se_search:.2f} "
         f"({_ratio(se_search, ratio):.1%} relative; c 95 % interval {lo:.3g}-{hi:.3g}"
-        + (f"; {clipped:.0%} of resamples outside the evaluated c" if clipped else "")
+        + (f"; {clipped:.1%} of resamples outside the evaluated c" if clipped else "")
         + "). On the `cpu` model this SE was about 3/4 of the spread over disjoint token sets "
         "(docs/sparsing-law.md, Precision; `--replicates K` measures that spread)."
     )

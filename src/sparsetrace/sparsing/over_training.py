@@ -39,28 +39,33 @@ JSON_NAME = "sparsing_law.json"
 PNG_NAME = "sparsing_law.png"
 COLUMNS = ["step", "tokens", "layer", "activation_ratio", "cett", "ppl_ratio"]
 BATCH_TOKENS = 4096  # tokens per forward pass of the evaluation
+# How the evaluation windows are chosen (recorded in sparsing_law.json; files without it used the
+# first windows in a row): a seeded random sample of the validation split's windows.
+WINDOW_SEED = 0
+WINDOWS = f"random, seed {WINDOW_SEED}"
 
 
 def validation_batches(
     val: np.ndarray, seq_len: int, tokens: int, token_set: int = 0
 ) -> list[TokenBatch]:
-    """``ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched: the same
-    fixed token set for every checkpoint and every candidate c. The windows are spread evenly over
-    the whole split (every ``stride``-th, ``stride = windows available // n``), not a contiguous
-    run: neighbouring windows share documents, so a contiguous set varies more from set to set
-    than its own bootstrap says. ``token_set`` k > 0 starts k windows later: a disjoint set spread
-    alike (for replicates; UserError when k >= stride)."""
+    """``n = ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched: the same
+    fixed token set for every checkpoint and every candidate c. The windows are a random sample of
+    the split's windows (seeded: ``WINDOWS``), not a contiguous run: neighbouring windows share
+    documents, and the bootstrap over sequences that gives the uncertainty treats them as drawn
+    independently. ``token_set`` k > 0 takes the k-th next n windows of the same permutation: a
+    disjoint random sample (for replicates; UserError when the split holds no k-th set)."""
     available = max(0, (len(val) - 1) // seq_len)
     n = min(math.ceil(tokens / seq_len), available)
     if n < 1:
         raise UserError(f"the validation split holds no window of {seq_len + 1} tokens")
-    stride = available // n
-    if token_set >= stride:
-        raise UserError(f"the validation split holds {stride} disjoint sets of {n} "
+    sets = available // n
+    if not 0 <= token_set < sets:
+        raise UserError(f"the validation split holds {sets} disjoint sets of {n} "
                         f"windows of {seq_len} tokens (the evaluation set and at most "
-                        f"{stride - 1} replicates); set {token_set} does not "
+                        f"{sets - 1} replicates); set {token_set} does not "
                         "fit")  # fmt: skip
-    windows = token_set + stride * np.arange(n)
+    order = np.random.default_rng(WINDOW_SEED).permutation(available)
+    windows = np.sort(order[token_set * n : (token_set + 1) * n])
     per_batch = max(1, BATCH_TOKENS // seq_len)
     batches = []
     for start in range(0, n, per_batch):
@@ -148,6 +153,7 @@ def sparsing_law(
             "c_interval_95": first_boot.c_interval(), "clipped": first_boot.clipped,
         },
         "tokens_requested": tokens, "tokens_evaluated": sum(b.n_targets for b in batches),
+        "windows": WINDOWS,
         "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
     }  # fmt: skip
@@ -160,7 +166,8 @@ def sparsing_law(
 def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> dict[str, Any]:
     """The whole PPL-p% measurement of ``ckpt`` (search for c on it alone, then the ratio)
     repeated on validation token sets 1..``sets`` (set 0 is the evaluation set): per set c, PPL
-    ratio, activation ratio and its bootstrap SE, and the ratios' mean and SD."""
+    ratio, activation ratio and its bootstrap SEs (at fixed c, and with the search), and the
+    ratios' mean and SD."""
     if sets < 1:
         raise UserError(f"replicates need at least one token set; got {sets}")
     model, cfg = load_trained_model(run, ckpt)
@@ -203,11 +210,11 @@ def _result(
     step: int, tokens: int, s: Subject, m: Measurement, boot: SearchBootstrap | None
 ) -> dict[str, Any]:
     """A checkpoint's entry; ``activation_ratio_se_search`` (the SE with the search for c
-    included) only for the checkpoints the search was run on, NaN for the others."""
+    included) only for the checkpoints the search was run on, None (JSON null) for the others."""
     return {
         "step": step, "tokens": tokens, "activation_ratio": m.activation_ratio,
         "activation_ratio_se": m.activation_ratio_se,
-        "activation_ratio_se_search": boot.se if boot is not None else math.nan,
+        "activation_ratio_se_search": boot.se if boot is not None else None,
         "dense_activation_ratio": s.reference.dense.mean_activation_ratio,
         "ppl_ratio": m.ppl_ratio, "loss_dense": m.loss_dense, "loss_sparse": m.loss_sparse,
         "layers": {str(layer_index(name)): asdict(lm) for name, lm in m.layers.items()},

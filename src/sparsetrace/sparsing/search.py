@@ -185,6 +185,10 @@ class Subject:
                 targets.append(torch.as_tensor(n).double().cpu().expand(loss.shape))
         self.passes += 1
         active, tokens, widths = trunc.sequence_counts()
+        if active.shape[1] != sum(len(loss) for loss in losses):
+            raise ValueError(f"{active.shape[1]} sequences seen by the down projections, "
+                             f"{sum(len(loss) for loss in losses)} losses: every layer must run "
+                             "once per batch on (batch, seq, d_ff) inputs")  # fmt: skip
         sequences = SequenceStats(torch.cat(losses).numpy(), torch.cat(targets).numpy(),
                                   active, tokens, widths)  # fmt: skip
         return Evaluation(float(sequences.loss.sum() / sequences.targets.sum()),
@@ -339,7 +343,7 @@ class PplSparsity:
     uncertainty: SearchBootstrap | None = None
 
 
-def ppl_sparsity(subject: Subject, p: float = 1.0, search_se: bool = True) -> PplSparsity:
+def ppl_sparsity(subject: Subject, p: float = 1.0, search_se: bool = False) -> PplSparsity:
     """PPL-p% sparsity of one model (Sparsing Law, "PPL-p% sparsity"; the paper's p = 1);
     ``search_se``: also the uncertainty with the search included (up to 5 passes more)."""
     search = find_cett([subject], p)

@@ -8,12 +8,12 @@ set's sequences (1,000, fixed seed):
 - **with the search** (:func:`search_bootstrap`): every resample also solves
   ``PPL ratio(c) = 1 + p/100`` again, on its own losses, along the c values the search evaluated
   (piecewise linear between them; c = 0 is the dense model, PPL ratio 1), and takes the ratio at
-  its own c. Measured on the ``cpu`` model: it matches the spread of the whole measurement
-  repeated on disjoint token sets, where the fixed-c SE is ~8x too small (docs/sparsing-law.md,
-  "Precision").
+  its own c. Measured on the ``cpu`` model: most of the spread of the whole measurement repeated
+  on disjoint token sets, where the fixed-c SE is ~7x too small (docs/sparsing-law.md,
+  "Precision"). It keeps the per-layer thresholds' family along c as measured on these tokens.
 
-A resample whose PPL ratio does not reach the target within the evaluated c (or already exceeds
-it at the first) is clipped to that end and counted in ``clipped``.
+A resample whose PPL ratio does not reach the target within the evaluated c is clipped to the
+last c and counted in ``clipped``.
 """
 
 from __future__ import annotations
@@ -87,19 +87,20 @@ class SearchBootstrap:
 
 def cross(cs: np.ndarray, ppl: np.ndarray, ratio: np.ndarray, target: float) -> SearchBootstrap:
     """Per resample (rows): the c where the PPL ratio, linear between the evaluated ``cs``
-    (increasing), first reaches ``target``, and the activation ratio there (linear too)."""
+    (increasing), first reaches ``target``, and the activation ratio there (linear too); a row
+    already at the target at the first c is clipped to it, one that never reaches it to the last."""
     reached = ppl >= target
     j = np.where(reached.any(1), reached.argmax(1), len(cs))  # first evaluated c at the target
-    clipped = (j == 0) | (j == len(cs))
     hi = np.clip(j, 1, len(cs) - 1)
     lo = hi - 1
     rows = np.arange(len(ppl))
-    p_lo, p_hi = ppl[rows, lo], ppl[rows, hi]
-    t = np.where(p_hi > p_lo, (target - p_lo) / np.where(p_hi > p_lo, p_hi - p_lo, 1), 0.0)
-    t = np.where(j == 0, 0.0, np.where(j == len(cs), 1.0, np.clip(t, 0.0, 1.0)))
+    t = np.where(j == 0, 0.0, 1.0)  # the clipped rows: the first or the last c
+    inside = (j > 0) & (j < len(cs))  # there ppl[lo] < target <= ppl[hi]
+    p_lo, p_hi = ppl[rows, lo][inside], ppl[rows, hi][inside]
+    t[inside] = (target - p_lo) / (p_hi - p_lo)
     c = cs[lo] + t * (cs[hi] - cs[lo])
     a = ratio[rows, lo] + t * (ratio[rows, hi] - ratio[rows, lo])
-    return SearchBootstrap(c=c, ratio=a, clipped=float(clipped.mean()))
+    return SearchBootstrap(c=c, ratio=a, clipped=float((~inside).mean()))
 
 
 def search_bootstrap(
@@ -111,9 +112,13 @@ def search_bootstrap(
     """The search for c redone on each resample, for one or several models evaluated on the same
     sequences (``dense[i]``, and ``probes[i][c]`` for every c the search evaluated): the PPL ratio
     is averaged over the models, as in :func:`~sparsetrace.sparsing.search.find_cett`; one result
-    per model, all with the same resampled c. c = 0 is added as the dense model itself."""
+    per model, all with the same resampled c. c = 0 is added as the dense model itself. Below two
+    sequences there is nothing to resample: the ratios are NaN."""
     n = dense[0].n
-    cs = np.array(sorted({0.0, *probes[0]}))
+    probed = set.intersection(*(set(p) for p in probes)) - {0.0}
+    if not probed:
+        raise ValueError("no c > 0 evaluated on every model: run the search first")
+    cs = np.array(sorted({0.0, *probed}))
     weights = resample_weights(n, resamples)
     base = [d.mean_loss(weights) for d in dense]
 
@@ -124,7 +129,10 @@ def search_bootstrap(
         np.stack([np.exp(at(i, c).mean_loss(weights) - base[i]) for c in cs], axis=1)
         for i in range(len(dense))
     ], axis=0)  # fmt: skip
-    return [
+    out = [
         cross(cs, ppl, np.stack([at(i, c).activation_ratio(weights) for c in cs], axis=1), target)
         for i in range(len(dense))
     ]
+    if n < 2:
+        out = [SearchBootstrap(b.c, np.full_like(b.ratio, np.nan), b.clipped) for b in out]
+    return out

@@ -7,7 +7,6 @@ parameters ``--options`` (bool: a flag), the first docstring line is the help.
 from __future__ import annotations
 
 import json as jsonlib
-import math
 import sys
 from pathlib import Path
 
@@ -54,8 +53,8 @@ def sparsing_law(
     print(f"{'step':>9} {'tokens':>14} {'activation':>11} {'± se':>8} {'± search':>9} "
           f"{'dense':>8} {'PPL ratio':>10}")  # fmt: skip
     for ck in summary["checkpoints"]:
-        se_search = ck["activation_ratio_se_search"]
-        search_col = f"{se_search:.4f}" if math.isfinite(se_search) else ""
+        se_search = ck["activation_ratio_se_search"]  # None: c was not searched on it
+        search_col = "" if se_search is None else f"{se_search:.4f}"
         print(
             f"{ck['step']:>9} {ck['tokens']:>14,} {ck['activation_ratio']:>11.4f} "
             f"{ck['activation_ratio_se']:>8.4f} {search_col:>9} "

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
+import traceback
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -304,8 +306,11 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
         if writer is not None:
             writer.close()
         # The DDP wrapper goes first: its C++ Reducer must not be the process group's last owner
-        # (see parallelize.shutdown).
+        # (see parallelize.shutdown). After a failed step, the frames of the traceback still hold
+        # it: clear their locals (the traceback keeps its lines).
         session.step_model = session.model
+        if session.dist.enabled and (failed := sys.exc_info()[1]) is not None:
+            traceback.clear_frames(failed.__traceback__)
         parallelize.shutdown(session.dist)
     if meta is not None:
         runmeta.update_meta(session.run_dir, meta, status="finished", step=t.steps,
@@ -386,7 +391,7 @@ def _sparsing_law_rows(session: Session, done: int) -> list[dict[str, Any]]:
     if tr.sparsing_cett > 0:
         measured = subject.measure(tr.sparsing_cett)
     else:
-        measured = ppl_sparsity(subject, tr.sparsing_p, search_se=False).measurement
+        measured = ppl_sparsity(subject, tr.sparsing_p).measurement
     model.train()
     return measurement_rows(done, done * session.tokens_per_step, measured)
 
