@@ -465,8 +465,9 @@ def uncertainty_text(summary: dict, final: dict) -> str:
         f"{fixed} With the search for c redone on every resample: ± {100 * se_search:.2f} "
         f"({_ratio(se_search, ratio):.1%} relative; c 95 % interval {lo:.3g}-{hi:.3g}"
         + (f"; {clipped:.1%} of resamples outside the evaluated c" if clipped else "")
-        + "). On the `cpu` model this SE was about 3/4 of the spread over disjoint token sets "
-        "(docs/sparsing-law.md, Precision; `--replicates K` measures that spread)."
+        + "). On the `cpu` model the spread over disjoint random token sets was about 2/3 of "
+        "this SE: it errs on the safe side (docs/sparsing-law.md, Precision; `--replicates K` "
+        "measures that spread for this run)."
     )
 
 
