@@ -6,6 +6,7 @@ call neither trains nor measures again)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,11 @@ def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     for p, tokens in ((1.0, 2 * TOKENS), (2.0, TOKENS)):  # measured at other settings: again
         with pytest.raises(AssertionError, match="measured again"):
             activations.measure(arm, p, tokens, activations.LAST)
+    summary = json.loads((arm / "sparsing_law.json").read_text())
+    del summary["windows"]  # a file from before the windows were recorded: contiguous ones
+    (arm / "sparsing_law.json").write_text(json.dumps(summary))
+    with pytest.raises(AssertionError, match="measured again"):
+        activations.measure(arm, 1.0, TOKENS, activations.LAST)
     with pytest.raises(UserError, match="another experiment"):
         activations.run_activations_experiment("tiny", "relu", 1.0, TOKENS, False, tmp_path, SHORT)
 
