@@ -26,8 +26,8 @@ def sparsing_law(
     Args:
         run: a sparsetrace run directory with checkpoints
         p: perplexity increase allowed, in percent (paper: 1)
-        tokens: validation tokens per evaluation, spread over the split (32,768: ~1 % relative
-            uncertainty with the search for c, measured on the cpu model; docs/sparsing-law.md)
+        tokens: validation tokens per evaluation, a random sample of the split's windows
+            (32,768: SE 0.7 % with the search for c on the cpu model; docs/sparsing-law.md)
         final_only: the last checkpoint alone (minutes less; no over-training curve)
         replicates: repeat the final checkpoint's whole measurement (search for c included) on
             this many further disjoint token sets: the spread the bootstrap SE leaves out
