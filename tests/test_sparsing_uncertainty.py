@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparsetrace.model.transformer import ModelConfig, Transformer
-from sparsetrace.sparsing.search import TokenBatch, transformer_loss, transformer_subject
+from sparsetrace.sparsing.search import Subject, TokenBatch, transformer_loss, transformer_subject
 from sparsetrace.sparsing.uncertainty import (
     SequenceStats,
     cross,
@@ -163,3 +163,11 @@ def test_report_sentence_names_both_standard_errors() -> None:
     assert "± 0.30 (3.0% relative; c 95 % interval 0.02-0.05; 10.0% of resamples outside" in new
     # a checkpoint c was not searched on (null in the JSON): the fixed-c sentence only
     assert uncertainty_text(summary, {**final, "activation_ratio_se_search": None}) == old
+
+
+def test_a_layer_that_never_runs_is_a_clear_error() -> None:
+    model, batches, _ = _tiny_subject()
+    stray = torch.nn.Linear(64, 16)  # not part of the model's forward
+    down = {"blocks.0.mlp.hidden": model.blocks[0].mlp.w_out, "stray": stray}
+    with pytest.raises(ValueError, match="0 sequences seen by the down projections, 24 losses"):
+        Subject(model, down, batches).run()
