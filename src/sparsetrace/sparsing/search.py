@@ -53,8 +53,15 @@ class TokenBatch:
     valid: Tensor | None = None
 
     @property
+    def targets_per_sequence(self) -> Tensor:
+        """(batch,) valid targets of each sequence."""
+        if self.valid is None:
+            return torch.full(self.targets.shape[:1], self.targets.shape[-1])
+        return self.valid.sum(-1)
+
+    @property
     def n_targets(self) -> int:
-        return self.targets.numel() if self.valid is None else int(self.valid.sum())
+        return int(self.targets_per_sequence.sum())
 
     def to(self, device: torch.device) -> TokenBatch:
         valid = None if self.valid is None else self.valid.to(device)
@@ -85,10 +92,14 @@ def transformer_subject(model: nn.Module, batches: Sequence[TokenBatch]) -> Subj
 class Evaluation:
     """One pass over the evaluation set, dense or truncated; per-layer dicts by layer name."""
 
-    loss: float
     activation_ratio: dict[str, float]
     dead_units: dict[str, int]
     sequences: SequenceStats  # per evaluated sequence: loss and activity (for uncertainties)
+
+    @property
+    def loss(self) -> float:
+        """Mean loss over all evaluated targets."""
+        return float(self.sequences.loss.sum() / self.sequences.targets.sum())
 
     @property
     def activation_ratio_se(self) -> float:
@@ -181,18 +192,16 @@ class Subject:
                                      f"{tuple(batch.targets.shape[:1])}; got "
                                      f"{tuple(loss.shape)}")  # fmt: skip
                 losses.append(loss.double().cpu())
-                n = batch.targets.shape[-1] if batch.valid is None else batch.valid.sum(-1)
-                targets.append(torch.as_tensor(n).double().cpu().expand(loss.shape))
+                targets.append(batch.targets_per_sequence.double().cpu())
         self.passes += 1
+        loss_sums = torch.cat(losses).numpy()
         active, tokens, widths = trunc.sequence_counts()
-        if active.shape[1] != sum(len(loss) for loss in losses):
+        if active.shape[1] != len(loss_sums):
             raise ValueError(f"{active.shape[1]} sequences seen by the down projections, "
-                             f"{sum(len(loss) for loss in losses)} losses: every layer must run "
-                             "once per batch on (batch, seq, d_ff) inputs")  # fmt: skip
-        sequences = SequenceStats(torch.cat(losses).numpy(), torch.cat(targets).numpy(),
-                                  active, tokens, widths)  # fmt: skip
-        return Evaluation(float(sequences.loss.sum() / sequences.targets.sum()),
-                          trunc.activation_ratio(), trunc.dead_units(), sequences)  # fmt: skip
+                             f"{len(loss_sums)} losses: every layer must run once per batch on "
+                             "(batch, seq, d_ff) inputs")  # fmt: skip
+        sequences = SequenceStats(loss_sums, torch.cat(targets).numpy(), active, tokens, widths)
+        return Evaluation(trunc.activation_ratio(), trunc.dead_units(), sequences)
 
     @cached_property
     def reference(self) -> Reference:
