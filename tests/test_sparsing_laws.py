@@ -138,6 +138,30 @@ def test_fit_law_verb_text_and_inputs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.loads(capsys.readouterr().out)["params"]["alpha"] == pytest.approx(0.5, rel=1e-3)
 
 
+def test_fit_law_verb_fits_a_run_with_its_activations_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run directory is fitted with the law of its activation (config.yaml) unless --form says
+    otherwise: a gated-SiLU run's rising curve gets the SiLU law, whose A0 lies above the points."""
+    d = np.linspace(1.0, 50.0, 8)
+    ratio = silu_law(d, 0.5, 0.1, 0.4)
+    rows = [{"step": 100 * (i + 1), "tokens": d[i] * 1e9, "layer": "all",
+             "activation_ratio": ratio[i], "cett": 0.2, "ppl_ratio": 1.01}
+            for i in range(len(d))]  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "sparsing_law.csv", index=False)
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  activation: swiglu\ntrain:\n  warmup_steps: 0\n"
+    )
+    verbs.fit_law(tmp_path, json=True)
+    out = json.loads(capsys.readouterr().out)
+    assert out["form"] == "silu" and out["params"]["A0"] == pytest.approx(0.4, rel=1e-3)
+    verbs.fit_law(tmp_path, form="relu", json=True)  # the flag wins
+    assert json.loads(capsys.readouterr().out)["form"] == "relu"
+    (tmp_path / "config.yaml").write_text("model:\n  activation: tanh\n")
+    with pytest.raises(UserError, match="no Sparsing Law form for activation 'tanh'"):
+        verbs.fit_law(tmp_path)
+
+
 def test_fit_law_verb_errors(tmp_path: Path) -> None:
     good = _write_csv(tmp_path / "a.csv")
     with pytest.raises(UserError, match="--form"):

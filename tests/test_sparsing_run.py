@@ -270,7 +270,17 @@ def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_
     md = write_report([one], tmp_path / "r2").with_name("report.md").read_text()
     section = md[md.index("## Sparsing Law: PPL-1% sparsity") :]
     assert "Activation ratio over training" in section
-    assert "4 checkpoints, 1 of them during warm-up; the law needs 5 after it" in section
+    assert "4 checkpoints, 1 of them during warm-up: fitting needs at least 5 after it" in section
+    # the curve drawn (points only: no fit), beside the table; none for one checkpoint
+    assert (tmp_path / "r2" / "figures" / "sparsing_law_over_training.png").read_bytes()[:4] == (
+        b"\x89PNG"
+    )
+    assert "sparsing_law_over_training.png" in section
+    assert not (tmp_path / "r1" / "figures" / "sparsing_law_over_training.png").exists()
+    (curve_csv,) = (tmp_path / "r2" / "tables").glob("sparsing_law_curve_*.csv")
+    curve = pd.read_csv(curve_csv, index_col=0)
+    searched = set(json.loads((one / "sparsing_law.json").read_text())["search"]["checkpoints"])
+    assert {s for s in curve.index if curve.loc[s, "± SE with search"] > 0} == searched
     mean = table.loc["mean of layers", "dead units %"]  # all layers' units together
     dead = sum(v["dead_units"] for v in final["layers"].values())
     assert mean == pytest.approx(100 * dead / (hidden * len(final["layers"])))
@@ -286,7 +296,7 @@ def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_
             f"A0 = {100 * expected.limit:.2f} %") in section  # fmt: skip
     flat = _with_curve(one, steps=range(5, 50, 5), name="flat", ratio=lambda _step: 0.2)
     md = write_report([flat], tmp_path / "r5").with_name("report.md").read_text()
-    assert "no law fitted (the activation ratio is 0.2 at every point" in md  # a note, no crash
+    assert "no law fitted: the activation ratio is 0.2 at every point" in md  # a note, no crash
     # no measurement: no section
     plain = tmp_path / "plain"
     shutil.copytree(run_dir, plain, ignore=shutil.ignore_patterns("sparsing_law.*"))

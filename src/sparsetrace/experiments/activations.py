@@ -25,8 +25,8 @@ from sparsetrace.experiments.runs import (
     run_to_end,
 )
 from sparsetrace.experiments.sweep import build_arms, split_values
-from sparsetrace.report.sparsing import Curve, write_activations_report
-from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form, warmup_points
+from sparsetrace.report.sparsing import Curve, fit_curve, write_activations_report
+from sparsetrace.sparsing.laws import law_form
 from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, WINDOWS, sparsing_law
 from sparsetrace.train.checkpoint import list_checkpoints
 
@@ -66,19 +66,9 @@ def layer_mean(csv: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def law_curve(label: str, form: str, csv: Path, warmup_steps: int) -> Curve:
-    """A run's curve with its Sparsing Law fitted to the checkpoints after warm-up (the
-    authors' rule; too few: no fit, a note)."""
-    steps, tokens, ratio = layer_mean(csv)
-    skip = warmup_points(steps, warmup_steps)
-    if len(ratio) - skip < MIN_POINTS:
-        note = (f"{len(ratio)} checkpoints, {skip} of them during warm-up: fitting needs at "
-                f"least {MIN_POINTS} after it")  # fmt: skip
-        return Curve(label, form, tokens, ratio, None, note)
-    try:
-        fit = fit_law(tokens, ratio, form, skip_first=skip)
-    except ValueError as err:  # e.g. a constant curve: no law to fit
-        return Curve(label, form, tokens, ratio, None, f"no law fitted: {err}")
-    return Curve(label, form, tokens, ratio, fit)
+    """A run's curve from its ``sparsing_law.csv``, the law fitted after warm-up
+    (:func:`~sparsetrace.report.sparsing.fit_curve`)."""
+    return fit_curve(label, form, *layer_mean(csv), warmup_steps)
 
 
 def run_activations_experiment(

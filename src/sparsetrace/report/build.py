@@ -476,7 +476,7 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
             *_table_sections(measured),
             *_figure_sections(measured, fig_dir),
         ]
-        law = sparsing_run_section(measured)
+        law = sparsing_run_section(measured, fig_dir)
         if law is not None:
             sections.append(law)
     for section in sections:

@@ -27,7 +27,16 @@ from sparsetrace.errors import UserError
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import figures
 from sparsetrace.report.document import Section, Table, Text
-from sparsetrace.sparsing.laws import TOKENS_PER_UNIT, Bottleneck, LawFit, fit_bottleneck
+from sparsetrace.sparsing.laws import (
+    MIN_POINTS,
+    TOKENS_PER_UNIT,
+    Bottleneck,
+    LawFit,
+    fit_bottleneck,
+    fit_law,
+    law_form,
+    warmup_points,
+)
 
 EXPECTED = {"relu": "falls", "silu": "rises"}  # Sparsing Law: direction over training, by form
 RATIO_LABEL = "activation ratio (PPL-p%)"
@@ -45,6 +54,10 @@ def _sci(v: float) -> str:
     return f"{v:.3e}"
 
 
+def _four_or_blank(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:.4f}"
+
+
 def _whole(v: float) -> str:
     return f"{v:,.0f}"
 
@@ -60,6 +73,25 @@ class Curve:
     ratio: np.ndarray
     fit: LawFit | None
     note: str = ""
+
+
+def fit_curve(
+    label: str, form: str, steps: np.ndarray, tokens: np.ndarray, ratio: np.ndarray,
+    warmup_steps: int,
+) -> Curve:  # fmt: skip
+    """A run's curve (one point per checkpoint, ascending) with the Sparsing Law of ``form``
+    fitted to the checkpoints after warm-up (the authors' rule); too few points or a curve the
+    law cannot fit (e.g. constant): no fit, a note."""
+    skip = warmup_points(steps, warmup_steps)
+    if len(ratio) - skip < MIN_POINTS:
+        note = (f"{len(ratio)} checkpoints, {skip} of them during warm-up: fitting needs at "
+                f"least {MIN_POINTS} after it")  # fmt: skip
+        return Curve(label, form, tokens, ratio, None, note)
+    try:
+        fit = fit_law(tokens, ratio, form, skip_first=skip)
+    except ValueError as err:
+        return Curve(label, form, tokens, ratio, None, f"no law fitted: {err}")
+    return Curve(label, form, tokens, ratio, fit)
 
 
 @dataclass(frozen=True)
@@ -377,12 +409,14 @@ def _pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
-def run_section(runs: list) -> Section | None:
+def run_section(runs: list, fig_dir: Path) -> Section | None:
     """PPL-p% sparsity of each run that has ``sparsing_law.json`` (``sparsetrace run`` and
     ``sparsetrace sparsing-law RUN`` measure every checkpoint): per layer the CETT
     threshold, the activation ratio and the dead units; the over-training curve and its law fit
-    when there are enough checkpoints. None when no run has the file."""
+    when there are enough checkpoints, drawn in figures/ (``fig_dir``). None when no run has
+    the file."""
     blocks: list = []
+    curves: list[Curve] = []
     ps: set[float] = set()
     for rd in runs:
         path = rd.run.path / "sparsing_law.json"
@@ -427,9 +461,17 @@ def run_section(runs: list) -> Section | None:
             "is the same threshold applied to the untruncated model's activations.",
             frame, formats={c: (_general if c.startswith("CETT") else _four) for c in frame},
         ))  # fmt: skip
-        blocks += _over_training_blocks(rd.label, summary, rd.run)
+        curve_blocks, curve = _over_training_blocks(rd.label, summary, rd.run)
+        blocks += curve_blocks
+        curves += [curve] if curve is not None else []
     if not blocks:
         return None
+    if curves:
+        blocks.append(rx.figure_block(
+            fig_dir, "sparsing_law_over_training", "Activation ratio over training",
+            "Activation ratio at PPL-p% (mean of layers) against training tokens, one c per "
+            "run; dashed: the Sparsing Law fitted after warm-up.", activation_figure(curves),
+        ))  # fmt: skip
     intro = Text(
         "Sparsing Law (Luo et al., arXiv 2411.02335): PPL-p% sparsity counts the units whose "
         "contribution matters at a perplexity cost of p %, for any activation function "
@@ -491,44 +533,49 @@ def replicates_text(summary: dict) -> str:
     )
 
 
-def _over_training_blocks(label: str, summary: dict, run) -> list:
-    from sparsetrace.sparsing.laws import MIN_POINTS, fit_law, law_form, warmup_points
-
+def _over_training_blocks(label: str, summary: dict, run) -> tuple[list, Curve | None]:
+    """The over-training table and its law fit's sentence; the curve (None: fewer than two
+    checkpoints, or an activation without a Sparsing Law form)."""
     points = summary["checkpoints"]
     if len(points) < 2:
         return [Text(f"{label}: one checkpoint measured, no over-training curve (`sparsetrace "
-                     "sparsing-law RUN` measures them all).", "note")]  # fmt: skip
+                     "sparsing-law RUN` measures them all).", "note")], None  # fmt: skip
     frame = pd.DataFrame(
         {"tokens": [c["tokens"] for c in points],
          "activation ratio %": [100 * c["activation_ratio"] for c in points],
-         "± SE": [100 * c["activation_ratio_se"] for c in points]},
+         "± SE at c": [100 * c["activation_ratio_se"] for c in points],
+         "± SE with search": [100 * (c.get("activation_ratio_se_search") or math.nan)
+                              for c in points]},
         index=pd.Index([c["step"] for c in points], name="step"),
     )  # fmt: skip
-    formats = {"tokens": _whole, "activation ratio %": _four, "± SE": _four}
+    formats = {"tokens": _whole, "activation ratio %": _four, "± SE at c": _four,
+               "± SE with search": _four_or_blank}  # fmt: skip
     out: list = [Table(f"sparsing_law_curve_{label}", f"Activation ratio over training ({label})",
-                       "One CETT c for all checkpoints, found on the final ones.", frame,
-                       formats=formats)]  # fmt: skip
+                       "One CETT c for all checkpoints, found on the final ones. ± SE at c: "
+                       "bootstrap over the evaluation sequences at that c, the spread between "
+                       "checkpoints; ± SE with search: the search for c redone on each resample "
+                       "(the checkpoints c was searched on), the uncertainty of a ratio on its "
+                       "own.", frame, formats=formats)]  # fmt: skip
     activation = (run.config.get("model") or {}).get("activation", "")
-    warmup = int((run.config.get("train") or {}).get("warmup_steps", 0))
-    skip = warmup_points(frame.index.to_numpy(), warmup)
-    if len(points) - skip < MIN_POINTS:
-        out.append(Text(f"{label}: {len(points)} checkpoints, {skip} of them during warm-up; the "
-                        f"law needs {MIN_POINTS} after it to fit.", "note"))  # fmt: skip
-        return out
     try:
-        fit = fit_law(frame["tokens"].to_numpy(float),
-                      frame["activation ratio %"].to_numpy() / 100,
-                      law_form(activation), skip_first=skip)  # fmt: skip
-    except (ValueError, UserError) as err:  # a constant curve, an activation without a law
+        form = law_form(activation)
+    except UserError as err:
         out.append(Text(f"{label}: no law fitted ({err}).", "note"))
-        return out
+        return out, None
+    curve = fit_curve(label, form, frame.index.to_numpy(), frame["tokens"].to_numpy(float),
+                      frame["activation ratio %"].to_numpy() / 100,
+                      int((run.config.get("train") or {}).get("warmup_steps", 0)))  # fmt: skip
+    fit = curve.fit
+    if fit is None:
+        out.append(Text(f"{label}: {curve.note}.", "note"))
+        return out, curve
     lo, hi = fit.a0_low_high
-    dropped = f" (the {skip} taken during warm-up left out)" if skip else ""
-    out.append(Text(f"{label}: {fit.form} law fitted to {len(points) - skip} checkpoints"
+    dropped = f" (the {fit.skip} taken during warm-up left out)" if fit.skip else ""
+    out.append(Text(f"{label}: {fit.form} law fitted to {len(points) - fit.skip} checkpoints"
                     f"{dropped}: limit A0 = {100 * fit.limit:.2f} % (95 % interval "
                     f"{100 * lo:.2f}–{100 * hi:.2f} %), MSE {fit.mse:.2e}; the log baseline's "
                     f"MSE {fit.baseline.mse:.2e}."))  # fmt: skip
     if fit.limit_undetermined:
         out.append(Text(f"{label}: {fit.limit_undetermined} — the curve does not determine the "
                         "limit yet (more or later checkpoints would).", "warning"))  # fmt: skip
-    return out
+    return out, curve

@@ -439,13 +439,28 @@ def warmup_points(steps: Array, warmup_steps: int) -> int:
     return int((np.asarray(steps) <= warmup_steps).sum())
 
 
+def _run_config(run: Path) -> dict:
+    """A run directory's ``config.yaml`` as a dict; OSError or yaml.YAMLError when unreadable."""
+    config = yaml.safe_load((Path(run) / "config.yaml").read_text())
+    return config if isinstance(config, dict) else {}
+
+
+def run_law_form(run: Path) -> str | None:
+    """:func:`law_form` of a run directory's activation (its ``config.yaml``); None when the
+    config is missing or unreadable."""
+    try:
+        activation = _run_config(run)["model"]["activation"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return law_form(activation)
+
+
 def run_warmup_points(run: Path) -> int | None:
     """:func:`warmup_points` of a run directory's ``sparsing_law.csv`` (rows ``layer == all``)
     under the warm-up of its ``config.yaml``; None when either is missing or unreadable."""
     try:
         frame = pd.read_csv(Path(run) / "sparsing_law.csv", dtype={"layer": str})
-        config = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
-        warmup = int(config["train"]["warmup_steps"])
+        warmup = int(_run_config(run)["train"]["warmup_steps"])
         steps = frame.loc[frame["layer"] == "all", "step"].sort_values().to_numpy()
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError, yaml.YAMLError):
         return None

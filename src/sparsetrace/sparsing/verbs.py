@@ -72,7 +72,7 @@ def sparsing_law(
 
 def fit_law(
     data: Path,
-    form: str = "relu",
+    form: str | None = None,
     skip_first: int | None = None,
     bootstrap: int = 0,
     json: bool = False,
@@ -84,6 +84,8 @@ def fit_law(
         data: a CSV (tokens, activation_ratio), a run directory (its sparsing_law.csv) or the
             Sparsing Law authors' JSON
         form: relu (falling, exp(-c D^alpha + b) + A0) or silu (rising, -c D^-alpha + A0)
+            (default: for a run directory its activation's form, e.g. silu for swiglu; for a
+            file relu)
         skip_first: points dropped from the start (default: for a run directory its checkpoints
             taken during warm-up, the authors' rule; for a file 0)
         bootstrap: residual bootstrap resamples for A0's interval (0: the fit's covariance)
@@ -92,6 +94,12 @@ def fit_law(
     from sparsetrace.sparsing import laws
     from sparsetrace.sparsing.figures import plot_law_fit
 
+    if form is None and Path(data).is_dir():
+        form = laws.run_law_form(data)
+        if form is None:
+            print(f"{data}: activation unknown (no readable config.yaml): the relu form",
+                  file=sys.stderr)  # fmt: skip
+    form = form or "relu"
     if form not in laws.FORMS:
         raise UserError(f"--form must be one of {', '.join(laws.FORMS)}; got {form!r}")
     tokens, ratio = laws.read_law_data(data)
