@@ -374,6 +374,8 @@ def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
     fit = fit_law(tokens, ratio, "relu")
     assert fit.limit_on_bound and fit.limit == pytest.approx(0.0, abs=1e-4)
     assert fit.a0_interval[1] <= ratio.min() + 1e-12
+    # the limit is not identified: dropping the first point moves it from 0 to 0.065
+    assert fit_law(tokens, ratio, "relu", skip_first=1).limit > 0.06
     well = fit_law(*_curve("relu_0.8B"), "relu")
     assert not well.limit_on_bound
 

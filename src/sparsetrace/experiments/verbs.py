@@ -2,7 +2,9 @@
 
 Positional parameters are positional arguments, keyword parameters ``--options`` (bool: a flag),
 ``overrides`` takes free ``--section.key value`` config overrides; the first docstring line is the
-verb's help. docs/experiments.md describes every verb, its defaults and its run time.
+verb's help. docs/experiments.md (Wild & Anderson's experiments) and docs/sparsing-law.md
+(``experiment-activations``, ``experiment-width-depth``) describe every verb, its defaults and its
+run time.
 """
 
 from __future__ import annotations
