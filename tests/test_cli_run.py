@@ -30,3 +30,35 @@ def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, ca
     assert main(args) == 0
     assert f"run directory: {tmp_path / 'tiny-2'}" in capsys.readouterr().out
     assert load_run(tmp_path / "tiny").meta["status"] == "finished"  # the first run is untouched
+
+
+def test_run_writes_its_report_when_the_sparsing_law_step_fails(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A bug in the Sparsing Law step is raised (not hidden), after the trained run's report is
+    written; bad input there (UserError) only skips the section."""
+    import pytest
+
+    from sparsetrace.errors import UserError
+    from sparsetrace.sparsing import over_training
+
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path / "cache"))
+    args = ["run", "--preset", "tiny", "--out_dir", str(tmp_path), "--train.steps", "4",
+            "--checkpoint.every", "2"]  # fmt: skip
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(over_training, "sparsing_law", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(args)
+    assert (tmp_path / "tiny" / "report" / "index.html").is_file()
+    assert "Sparsing Law measurement failed" in capsys.readouterr().err
+
+    def refused(*_args, **_kwargs):
+        raise UserError("too few tokens")
+
+    monkeypatch.setattr(over_training, "sparsing_law", refused)
+    assert main(args) == 0
+    assert "Sparsing Law section skipped: too few tokens" in capsys.readouterr().err
+    assert (tmp_path / "tiny-2" / "report" / "index.html").is_file()

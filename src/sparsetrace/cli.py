@@ -104,6 +104,11 @@ def run(
             sparsing_law(run_dir, p=1.0, tokens=sparsing_tokens, last=1)
         except UserError as err:  # the run and its report matter more than this section
             print(f"Sparsing Law section skipped: {err}", file=sys.stderr)
+        except Exception:  # a bug: still write the trained run's report, then show the bug
+            write_report([run_dir], run_dir / "report")
+            print(f"Sparsing Law measurement failed; the report without it: {run_dir / 'report'}"
+                  f" (`sparsetrace sparsing-law {run_dir}` retries)", file=sys.stderr)  # fmt: skip
+            raise
     index = write_report([run_dir], run_dir / "report")
     print(text_summary(run_dir))
     print(f"\nrun directory: {run_dir}\nreport: {index}")
