@@ -136,6 +136,80 @@ def test_baselines_match_the_same_ppl(subject: Subject) -> None:
     assert evaluate_baseline(subject, "topk", 5 / d_ff).activation_ratio <= 5 / d_ff
 
 
+def test_baseline_match_with_its_search_redone_on_resamples(subject: Subject) -> None:
+    """match_ppl(search_se=True): each resample finds its own parameter on its own losses, so
+    the SE exceeds the one at the matched parameter; the resamples' strengths straddle it."""
+    from sparsetrace.sparsing.baselines import strength
+
+    for baseline in ("topk", "fat"):
+        point = match_ppl(subject, baseline, p=1.0, search_se=True)
+        assert match_ppl(subject, baseline, p=1.0).uncertainty is None  # only when asked
+        boot = point.uncertainty
+        assert boot is not None and boot.se > point.activation_ratio_se > 0
+        lo, hi = boot.c_interval()
+        assert lo <= strength(baseline, point.param) <= hi and boot.clipped < 0.05
+
+
+def test_sparsing_baselines_compares_three_methods_at_one_ppl(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    from sparsetrace.cli import main
+    from sparsetrace.sparsing.comparison import JSON_NAME
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    verbs.sparsing_baselines(run, tokens=TOKENS, definition="both")
+    out = capsys.readouterr().out
+    summary = json.loads((run / JSON_NAME).read_text())
+    assert [(m["method"], m["definition"]) for m in summary["methods"]] == [
+        ("cett", ""), ("topk", "reference"), ("fat", "reference"), ("topk", "ours"),
+        ("fat", "ours"),
+    ]  # fmt: skip
+    # independently: a fresh subject on the same tokens gives the same c, and each baseline's
+    # recorded parameter gives its recorded ratio
+    model, cfg = load_trained_model(run)
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, TOKENS)
+    fresh = Subject(model, transformer_down_projections(model), batches,
+                    gates=transformer_gates(model))  # fmt: skip
+    cett_row, *rows = summary["methods"]
+    assert cett_row["value"] == ppl_sparsity(fresh, 1.0).search.x
+    for row in rows:
+        again = evaluate_baseline(fresh, row["method"], row["value"], row["definition"])
+        assert again.activation_ratio == pytest.approx(row["activation_ratio"], rel=1e-12)
+        assert row["ppl_ratio"] == pytest.approx(1.01, abs=2e-3)  # Top-k: one-unit steps
+        assert row["se_search"] > row["se_fixed"] >= 0
+    topk_ours = rows[2]  # exactly round(k * d_ff) units of every token: the ratio is k, SE 0
+    d_ff = cfg.model.d_ff
+    assert topk_ours["activation_ratio"] == round(topk_ours["value"] * d_ff) / d_ff
+    assert topk_ours["se_fixed"] == 0
+    for d, row in zip(summary["differences"], rows, strict=True):
+        assert d["minus_cett"] == pytest.approx(row["activation_ratio"] -
+                                                cett_row["activation_ratio"])  # fmt: skip
+        assert 0 < d["se"] <= row["se_search"] + cett_row["se_search"]  # std(X - Y) bound
+    assert "activation ratio of Top-k (reference) minus PPL-1%'s" in out
+    assert f"wrote {run / JSON_NAME}" in out
+    # the run report shows the comparison (a run measured by this verb alone)
+    from sparsetrace.report import write_report
+
+    md = write_report([run], tmp_path / "report").with_name("report.md").read_text()
+    assert "PPL-1% sparsity and its baselines" in md
+    (table,) = (tmp_path / "report" / "tables").glob("sparsing_baselines_*.csv")
+    frame = pd.read_csv(table, index_col=0)
+    assert frame.loc["FAT-ε reference", "minus PPL-1% (points)"] == pytest.approx(
+        100 * summary["differences"][1]["minus_cett"]
+    )
+    # bad input: one line, exit 2, the file already there untouched
+    before = (run / JSON_NAME).read_text()
+    assert main(["sparsing-baselines", str(run), "--definition", "mine"]) == 2
+    assert main(["sparsing-baselines", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "--definition must be reference, ours or both; got 'mine'" in err
+    assert "Traceback" not in err
+    assert (run / JSON_NAME).read_text() == before
+
+
 def test_sparsing_law_over_training(run_dir: Path) -> None:
     csv = sparsing_law(run_dir, p=1.0, tokens=2048, last=2)
     assert csv == run_dir / "sparsing_law.csv"

@@ -137,12 +137,13 @@ def _verbs() -> list[Callable[..., Any]]:
         prune,
         sweep,
     )
-    from sparsetrace.sparsing.verbs import fit_law, sparsing_law
+    from sparsetrace.sparsing.verbs import fit_law, sparsing_baselines, sparsing_law
     from sparsetrace.speed.verbs import speed
 
     return [
         run, train, report, metrics, experiment_mask, experiment_capacity, sweep, prune,
-        analyze, sparsing_law, fit_law, experiment_activations, experiment_width_depth, speed,
+        analyze, sparsing_law, sparsing_baselines, fit_law, experiment_activations,
+        experiment_width_depth, speed,
     ]  # fmt: skip
 
 

@@ -413,12 +413,18 @@ def run_section(runs: list, fig_dir: Path) -> Section | None:
     """PPL-p% sparsity of each run that has ``sparsing_law.json`` (``sparsetrace run`` and
     ``sparsetrace sparsing-law RUN`` measure every checkpoint): per layer the CETT
     threshold, the activation ratio and the dead units; the over-training curve and its law fit
-    when there are enough checkpoints, drawn in figures/ (``fig_dir``). None when no run has
-    the file."""
+    when there are enough checkpoints, drawn in figures/ (``fig_dir``); the comparison with the
+    baselines when ``sparsetrace sparsing-baselines`` measured it. None when no run has either
+    file."""
     blocks: list = []
     curves: list[Curve] = []
     ps: set[float] = set()
     for rd in runs:
+        compared = rd.run.path / "sparsing_baselines.json"
+        if compared.is_file():
+            summary = json.loads(compared.read_text())
+            ps.add(summary["p"])
+            blocks.append(baselines_table(rd.label, summary))
         path = rd.run.path / "sparsing_law.json"
         if not path.is_file():
             continue
@@ -482,6 +488,46 @@ def run_section(runs: list, fig_dir: Path) -> Section | None:
     )
     title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in sorted(ps)) + " sparsity"
     return Section("sparsing-law", title, [intro, *blocks])
+
+
+def baselines_table(label: str, summary: dict) -> Table:
+    """A ``sparsing_baselines.json``: each method's parameter, activation ratio, SEs and PPL
+    ratio, and each baseline's paired difference from PPL-p%."""
+    p = summary["p"]
+    differences = {(d["method"], d["definition"]): d for d in summary["differences"]}
+    rows = {}
+    for m in summary["methods"]:
+        name = {"cett": f"PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}[m["method"]]
+        d = differences.get((m["method"], m["definition"]), {})
+        rows[f"{name} {m['definition']}".strip()] = {
+            "parameter": f"{m['parameter']} = {m['value']:.4g}",
+            "activation ratio %": 100 * m["activation_ratio"],
+            "± SE with search": 100 * m["se_search"], "PPL ratio": m["ppl_ratio"],
+            f"minus PPL-{p:g}% (points)": 100 * d.get("minus_cett", math.nan),
+            "± paired SE": 100 * d.get("se", math.nan),
+        }  # fmt: skip
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "method"
+    return Table(
+        f"sparsing_baselines_{label}", f"PPL-{p:g}% sparsity and its baselines ({label})",
+        f"Step {summary['step']}, every method matched to PPL ratio "
+        f"{summary['target_ppl_ratio']:.4f} on {summary['tokens_evaluated']:,} validation tokens "
+        "(`sparsetrace sparsing-baselines`). The paper: at the same PPL, PPL-p% sparsity keeps "
+        "the fewest units. SEs: bootstrap over sequences with each method's search redone on "
+        "every resample; the difference's SE is paired (the same resamples for all methods). "
+        "reference: the public code's baselines (on act(gate), Top-k over the batch); ours: on "
+        "the product act(gate) * up, Top-k per token.",
+        frame,
+        formats={
+            "activation ratio %": _four, "± SE with search": _four,
+            "PPL ratio": lambda v: f"{v:.5f}", f"minus PPL-{p:g}% (points)": _signed,
+            "± paired SE": _four_or_blank,
+        },
+    )  # fmt: skip
+
+
+def _signed(v: float) -> str:
+    return "" if math.isnan(v) else f"{v:+.4f}"
 
 
 def _ratio(a: float, b: float) -> float:

@@ -2,7 +2,9 @@
 
 Both are truncation rules (:class:`~sparsetrace.sparsing.truncation.Rule`) evaluated exactly like
 the CETT thresholds (same passes, activation ratio and PPL ratio), so a report can put the three
-side by side, at a given parameter or at the same PPL ratio (:func:`match_ppl`).
+side by side, at a given parameter or at the same PPL ratio (:func:`match_ppl`), each with the
+uncertainty of its activation ratio with its own search redone on bootstrap resamples of the
+sequences (the resamples are the same for every method, so differences are paired).
 
 Two definitions (``definition``):
 - ``reference`` (the default): the public code's (thunlp/SparsingLaw ``src/model_utils.py``).
@@ -17,14 +19,24 @@ Two definitions (``definition``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from sparsetrace.sparsing.search import C_TOL, PPL_TOL, Subject, bisect, target_ratio
+from sparsetrace.sparsing.search import (
+    C_TOL,
+    PPL_TOL,
+    REFINE_QUANTILES,
+    Evaluation,
+    Subject,
+    bisect,
+    target_ratio,
+)
 from sparsetrace.sparsing.truncation import Rule
+from sparsetrace.sparsing.uncertainty import SearchBootstrap, search_bootstrap
 
 Baseline = Literal["topk", "fat"]
 Definition = Literal["reference", "ours"]
@@ -81,6 +93,9 @@ class BaselinePoint:
     activation_ratio: float  # mean over layers, truncated pass
     ppl_ratio: float
     layers: dict[str, float]  # per-layer activation ratio
+    activation_ratio_se: float = float("nan")  # bootstrap over sequences at this parameter
+    # the match redone on each resample (match_ppl(search_se=True)); its ``c`` is the strength
+    uncertainty: SearchBootstrap | None = None
 
 
 def baseline_rules(
@@ -100,26 +115,45 @@ def baseline_rules(
     raise ValueError(f"unknown baseline {baseline!r} (topk, fat)")
 
 
+def strength(baseline: Baseline, param: float) -> float:
+    """How much a baseline drops, rising with the PPL ratio from 0 (the dense model): FAT's eps,
+    Top-k's dropped fraction 1 - k (the CETT c plays this role for PPL-p% sparsity)."""
+    return 1.0 - param if baseline == "topk" else param
+
+
 def evaluate_baseline(
     subject: Subject, baseline: Baseline, param: float, definition: Definition = "reference"
 ) -> BaselinePoint:
-    ev = subject.evaluate(baseline_rules(subject, baseline, param, definition))
+    ev = _evaluation(subject, baseline, param, definition)
     return BaselinePoint(
         baseline=baseline, param=param, activation_ratio=ev.mean_activation_ratio,
         ppl_ratio=subject.ppl_ratio(ev), layers=dict(ev.activation_ratio),
+        activation_ratio_se=ev.activation_ratio_se,
     )  # fmt: skip
 
 
+def _evaluation(
+    subject: Subject, baseline: Baseline, param: float, definition: Definition
+) -> Evaluation:
+    return subject.evaluate(baseline_rules(subject, baseline, param, definition))
+
+
 def match_ppl(
-    subject: Subject, baseline: Baseline, p: float = 1.0, definition: Definition = "reference"
-) -> BaselinePoint:
+    subject: Subject, baseline: Baseline, p: float = 1.0, definition: Definition = "reference",
+    search_se: bool = False,
+) -> BaselinePoint:  # fmt: skip
     """The baseline's parameter at which the PPL ratio is 1 + p/100 (same tolerance as
     :func:`~sparsetrace.sparsing.search.find_cett`): Top-k bisects its kept fraction in [0, 1]
-    (the ratio falls as it grows), FAT bisects eps in [0, hi], hi doubled from 1 until past it."""
+    (the ratio falls as it grows), FAT bisects eps in [0, hi], hi doubled from 1 until past it.
+    ``search_se``: also the match redone on each bootstrap resample (as
+    :func:`~sparsetrace.sparsing.search.search_uncertainty` does for c; up to 5 passes more)."""
     target = target_ratio(p)
+    probed: dict[float, Evaluation] = {}  # by strength: every parameter evaluated
 
     def ratio(param: float) -> float:
-        return evaluate_baseline(subject, baseline, param, definition).ppl_ratio
+        ev = _evaluation(subject, baseline, param, definition)
+        probed[strength(baseline, param)] = ev
+        return subject.ppl_ratio(ev)
 
     tol = PPL_TOL * (target - 1.0)
     if baseline == "topk":
@@ -131,4 +165,14 @@ def match_ppl(
                 break
             hi *= 2
         found = bisect(ratio, 0.0, hi, target, tol, C_TOL * hi)
-    return evaluate_baseline(subject, baseline, found.x, definition)
+    point = evaluate_baseline(subject, baseline, found.x, definition)
+    if not search_se:
+        return point
+
+    def bootstrap() -> SearchBootstrap:
+        probes = {s: ev.sequences for s, ev in probed.items() if s > 0}
+        return search_bootstrap([subject.reference.dense.sequences], [probes], target)[0]
+
+    for s in np.quantile(bootstrap().c, REFINE_QUANTILES):
+        ratio(strength(baseline, float(s)))  # strength is its own inverse
+    return replace(point, uncertainty=bootstrap())

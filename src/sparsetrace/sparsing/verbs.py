@@ -12,6 +12,8 @@ from pathlib import Path
 
 from sparsetrace.errors import UserError
 
+METHOD_NAMES = {"cett": "PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}
+
 
 def sparsing_law(
     run: Path,
@@ -68,6 +70,50 @@ def sparsing_law(
     if "replicates" in summary:
         print(replicates_text(summary))
     print(f"wrote {csv}, {csv.parent / JSON_NAME}, {png}")
+
+
+def sparsing_baselines(
+    run: Path, p: float = 1.0, tokens: int = 16384, definition: str = "reference",
+    json: bool = False,
+) -> None:  # fmt: skip
+    """PPL-p% sparsity vs the Top-k and FAT-ε baselines at the same PPL on a run's final checkpoint.
+
+    Args:
+        run: a sparsetrace run directory with checkpoints
+        p: perplexity increase allowed, in percent, for all three methods (paper: 1)
+        tokens: validation tokens, a random sample of the split's windows
+        definition: the baselines' definition: reference (the public code's: on act(gate), Top-k
+            over the whole batch), ours (on the product act(gate) * up, Top-k per token) or both
+        json: print the summary as JSON
+    """
+    from sparsetrace.sparsing.comparison import DEFINITIONS, JSON_NAME, compare_baselines
+
+    if definition not in (*DEFINITIONS, "both"):
+        raise UserError(f"--definition must be {', '.join(DEFINITIONS)} or both; "
+                        f"got {definition!r}")  # fmt: skip
+    definitions = DEFINITIONS if definition == "both" else (definition,)
+    summary = compare_baselines(run, p=p, tokens=tokens, definitions=definitions)
+    if json:
+        print(jsonlib.dumps(summary, indent=2))
+        return
+    print(f"step {summary['step']} of {run}: every method at PPL ratio "
+          f"{summary['target_ppl_ratio']:.4f} on {summary['tokens_evaluated']:,} "
+          "tokens")  # fmt: skip
+    print(f"{'method':<22} {'parameter':>24} {'activation':>11} {'± search':>9} "
+          f"{'PPL ratio':>10}")  # fmt: skip
+    for row in summary["methods"]:
+        name = f"{METHOD_NAMES[row['method']].format(p=p)} {row['definition']}".strip()
+        print(f"{name:<22} {row['parameter'] + ' = ' + format(row['value'], '.4g'):>24} "
+              f"{row['activation_ratio']:>11.4f} {row['se_search']:>9.4f} "
+              f"{row['ppl_ratio']:>10.5f}")  # fmt: skip
+    for d in summary["differences"]:
+        name = f"{METHOD_NAMES[d['method']]} ({d['definition']})"
+        print(
+            f"activation ratio of {name} minus PPL-{p:g}%'s: {100 * d['minus_cett']:+.2f} ± "
+            f"{100 * d['se']:.2f} points (paired bootstrap SE, both searches redone on each "
+            "resample)"
+        )
+    print(f"wrote {Path(run) / JSON_NAME}")
 
 
 def fit_law(

@@ -1,0 +1,84 @@
+"""PPL-p% sparsity against the Sparsing Law's baselines on one checkpoint, at the same PPL.
+
+The paper's argument for PPL-p% sparsity (its Section 3 and Figure 3) is that at the same
+perplexity cost it keeps fewer units than Top-k and FAT-ε. :func:`compare_baselines` measures the
+three on one checkpoint of a run, each matched to PPL ratio ``1 + p/100`` on the same tokens, with
+each activation ratio's SE with its own search (or match) redone on every bootstrap resample.
+The resamples are the same for all methods, so each baseline's difference from PPL-p% has a
+paired SE that includes both searches.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsetrace.data import prepare_data
+from sparsetrace.errors import UserError
+from sparsetrace.rundir import atomic_write_text
+from sparsetrace.sparsing.baselines import Definition, match_ppl
+from sparsetrace.sparsing.over_training import WINDOWS, checkpoint_step, validation_batches
+from sparsetrace.sparsing.search import ppl_sparsity, target_ratio, transformer_subject
+from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
+from sparsetrace.train.device import resolve_device
+
+JSON_NAME = "sparsing_baselines.json"
+DEFINITIONS: tuple[Definition, ...] = ("reference", "ours")
+PARAMETER = {"cett": "c", "topk": "kept fraction k", "fat": "eps"}
+
+
+def compare_baselines(
+    run: Path, p: float = 1.0, tokens: int = 16384, definitions: tuple[str, ...] = ("reference",)
+) -> dict[str, Any]:
+    """PPL-p% sparsity, Top-k and FAT-ε (each baseline in every definition of ``definitions``) on
+    the final checkpoint of ``run``, all at PPL ratio 1 + p/100 on the same ``tokens`` validation
+    tokens; writes ``sparsing_baselines.json`` into the run and returns its content."""
+    run = Path(run)
+    if not p > 0 or tokens < 1:
+        raise UserError(f"p must be > 0 and tokens >= 1; got p={p}, tokens={tokens}")
+    unknown = set(definitions) - set(DEFINITIONS)
+    if unknown or not definitions:
+        raise UserError(f"definitions must be among {', '.join(DEFINITIONS)}; "
+                        f"got {', '.join(definitions) or 'none'}")  # fmt: skip
+    ckpts = list_checkpoints(run)
+    if not ckpts:
+        raise UserError(f"{run}: no checkpoint to evaluate")
+    model, cfg = load_trained_model(run, ckpts[-1])
+    model.to(resolve_device("auto"))
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
+    subject = transformer_subject(model, batches)
+    cett = ppl_sparsity(subject, p, search_se=True)
+    m, boot = cett.measurement, cett.uncertainty
+    methods = [{
+        "method": "cett", "definition": "", "parameter": PARAMETER["cett"],
+        "value": cett.search.x, "activation_ratio": m.activation_ratio, "ppl_ratio": m.ppl_ratio,
+        "se_fixed": m.activation_ratio_se, "se_search": boot.se,
+        "layers": {name: layer.activation_ratio for name, layer in m.layers.items()},
+    }]  # fmt: skip
+    differences = []
+    for definition in definitions:
+        for baseline in ("topk", "fat"):
+            point = match_ppl(subject, baseline, p, definition, search_se=True)
+            methods.append({
+                "method": baseline, "definition": definition, "parameter": PARAMETER[baseline],
+                "value": point.param, "activation_ratio": point.activation_ratio,
+                "ppl_ratio": point.ppl_ratio, "se_fixed": point.activation_ratio_se,
+                "se_search": point.uncertainty.se, "layers": point.layers,
+            })  # fmt: skip
+            paired = point.uncertainty.ratio - boot.ratio  # the same resamples, row by row
+            differences.append({
+                "method": baseline, "definition": definition,
+                "minus_cett": point.activation_ratio - m.activation_ratio,
+                "se": float(np.std(paired, ddof=1)),
+            })  # fmt: skip
+    summary = {
+        "run": str(run), "step": checkpoint_step(ckpts[-1]), "p": p,
+        "target_ppl_ratio": target_ratio(p), "tokens_requested": tokens,
+        "tokens_evaluated": sum(b.n_targets for b in batches), "windows": WINDOWS,
+        "passes": subject.passes, "methods": methods, "differences": differences,
+    }  # fmt: skip
+    atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
+    return summary
