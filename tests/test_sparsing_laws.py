@@ -129,7 +129,9 @@ def test_fit_law_verb_text_and_inputs(tmp_path: Path, capsys: pytest.CaptureFixt
     ]  # fmt: skip
     pd.DataFrame(rows).to_csv(run / "sparsing_law.csv", index=False)
     verbs.fit_law(run)
-    assert capsys.readouterr().out.startswith("6 points")
+    captured = capsys.readouterr()
+    assert captured.out.startswith("6 points") and "relu:" in captured.out
+    assert "activation unknown (config.yaml missing" in captured.err  # no config: relu, said
     assert (run / "sparsing_law_fit_relu.png").exists()
     # the authors' JSON (in a .txt file): token counts and ratios
     authors = tmp_path / "0.1b_relu.txt"

@@ -150,6 +150,20 @@ def test_baseline_match_with_its_search_redone_on_resamples(subject: Subject) ->
         assert lo <= strength(baseline, point.param) <= hi and boot.clipped < 0.05
 
 
+def test_a_one_sided_baseline_match_is_probed_beyond_until_no_resample_is_clipped(
+    subject: Subject, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a loose tolerance the bisection stops at its first probe, below the target: every
+    resample would be clipped there (an SE of ~0). Probing beyond it brackets them all."""
+    from sparsetrace.sparsing import baselines
+
+    monkeypatch.setattr(baselines, "PPL_TOL", 2.0)  # |ratio - 1.01| <= 0.02: the first probe
+    point = match_ppl(subject, "topk", p=1.0, search_se=True)
+    assert point.param == 0.5 and point.ppl_ratio < 1.01  # one probe, below the target
+    assert point.uncertainty.clipped == 0
+    assert point.uncertainty.c.min() > 0.5  # the resamples' strengths lie beyond the probe
+
+
 def test_sparsing_baselines_compares_three_methods_at_one_ppl(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -184,10 +198,18 @@ def test_sparsing_baselines_compares_three_methods_at_one_ppl(
     d_ff = cfg.model.d_ff
     assert topk_ours["activation_ratio"] == round(topk_ours["value"] * d_ff) / d_ff
     assert topk_ours["se_fixed"] == 0
+    cett_boot = ppl_sparsity(fresh, 1.0, search_se=True).uncertainty.ratio
     for d, row in zip(summary["differences"], rows, strict=True):
         assert d["minus_cett"] == pytest.approx(row["activation_ratio"] -
                                                 cett_row["activation_ratio"])  # fmt: skip
-        assert 0 < d["se"] <= row["se_search"] + cett_row["se_search"]  # std(X - Y) bound
+        # paired: the same resamples row by row (unpaired, the SE would be ~sqrt(2)x larger)
+        boot = match_ppl(fresh, d["method"], 1.0, d["definition"], search_se=True).uncertainty
+        assert d["se"] == pytest.approx(np.std(boot.ratio - cett_boot, ddof=1), rel=1e-9)
+        unpaired = np.std(boot.ratio - np.roll(cett_boot, 1), ddof=1)
+        assert d["se"] < 0.9 * unpaired
+        assert (
+            row["clipped"] == 0 and row["interval_95"][0] <= row["value"] <= row["interval_95"][1]
+        )
     assert "activation ratio of Top-k (reference) minus PPL-1%'s" in out
     assert f"wrote {run / JSON_NAME}" in out
     # the run report shows the comparison (a run measured by this verb alone)

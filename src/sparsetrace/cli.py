@@ -106,8 +106,10 @@ def run(
             print(f"Sparsing Law section skipped: {err}", file=sys.stderr)
         except Exception:  # a bug: still write the trained run's report, then show the bug
             write_report([run_dir], run_dir / "report")
-            print(f"Sparsing Law measurement failed; the report without it: {run_dir / 'report'}"
-                  f" (`sparsetrace sparsing-law {run_dir}` retries)", file=sys.stderr)  # fmt: skip
+            print(f"Sparsing Law measurement failed; the run {run_dir} and its report without "
+                  f"it are written (`sparsetrace sparsing-law {run_dir} --tokens "
+                  f"{sparsing_tokens}` measures it, with c searched on the last 5 "
+                  "checkpoints)", file=sys.stderr)  # fmt: skip
             raise
     index = write_report([run_dir], run_dir / "report")
     print(text_summary(run_dir))

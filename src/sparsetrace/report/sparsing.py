@@ -420,56 +420,18 @@ def run_section(runs: list, fig_dir: Path) -> Section | None:
     curves: list[Curve] = []
     ps: set[float] = set()
     for rd in runs:
+        path = rd.run.path / "sparsing_law.json"
+        if path.is_file():
+            summary = json.loads(path.read_text())
+            ps.add(summary["p"])
+            run_blocks, curve = _run_blocks(rd, summary)
+            blocks += run_blocks
+            curves += [curve] if curve is not None else []
         compared = rd.run.path / "sparsing_baselines.json"
         if compared.is_file():
             summary = json.loads(compared.read_text())
             ps.add(summary["p"])
             blocks.append(baselines_table(rd.label, summary))
-        path = rd.run.path / "sparsing_law.json"
-        if not path.is_file():
-            continue
-        summary = json.loads(path.read_text())
-        ps.add(summary["p"])
-        final = summary["checkpoints"][-1]
-        widths = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
-        rows, dead, units = {}, 0, 0.0
-        for layer, v in final["layers"].items():
-            hidden = widths["hidden"].get(int(layer), math.nan)
-            dead, units = dead + v["dead_units"], units + hidden
-            rows[f"layer {layer}"] = {
-                "CETT threshold τ": v["tau"], "activation ratio %": 100 * v["activation_ratio"],
-                "at τ in the dense model %": 100 * v["activation_ratio_dense"],
-                "dead units %": 100 * v["dead_units"] / hidden,
-            }  # fmt: skip
-        rows["mean of layers"] = {
-            "CETT threshold τ": math.nan, "activation ratio %": 100 * final["activation_ratio"],
-            "at τ in the dense model %": math.nan, "dead units %": 100 * dead / units,
-        }  # fmt: skip
-        frame = pd.DataFrame.from_dict(rows, orient="index")
-        frame.index.name = "layer"
-        p = summary["p"]
-        blocks.append(Text(
-            f"{rd.label}, step {final['step']}: CETT c = {summary['cett']:.4g}, chosen so "
-            f"that perplexity rises by {p:g} % (measured ratio {final['ppl_ratio']:.4f}, target "
-            f"{summary['target_ppl_ratio']:.4f}) on {summary['tokens_evaluated']:,} validation "
-            f"tokens. Activation ratio at PPL-{p:g}%: {100 * final['activation_ratio']:.2f} % "
-            f"{uncertainty_text(summary, final)} Nonzero activations of the untruncated model: "
-            f"{100 * final['dense_activation_ratio']:.2f} %. Dead: active on < 0.1 % of the "
-            "tokens."
-        ))  # fmt: skip
-        if "replicates" in summary:
-            blocks.append(Text(f"{rd.label}: {replicates_text(summary)}"))
-        blocks.append(Table(
-            f"sparsing_law_{rd.label}", f"PPL-{p:g}% sparsity per layer ({rd.label})",
-            "The threshold τ keeps each layer's CETT (the relative error of dropping the units "
-            "below τ) at c. The activation ratio is measured with every layer truncated at once "
-            "(a layer's input then changes with the layers below it); 'at τ in the dense model' "
-            "is the same threshold applied to the untruncated model's activations.",
-            frame, formats={c: (_general if c.startswith("CETT") else _four) for c in frame},
-        ))  # fmt: skip
-        curve_blocks, curve = _over_training_blocks(rd.label, summary, rd.run)
-        blocks += curve_blocks
-        curves += [curve] if curve is not None else []
     if not blocks:
         return None
     if curves:
@@ -484,10 +446,56 @@ def run_section(runs: list, fig_dir: Path) -> Section | None:
         "(docs/sparsing-law.md). `sparsetrace run` measures every checkpoint at the c found on "
         "the final one; `sparsetrace sparsing-law RUN` finds c on the last 5 (the public "
         "scripts' choice). The law is fitted over training without the checkpoints taken "
-        "during warm-up (the authors' rule)."
+        "during warm-up (the authors' rule). `sparsetrace sparsing-baselines RUN` adds the "
+        "comparison with Top-k and FAT-ε at the same perplexity."
     )
     title = "Sparsing Law: " + ", ".join(f"PPL-{p:g}%" for p in sorted(ps)) + " sparsity"
     return Section("sparsing-law", title, [intro, *blocks])
+
+
+def _run_blocks(rd, summary: dict) -> tuple[list, Curve | None]:
+    """One run's ``sparsing_law.json``: the final checkpoint's text and per-layer table, then the
+    over-training table, its fit and its curve."""
+    blocks: list = []
+    final = summary["checkpoints"][-1]
+    widths = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
+    rows, dead, units = {}, 0, 0.0
+    for layer, v in final["layers"].items():
+        hidden = widths["hidden"].get(int(layer), math.nan)
+        dead, units = dead + v["dead_units"], units + hidden
+        rows[f"layer {layer}"] = {
+            "CETT threshold τ": v["tau"], "activation ratio %": 100 * v["activation_ratio"],
+            "at τ in the dense model %": 100 * v["activation_ratio_dense"],
+            "dead units %": 100 * v["dead_units"] / hidden,
+        }  # fmt: skip
+    rows["mean of layers"] = {
+        "CETT threshold τ": math.nan, "activation ratio %": 100 * final["activation_ratio"],
+        "at τ in the dense model %": math.nan, "dead units %": 100 * dead / units,
+    }  # fmt: skip
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "layer"
+    p = summary["p"]
+    blocks.append(Text(
+        f"{rd.label}, step {final['step']}: CETT c = {summary['cett']:.4g}, chosen so "
+        f"that perplexity rises by {p:g} % (measured ratio {final['ppl_ratio']:.4f}, target "
+        f"{summary['target_ppl_ratio']:.4f}) on {summary['tokens_evaluated']:,} validation "
+        f"tokens. Activation ratio at PPL-{p:g}%: {100 * final['activation_ratio']:.2f} % "
+        f"{uncertainty_text(summary, final)} Nonzero activations of the untruncated model: "
+        f"{100 * final['dense_activation_ratio']:.2f} %. Dead: active on < 0.1 % of the "
+        "tokens."
+    ))  # fmt: skip
+    if "replicates" in summary:
+        blocks.append(Text(f"{rd.label}: {replicates_text(summary)}"))
+    blocks.append(Table(
+        f"sparsing_law_{rd.label}", f"PPL-{p:g}% sparsity per layer ({rd.label})",
+        "The threshold τ keeps each layer's CETT (the relative error of dropping the units "
+        "below τ) at c. The activation ratio is measured with every layer truncated at once "
+        "(a layer's input then changes with the layers below it); 'at τ in the dense model' "
+        "is the same threshold applied to the untruncated model's activations.",
+        frame, formats={c: (_general if c.startswith("CETT") else _four) for c in frame},
+    ))  # fmt: skip
+    curve_blocks, curve = _over_training_blocks(rd.label, summary, rd.run)
+    return blocks + curve_blocks, curve
 
 
 def baselines_table(label: str, summary: dict) -> Table:
@@ -499,12 +507,14 @@ def baselines_table(label: str, summary: dict) -> Table:
     for m in summary["methods"]:
         name = {"cett": f"PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}[m["method"]]
         d = differences.get((m["method"], m["definition"]), {})
+        lo, hi = m["interval_95"]
         rows[f"{name} {m['definition']}".strip()] = {
-            "parameter": f"{m['parameter']} = {m['value']:.4g}",
+            "parameter": f"{m['parameter']} = {m['value']:.4g} ({lo:.4g}-{hi:.4g})",
             "activation ratio %": 100 * m["activation_ratio"],
             "± SE with search": 100 * m["se_search"], "PPL ratio": m["ppl_ratio"],
             f"minus PPL-{p:g}% (points)": 100 * d.get("minus_cett", math.nan),
             "± paired SE": 100 * d.get("se", math.nan),
+            "resamples clipped %": 100 * m["clipped"],
         }  # fmt: skip
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "method"
@@ -513,17 +523,23 @@ def baselines_table(label: str, summary: dict) -> Table:
         f"Step {summary['step']}, every method matched to PPL ratio "
         f"{summary['target_ppl_ratio']:.4f} on {summary['tokens_evaluated']:,} validation tokens "
         "(`sparsetrace sparsing-baselines`). The paper: at the same PPL, PPL-p% sparsity keeps "
-        "the fewest units. SEs: bootstrap over sequences with each method's search redone on "
-        "every resample; the difference's SE is paired (the same resamples for all methods). "
+        "the fewest units. The parameter's 95 % interval and the SEs: bootstrap over sequences "
+        "with each method's search redone on every resample (clipped: resamples that did not "
+        "reach the target within the evaluated parameters; their SE is then a lower bound); the "
+        "difference's SE is paired (the same resamples for all methods). "
         "reference: the public code's baselines (on act(gate), Top-k over the batch); ours: on "
         "the product act(gate) * up, Top-k per token.",
         frame,
         formats={
-            "activation ratio %": _four, "± SE with search": _four,
+            "activation ratio %": _four, "± SE with search": _four_or_blank,
             "PPL ratio": lambda v: f"{v:.5f}", f"minus PPL-{p:g}% (points)": _signed,
-            "± paired SE": _four_or_blank,
+            "± paired SE": _four_or_blank, "resamples clipped %": lambda v: f"{v:.1f}",
         },
     )  # fmt: skip
+
+
+def _or_nan(v: float | None) -> float:
+    return math.nan if v is None else v
 
 
 def _signed(v: float) -> str:
@@ -590,7 +606,7 @@ def _over_training_blocks(label: str, summary: dict, run) -> tuple[list, Curve |
         {"tokens": [c["tokens"] for c in points],
          "activation ratio %": [100 * c["activation_ratio"] for c in points],
          "± SE at c": [100 * c["activation_ratio_se"] for c in points],
-         "± SE with search": [100 * (c.get("activation_ratio_se_search") or math.nan)
+         "± SE with search": [100 * _or_nan(c.get("activation_ratio_se_search"))
                               for c in points]},
         index=pd.Index([c["step"] for c in points], name="step"),
     )  # fmt: skip

@@ -41,6 +41,7 @@ from sparsetrace.sparsing.uncertainty import SearchBootstrap, search_bootstrap
 Baseline = Literal["topk", "fat"]
 Definition = Literal["reference", "ours"]
 _MAX_DOUBLINGS = 64  # FAT: eps doubles from 1 until the PPL target is passed
+_MAX_EXTENSIONS = 4  # probes beyond the strongest one while bootstrap resamples are clipped
 
 
 @dataclass(frozen=True)
@@ -175,4 +176,14 @@ def match_ppl(
 
     for s in np.quantile(bootstrap().c, REFINE_QUANTILES):
         ratio(strength(baseline, float(s)))  # strength is its own inverse
-    return replace(point, uncertainty=bootstrap())
+    boot = bootstrap()
+    # The bisection may stop within tolerance with every probe still below the target (Top-k
+    # never probes k = 0): resamples that need more are clipped to the strongest probe, which
+    # would shrink the SE. Probe beyond it until none is clipped.
+    for _ in range(_MAX_EXTENSIONS):
+        if not boot.clipped:
+            break
+        top = max(probed)
+        ratio(strength(baseline, (top + 1.0) / 2 if baseline == "topk" else 2.0 * top))
+        boot = bootstrap()
+    return replace(point, uncertainty=boot)

@@ -19,7 +19,7 @@ import numpy as np
 from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
-from sparsetrace.sparsing.baselines import Definition, match_ppl
+from sparsetrace.sparsing.baselines import Definition, match_ppl, strength
 from sparsetrace.sparsing.over_training import WINDOWS, checkpoint_step, validation_batches
 from sparsetrace.sparsing.search import ppl_sparsity, target_ratio, transformer_subject
 from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
@@ -49,6 +49,9 @@ def compare_baselines(
     model, cfg = load_trained_model(run, ckpts[-1])
     model.to(resolve_device("auto"))
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
+    if sum(len(b.inputs) for b in batches) < 2:
+        raise UserError(f"--tokens {tokens} gives one sequence of {cfg.data.seq_len} tokens: the "
+                        "uncertainties need two or more")  # fmt: skip
     subject = transformer_subject(model, batches)
     cett = ppl_sparsity(subject, p, search_se=True)
     m, boot = cett.measurement, cett.uncertainty
@@ -56,6 +59,7 @@ def compare_baselines(
         "method": "cett", "definition": "", "parameter": PARAMETER["cett"],
         "value": cett.search.x, "activation_ratio": m.activation_ratio, "ppl_ratio": m.ppl_ratio,
         "se_fixed": m.activation_ratio_se, "se_search": boot.se,
+        "interval_95": list(boot.c_interval()), "clipped": boot.clipped,
         "layers": {name: layer.activation_ratio for name, layer in m.layers.items()},
     }]  # fmt: skip
     differences = []
@@ -66,7 +70,9 @@ def compare_baselines(
                 "method": baseline, "definition": definition, "parameter": PARAMETER[baseline],
                 "value": point.param, "activation_ratio": point.activation_ratio,
                 "ppl_ratio": point.ppl_ratio, "se_fixed": point.activation_ratio_se,
-                "se_search": point.uncertainty.se, "layers": point.layers,
+                "se_search": point.uncertainty.se,
+                "interval_95": _parameter_interval(baseline, point.uncertainty.c_interval()),
+                "clipped": point.uncertainty.clipped, "layers": point.layers,
             })  # fmt: skip
             paired = point.uncertainty.ratio - boot.ratio  # the same resamples, row by row
             differences.append({
@@ -82,3 +88,8 @@ def compare_baselines(
     }  # fmt: skip
     atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
     return summary
+
+
+def _parameter_interval(baseline: str, interval: tuple[float, float]) -> list[float]:
+    """The resamples' 95 % interval of a baseline's strength, in its parameter (ascending)."""
+    return sorted(strength(baseline, s) for s in interval)

@@ -99,13 +99,17 @@ def sparsing_baselines(
     print(f"step {summary['step']} of {run}: every method at PPL ratio "
           f"{summary['target_ppl_ratio']:.4f} on {summary['tokens_evaluated']:,} "
           "tokens")  # fmt: skip
-    print(f"{'method':<22} {'parameter':>24} {'activation':>11} {'± search':>9} "
-          f"{'PPL ratio':>10}")  # fmt: skip
+    print(f"{'method':<22} {'parameter':>24} {'95 % interval':>17} {'activation':>11} "
+          f"{'± search':>9} {'PPL ratio':>10}")  # fmt: skip
     for row in summary["methods"]:
         name = f"{METHOD_NAMES[row['method']].format(p=p)} {row['definition']}".strip()
+        lo, hi = row["interval_95"]
         print(f"{name:<22} {row['parameter'] + ' = ' + format(row['value'], '.4g'):>24} "
-              f"{row['activation_ratio']:>11.4f} {row['se_search']:>9.4f} "
-              f"{row['ppl_ratio']:>10.5f}")  # fmt: skip
+              f"{f'{lo:.4g}-{hi:.4g}':>17} {row['activation_ratio']:>11.4f} "
+              f"{row['se_search']:>9.4f} {row['ppl_ratio']:>10.5f}")  # fmt: skip
+        if row["clipped"]:
+            print(f"  {row['clipped']:.1%} of the resamples did not reach the target within the "
+                  "evaluated parameters: its SE is a lower bound")  # fmt: skip
     for d in summary["differences"]:
         name = f"{METHOD_NAMES[d['method']]} ({d['definition']})"
         print(
@@ -143,8 +147,8 @@ def fit_law(
     if form is None and Path(data).is_dir():
         form = laws.run_law_form(data)
         if form is None:
-            print(f"{data}: activation unknown (no readable config.yaml): the relu form",
-                  file=sys.stderr)  # fmt: skip
+            print(f"{data}: activation unknown (config.yaml missing, unreadable or without "
+                  "model.activation): the relu form", file=sys.stderr)  # fmt: skip
     form = form or "relu"
     if form not in laws.FORMS:
         raise UserError(f"--form must be one of {', '.join(laws.FORMS)}; got {form!r}")
