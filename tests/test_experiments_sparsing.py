@@ -252,3 +252,26 @@ def test_activations_report_flags_an_undetermined_limit(tmp_path: Path) -> None:
     assert "on its physical bound" in laws.loc["rising", "note"]
     assert laws.loc["converging", "A0"] == pytest.approx(0.4, abs=1e-3)
     assert pd.isna(laws.loc["converging", "note"])
+
+
+def test_lowest_limit_loss_ignores_limits_the_curves_do_not_determine() -> None:
+    """Only arms whose limit loss is determined compete: an undetermined arm's lower estimate
+    (its interval reaching 0) does not make it the lowest; below 3 determined arms, no claim."""
+    from sparsetrace.report.sparsing import RATIO, lowest_limit_loss
+
+    frame = pd.DataFrame(
+        {RATIO: [3.0, 7.0, 13.0, 24.0, 51.0],
+         "limit loss": [3.2, 0.9, 2.4, 2.1, 2.8],
+         "L_inf low": [3.0, 0.0, 2.2, 1.9, 2.5], "L_inf high": [3.4, 2.4, 2.6, 2.3, 3.1],
+         "L_inf undetermined": ["", "the 95 % interval of L_inf reaches 0", "", "", ""]},
+        index=["a", "b", "c", "d", "e"],
+    )  # fmt: skip
+    text = lowest_limit_loss(frame)
+    assert text.startswith("Of the 4 arms whose limit loss is determined")
+    assert "lowest at width-depth ratio 24 (d: L_inf = 2.1000" in text
+    assert "an intermediate ratio" in text
+    frame["L_inf undetermined"] = ["", "x", "y", "", ""]
+    edge = lowest_limit_loss(frame)  # a, d, e: the lowest (d) is intermediate again
+    assert "Of the 3 arms" in edge and "(d:" in edge
+    frame["L_inf undetermined"] = ["", "x", "y", "z", ""]
+    assert lowest_limit_loss(frame).startswith("2 of 5 arms have a limit loss their curve")

@@ -435,7 +435,7 @@ def test_loss_law_recovered() -> None:
     assert fit.interval[0] <= 3.5 <= fit.interval[1] and fit.se["L_inf"] > 0
     p = fit.params
     assert np.abs(loss_law(tokens / 1e9, p["L_inf"], p["B"], p["beta"]) - truth).max() < 0.01
-    assert not fit.limit_on_bound
+    assert not fit.limit_on_bound and fit.limit_undetermined == ""
     assert fit_loss_law(tokens, loss) == fit  # deterministic
 
 
@@ -447,6 +447,13 @@ def test_loss_law_still_falling_steeply_has_its_limit_below_the_last_loss() -> N
     assert fit.interval[0] <= 3.0 <= fit.interval[1]
     flat = fit_loss_law(tokens, 4.0 + np.random.default_rng(6).normal(0.0, 0.01, len(tokens)))
     assert flat.limit_on_bound and flat.limit == pytest.approx(flat.bounds[1])  # = lowest loss
+    assert flat.limit_undetermined == "L_inf on its bound"
+    # a slow decay (beta 0.1, 4.34 -> 3.86 nats over 900 steps; noise 0.1): its fit cannot rule
+    # out L_inf = 0 (the truth is 2.0), so the limit is not determined
+    slow_tokens, _, slow = _losses(np.arange(100, 1000), 2.0, 1.0, 0.1, 0.1, 7)
+    noisy = fit_loss_law(slow_tokens, slow)
+    assert noisy.interval[0] == 0.0 and not noisy.limit_on_bound
+    assert noisy.limit_undetermined == "the 95 % interval of L_inf reaches 0"
     with pytest.raises(ValueError, match=">= 0"):
         fit_loss_law(tokens, -loss)
     with pytest.raises(ValueError, match="at least 5"):

@@ -155,10 +155,11 @@ def arm_row(cfg: RunConfig, form: str, csv: Path) -> dict:
         "parameters": non_embedding_params(m), "width-depth ratio": m.d_model / m.n_layers,
         "checkpoints": len(curve.ratio), "final activation ratio": float(curve.ratio[-1]),
         "limit A0": law.limit if law else math.nan, "A0 low": a0_low, "A0 high": a0_high,
-        "A0 on bound": bool(law and law.limit_on_bound),
+        "A0 undetermined": law.limit_undetermined if law else curve.note,
         "val loss": scores["val loss"], "train loss (last 5 %)": scores["train loss (last 5 %)"],
         "limit loss": loss.limit if loss else math.nan, "L_inf low": loss_low,
-        "L_inf high": loss_high, "L_inf on bound": bool(loss and loss.limit_on_bound),
+        "L_inf high": loss_high,
+        "L_inf undetermined": loss.limit_undetermined if loss else "too few steps after warm-up",
     }  # fmt: skip
 
 

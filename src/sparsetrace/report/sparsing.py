@@ -261,15 +261,21 @@ def width_depth_bottleneck(frame: pd.DataFrame) -> tuple[Bottleneck | None, Verd
     return fit, bottleneck(fit, len(arms))
 
 
+def undetermined(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Rows whose reason column (``A0 undetermined``, ``L_inf undetermined``) is not empty."""
+    return frame[column].fillna("").astype(str) != ""
+
+
 def lowest_limit_loss(frame: pd.DataFrame) -> str:
-    """Where the limit loss is lowest among the arms whose curve determines it (not on its
-    bound): at an intermediate ratio or at an end of the range (the paper: lowest in a middle
-    range). The arg-min only, not tested against the intervals."""
+    """Where the limit loss is lowest among the arms whose curve determines it
+    (``LossFit.limit_undetermined`` empty): at an intermediate ratio or at an end of the range
+    (the paper: lowest in a middle range). The arg-min only, not tested against the intervals."""
     arms = frame.sort_values(RATIO)
-    known = arms.loc[~arms["L_inf on bound"].astype(bool), "limit loss"].astype(float).dropna()
+    known = arms.loc[~undetermined(arms, "L_inf undetermined"), "limit loss"].astype(float).dropna()
     if len(known) < 3:
-        return (f"{len(known)} arm(s) with a limit loss the curve determines (not on its bound): "
-                "no middle range to compare.")  # fmt: skip
+        return (f"{len(known)} of {len(arms)} arms have a limit loss their curve determines (not "
+                "on its bound, its 95 % interval clear of 0): no middle range to "
+                "compare.")  # fmt: skip
     best = known.idxmin()
     row, rank = arms.loc[best], list(known.index).index(best)
     if 0 < rank < len(known) - 1:
@@ -277,7 +283,8 @@ def lowest_limit_loss(frame: pd.DataFrame) -> str:
     else:
         where = "the deepest, narrowest arm" if rank == 0 else "the widest, shallowest arm"
     return (
-        f"Of the {len(known)} arms whose limit loss is determined, it is lowest at width-depth "
+        f"Of the {len(known)} arms whose limit loss is determined (not on its bound, its 95 % "
+        f"interval clear of 0), it is lowest at width-depth "
         f"ratio {row[RATIO]:.3g} ({best}: L_inf = {row['limit loss']:.4f}, 95 % interval "
         f"{row['L_inf low']:.4f}–{row['L_inf high']:.4f}): {where}. The paper finds the lowest "
         "limit loss in a middle range of ratios; this is the arm with the lowest estimate, not a "
@@ -287,10 +294,10 @@ def lowest_limit_loss(frame: pd.DataFrame) -> str:
 
 def _limits(ax: Axes, r: np.ndarray, rows: pd.DataFrame, columns: list[str], label: str) -> None:
     """Limits with their 95 % intervals as error bars: black where the curve determines them,
-    grey where they sit on their bound (``columns``: value, low, high, on bound)."""
+    grey where it does not (``columns``: value, low, high, the reason column)."""
     value, low, high = (rows[c].to_numpy(float) for c in columns[:3])
-    bound = rows[columns[3]].to_numpy(bool)
-    for keep, color, text in ((~bound, "black", label), (bound, "0.6", "on its bound")):
+    bound = undetermined(rows, columns[3]).to_numpy()
+    for keep, color, text in ((~bound, "black", label), (bound, "0.6", "undetermined")):
         if keep.any():
             ax.errorbar(r[keep], value[keep], yerr=[value[keep] - low[keep],
                         high[keep] - value[keep]], fmt="o", color=color, capsize=3,
@@ -298,7 +305,7 @@ def _limits(ax: Axes, r: np.ndarray, rows: pd.DataFrame, columns: list[str], lab
 
 
 def width_depth_figure(frame: pd.DataFrame, fit: Bottleneck | None) -> MplFigure | None:
-    """Top: the limit A0 (bars: its 95 % interval; grey: on its bound) and the final activation
+    """Top: the limit A0 (bars: its 95 % interval; grey: undetermined) and the final activation
     ratio (hollow) against the width-depth ratio (log axis), with the fitted two-segment line
     and r* (band: its bootstrap interval). Bottom: the limit loss (bars: its 95 % interval) and
     the final training loss (hollow)."""
@@ -309,7 +316,7 @@ def width_depth_figure(frame: pd.DataFrame, fit: Bottleneck | None) -> MplFigure
     with figures.style():
         fig = MplFigure(figsize=(figures.SINGLE[0], 6.5), dpi=figures.DPI, layout="constrained")
         ratio_ax, loss_ax = fig.subplots(2, 1, sharex=True)
-        _limits(ratio_ax, r, rows, [*LIMIT, "A0 on bound"], "limit A0 (95 % interval)")
+        _limits(ratio_ax, r, rows, [*LIMIT, "A0 undetermined"], "limit A0 (95 % interval)")
         ratio_ax.plot(r, rows["final activation ratio"], "o", mfc="none", color="tab:blue",
                       label="final checkpoint")  # fmt: skip
         for x, y, d, n in zip(r, rows["final activation ratio"], rows["d_model"],
@@ -325,7 +332,7 @@ def width_depth_figure(frame: pd.DataFrame, fit: Bottleneck | None) -> MplFigure
                              label=f"r* = {fit.r_star:.3g} (95 % interval)")  # fmt: skip
         ratio_ax.set_ylabel(RATIO_LABEL)
         ratio_ax.legend(loc="best", fontsize=8)
-        _limits(loss_ax, r, rows, ["limit loss", "L_inf low", "L_inf high", "L_inf on bound"],
+        _limits(loss_ax, r, rows, ["limit loss", "L_inf low", "L_inf high", "L_inf undetermined"],
                 "limit loss L_inf (95 % interval)")  # fmt: skip
         loss_ax.plot(r, rows["train loss (last 5 %)"], "o", mfc="none", color="tab:blue",
                      label="training loss, last 5 % of steps")  # fmt: skip
@@ -351,24 +358,26 @@ def write_width_depth_report(
         f"non-embedding parameters near the budget of {budget:,}. Activation ratio at PPL-{p:g}% "
         "(mean of layers; one CETT per arm, chosen on its last checkpoints) at the final "
         f"checkpoint, and the limit A0 of the {form} law fitted over the checkpoints with its 95 % "
-        "interval ('on bound': the curve does not determine the limit). Limit loss: L_inf of "
+        "interval ('A0 undetermined': why the curve does not determine the limit — on its bound, "
+        "or an interval spanning its whole physical range). Limit loss: L_inf of "
         "L(D) = L_inf + B·D^-beta fitted to the training loss per step after warm-up, with its "
-        "95 % interval (± 1.96 SE; 'on bound': at 0 or at the lowest observed loss).",
+        "95 % interval (± 1.96 SE; 'L_inf undetermined': on its bound — 0 or the lowest "
+        "observed loss — or an interval reaching 0).",
         frame,
         {"d_model": _whole, "n_layers": _whole, "n_heads": _whole, "d_ff": _whole,
          "parameters": _whole, RATIO: lambda v: f"{v:.1f}", "checkpoints": _whole,
          "final activation ratio": _four, "limit A0": _four, "A0 low": _four, "A0 high": _four,
-         "A0 on bound": lambda v: "on bound" if v else "", "val loss": _four,
+         "val loss": _four,
          "train loss (last 5 %)": _four, "limit loss": _four, "L_inf low": _four,
-         "L_inf high": _four, "L_inf on bound": lambda v: "on bound" if v else ""},
+         "L_inf high": _four},
     )  # fmt: skip
     figure = rx.figure_block(
         report / "figures", "width_depth", "Limit activation ratio and loss vs width-depth ratio",
         "Each point one arm (d_model × n_layers) at the same parameter budget; log axis (the "
         "fitted line is linear in the ratio). Top: limit A0 with its 95 % interval, final "
         "checkpoint hollow, the two-segment fit and the bottleneck r* with its bootstrap "
-        "interval; grey: a limit on its bound. Bottom: limit loss and final training loss. The "
-        "paper: the activation ratio rises linearly with the width-depth ratio up to a "
+        "interval; grey: a limit its curve does not determine. Bottom: limit loss and final "
+        "training loss. The paper: the activation ratio rises linearly with the width-depth ratio up to a "
         "bottleneck, then stops; the limit loss is lowest in a middle range.",
         width_depth_figure(frame, fit),
     )  # fmt: skip
@@ -382,12 +391,11 @@ def write_width_depth_report(
              f"{RULES['width_depth_bottleneck'].line}).", "note"),
         Text(str(verdict)), Text(where), Text(lowest_limit_loss(frame)),
     ]  # fmt: skip
-    for column, what in (("A0 on bound", "limit A0"), ("L_inf on bound", "limit loss")):
-        arms = [str(a) for a, v in frame[column].items() if v]
+    for column, what in (("A0 undetermined", "limit A0"), ("L_inf undetermined", "limit loss")):
+        arms = [f"{a} ({frame.loc[a, column]})" for a in frame.index[undetermined(frame, column)]]
         if arms:
-            blocks.append(Text(f"The {what} sits on its bound in {', '.join(arms)}: the curve "
-                               "does not determine it; its interval is one-sided.",
-                               "warning"))  # fmt: skip
+            blocks.append(Text(f"The curve does not determine the {what} in {len(arms)} of "
+                               f"{len(frame)} arms: {'; '.join(arms)}.", "warning"))  # fmt: skip
     sections = [
         Section("finding", "Finding: the limit activation ratio rises up to a bottleneck", blocks),
         Section("figure", "Limit activation ratio and loss vs width-depth ratio", [figure]),

@@ -573,6 +573,20 @@ class LossFit:
         """L_inf sits on a bound (0, or the lowest observed loss: the curve looks flat)."""
         return _on_bound(self.limit, self.bounds)
 
+    @property
+    def limit_undetermined(self) -> str:
+        """Why the loss curve does not determine L_inf ('' when it does): on a bound, no finite
+        interval, or a 95 % interval reaching 0 — the points cannot rule out a loss of zero, so
+        the estimate is an extrapolation the data do not constrain from below."""
+        if self.limit_on_bound:
+            return "L_inf on its bound"
+        lo, hi = self.interval
+        if not np.isfinite([lo, hi]).all():
+            return "no interval for L_inf (the fit's covariance is not finite)"
+        if lo <= self.bounds[0] + 1e-3 * self.bounds[1]:
+            return "the 95 % interval of L_inf reaches 0"
+        return ""
+
 
 def _loss_starts(x: Array, y: Array) -> list[tuple[float, ...]]:
     """For each beta: y = L_inf + B * x**(-beta) is linear in (L_inf, B); L_inf held at its
