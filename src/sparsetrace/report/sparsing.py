@@ -377,8 +377,8 @@ def write_width_depth_report(
         "fitted line is linear in the ratio). Top: limit A0 with its 95 % interval, final "
         "checkpoint hollow, the two-segment fit and the bottleneck r* with its bootstrap "
         "interval; grey: a limit its curve does not determine. Bottom: limit loss and final "
-        "training loss. The paper: the activation ratio rises linearly with the width-depth ratio up to a "
-        "bottleneck, then stops; the limit loss is lowest in a middle range.",
+        "training loss. The paper: the activation ratio rises linearly with the width-depth "
+        "ratio up to a bottleneck, then stops; the limit loss is lowest in a middle range.",
         width_depth_figure(frame, fit),
     )  # fmt: skip
     where = "No bottleneck fitted (too few arms with a limit)."
