@@ -375,6 +375,7 @@ def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
     assert free[3] < 0  # a negative limit activation ratio
     fit = fit_law(tokens, ratio, "relu")
     assert fit.limit_on_bound and fit.limit == pytest.approx(0.0, abs=1e-4)
+    assert fit.limit_undetermined == "limit A0 on its physical bound beyond the data"
     assert fit.a0_interval[1] <= ratio.min() + 1e-12
     # the limit is not identified: dropping the first point moves it from 0 to 0.065
     assert fit_law(tokens, ratio, "relu", skip_first=1).limit > 0.06
@@ -413,6 +414,7 @@ def test_silu_limit_is_a_share_of_units() -> None:
     assert free[2] > 1
     fit = fit_law(tokens, ratio, "silu")
     assert ratio.max() <= fit.limit <= 1 and fit.limit_on_bound
+    assert not fit.limit_flat and fit.limit_undetermined.startswith("limit A0 on its physical")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,3 +494,18 @@ def test_bottleneck_draws_stay_within_each_interval() -> None:
     fit = fit_bottleneck(RATIOS, limits, intervals)
     low, high = fit.intervals["linear"]
     assert low < fit.linear and high == pytest.approx(fit.linear, abs=1e-15)
+
+
+def test_a_flattened_curve_has_its_limit_at_the_data() -> None:
+    """The `cpu`-scale width-depth arm 256x5 (2026-12-02; PPL-1% ratio every 125 steps, 2,048
+    tokens a step): flat from step 500, so the ReLU law's A0 sits on its bound at the data, the
+    lowest observed ratio — a determined limit, unlike A0 on 0 (a curve still falling)."""
+    tokens = 256_000 * np.arange(1, 9)
+    ratio = np.array([0.0970, 0.0728, 0.0608, 0.0547, 0.0548, 0.0535, 0.0541, 0.0533])
+    fit = fit_law(tokens, ratio, "relu")
+    assert fit.limit_on_bound and fit.limit_flat
+    assert fit.limit == pytest.approx(ratio.min()) and fit.limit_undetermined == ""
+    falling = fit_law(tokens, ratio * np.linspace(1.0, 0.6, 8), "relu")  # still falling at -7 %
+    assert not falling.limit_flat
+    pinned = fit_law(tokens, np.array([0.3, 0.2, 0.1, 0.05, 0.02, 0.0, 0.0, 0.0]), "relu")
+    assert pinned.limit == 0.0 and pinned.limit_flat  # reached 0: flat at 0

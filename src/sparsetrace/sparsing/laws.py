@@ -107,12 +107,25 @@ class LawFit:
         return _on_bound(self.limit, self.a0_bounds)
 
     @property
+    def limit_flat(self) -> bool:
+        """A0 on the bound at the data — the lowest observed ratio for the ReLU form, the highest
+        for SiLU: the points have flattened (least squares would put the limit past them), so
+        the limit is that extreme value, biased towards it by the points' noise, with a one-sided
+        interval. A ReLU curve that reaches 0 is flat at 0."""
+        if not self.limit_on_bound or self.form not in FORMS:
+            return False
+        lower, upper = self.a0_bounds
+        at_data = upper if self.form == "relu" else lower
+        return abs(self.limit - at_data) <= 1e-3 * max(abs(lower), abs(upper))
+
+    @property
     def limit_undetermined(self) -> str:
-        """Why the points do not determine A0 ('' when they do): A0 on its physical bound, no
-        finite interval, or its 95 % interval reaching both ends of the physical range (within
-        0.1 %)."""
-        if self.limit_on_bound:
-            return "limit A0 on its physical bound"
+        """Why the points do not determine A0 ('' when they do): A0 on its physical bound beyond
+        the data (ReLU: 0 above the data; SiLU: 1; a limit on the bound at the data is
+        :attr:`limit_flat`, determined), no finite interval, or its 95 % interval reaching both
+        ends of the physical range (within 0.1 %)."""
+        if self.limit_on_bound and not self.limit_flat:
+            return "limit A0 on its physical bound beyond the data"
         if self.form in FORMS and not np.isfinite(self.a0_low_high).all():
             return "no interval for A0 (the fit's covariance is not finite)"
         if self.a0_interval and self.a0_bounds and all(np.isfinite(self.a0_bounds)):
