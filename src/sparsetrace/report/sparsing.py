@@ -281,7 +281,8 @@ def lowest_limit_loss(frame: pd.DataFrame) -> str:
     if 0 < rank < len(known) - 1:
         where = "an intermediate ratio (arms on both sides reach a higher limit loss)"
     else:
-        where = "the deepest, narrowest arm" if rank == 0 else "the widest, shallowest arm"
+        where = ("the deepest, narrowest of these arms" if rank == 0
+                 else "the widest, shallowest of these arms")  # fmt: skip
     return (
         f"Of the {len(known)} arms whose limit loss is determined (not on its bound, its 95 % "
         f"interval clear of 0), it is lowest at width-depth "
