@@ -98,7 +98,8 @@ def test_fit_law_verb_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     verbs.fit_law(_write_csv(tmp_path / "a.csv"), form="silu", json=True)
     out = json.loads(capsys.readouterr().out)  # exactly one JSON object
     assert set(out) == {"form", "params", "mae", "mse", "skip_first", "mse_all_points", "se",
-                        "A0_interval", "A0_on_bound", "baselines"}  # fmt: skip
+                        "A0_interval", "A0_on_bound", "A0_flat", "A0_undetermined",
+                        "baselines"}  # fmt: skip
     assert out["form"] == "silu" and out["params"]["b"] is None
     assert set(out["params"]) == {"alpha", "b", "c", "A0"}
     assert out["params"]["alpha"] == pytest.approx(0.5, rel=1e-3)
@@ -508,4 +509,5 @@ def test_a_flattened_curve_has_its_limit_at_the_data() -> None:
     falling = fit_law(tokens, ratio * np.linspace(1.0, 0.6, 8), "relu")  # still falling at -7 %
     assert not falling.limit_flat
     pinned = fit_law(tokens, np.array([0.3, 0.2, 0.1, 0.05, 0.02, 0.0, 0.0, 0.0]), "relu")
-    assert pinned.limit == 0.0 and pinned.limit_flat  # reached 0: flat at 0
+    assert pinned.limit == 0.0 and pinned.limit_flat  # reached 0: flat at 0, determined
+    assert pinned.limit_undetermined == ""

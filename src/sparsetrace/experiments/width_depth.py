@@ -142,8 +142,8 @@ def limit_loss(run: Run, warmup: int) -> LossFit | None:
 
 def arm_row(cfg: RunConfig, form: str, csv: Path) -> dict:
     """One arm's table row: its shape, the final and the limit activation ratio (A0 of its
-    Sparsing Law, 95 % interval, on its bound or not), final losses and the limit loss (L_inf,
-    95 % interval, on its bound or not)."""
+    Sparsing Law, 95 % interval, why it is undetermined or ''), final losses and the limit loss
+    (L_inf, 95 % interval, why it is undetermined or '')."""
     curve = law_curve(cfg.run_name, form, csv, cfg.train.warmup_steps)
     law, run, m = curve.fit, load_run(run_dir(cfg)), cfg.model
     loss = limit_loss(run, cfg.train.warmup_steps)

@@ -297,8 +297,8 @@ def _limits(ax: Axes, r: np.ndarray, rows: pd.DataFrame, columns: list[str], lab
     """Limits with their 95 % intervals as error bars: black where the curve determines them,
     grey where it does not (``columns``: value, low, high, the reason column)."""
     value, low, high = (rows[c].to_numpy(float) for c in columns[:3])
-    bound = undetermined(rows, columns[3]).to_numpy()
-    for keep, color, text in ((~bound, "black", label), (bound, "0.6", "undetermined")):
+    vague = undetermined(rows, columns[3]).to_numpy()
+    for keep, color, text in ((~vague, "black", label), (vague, "0.6", "undetermined")):
         if keep.any():
             ax.errorbar(r[keep], value[keep], yerr=[value[keep] - low[keep],
                         high[keep] - value[keep]], fmt="o", color=color, capsize=3,
@@ -359,8 +359,9 @@ def write_width_depth_report(
         f"non-embedding parameters near the budget of {budget:,}. Activation ratio at PPL-{p:g}% "
         "(mean of layers; one CETT per arm, chosen on its last checkpoints) at the final "
         f"checkpoint, and the limit A0 of the {form} law fitted over the checkpoints with its 95 % "
-        "interval ('A0 undetermined': why the curve does not determine the limit — on its bound, "
-        "or an interval spanning its whole physical range). Limit loss: L_inf of "
+        "interval ('A0 undetermined': why the curve does not determine the limit — on its bound "
+        "beyond the data, no interval, an interval spanning its whole physical range, or no fit; "
+        "a limit on the bound at the data is a flattened curve, determined). Limit loss: L_inf of "
         "L(D) = L_inf + B·D^-beta fitted to the training loss per step after warm-up, with its "
         "95 % interval (± 1.96 SE; 'L_inf undetermined': on its bound — 0 or the lowest "
         "observed loss — or an interval reaching 0).",

@@ -147,7 +147,8 @@ def match_ppl(
     :func:`~sparsetrace.sparsing.search.find_cett`): Top-k bisects its kept fraction in [0, 1]
     (the ratio falls as it grows), FAT bisects eps in [0, hi], hi doubled from 1 until past it.
     ``search_se``: also the match redone on each bootstrap resample (as
-    :func:`~sparsetrace.sparsing.search.search_uncertainty` does for c; up to 5 passes more)."""
+    :func:`~sparsetrace.sparsing.search.search_uncertainty` does for c; up to 5 passes more,
+    and up to ``_MAX_EXTENSIONS`` beyond the strongest probe while resamples are clipped)."""
     target = target_ratio(p)
     probed: dict[float, Evaluation] = {}  # by strength: every parameter evaluated
 

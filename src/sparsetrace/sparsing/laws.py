@@ -15,9 +15,10 @@ unbounded (Levenberg-Marquardt), which on their own 0.4B ReLU curve returns A0 <
 ``skip_first`` drops early checkpoints. The rule for choosing it (the authors' stated one, their
 Appendix E): drop the checkpoints taken during warm-up, and no more.
 Their published parameters for some models need further drops chosen by hand (1.2B ReLU: the
-first 6; docs/sparsing-law.md lists what reproduces each); when a fit's limit sits on its bound,
-the curve does not determine the limit, and the fit says so rather than dropping points until
-it moves.
+first 6; docs/sparsing-law.md lists what reproduces each); when a fit's limit sits on its bound
+beyond the data (ReLU 0, SiLU 1), the curve does not determine the limit, and the fit says so
+rather than dropping points until it moves (on the bound at the data, the curve has flattened:
+:attr:`LawFit.limit_flat`).
 
 Fitting: for fixed alpha (and A0 for ReLU) each form is linear in its remaining parameters, so a
 grid over the nonlinear ones with a linear least-squares solve at each point gives robust starts;
@@ -100,8 +101,9 @@ class LawFit:
 
     @property
     def limit_on_bound(self) -> bool:
-        """A0 sits on its physical bound (within 0.1 % of the bounding ratio): the curve does
-        not determine the limit, only that it lies at or beyond the data."""
+        """A0 sits on either physical bound (within 0.1 % of the bounding ratio): beyond the data
+        the curve does not determine the limit (:attr:`limit_undetermined`); at the data it has
+        flattened (:attr:`limit_flat`)."""
         if self.a0_bounds is None or self.limit is None:
             return False
         return _on_bound(self.limit, self.a0_bounds)
@@ -130,6 +132,8 @@ class LawFit:
             return "no interval for A0 (the fit's covariance is not finite)"
         if self.a0_interval and self.a0_bounds and all(np.isfinite(self.a0_bounds)):
             (lo, hi), (lower, upper) = self.a0_interval, self.a0_bounds
+            if lower == upper:  # pinned (a ReLU curve that reached 0): nothing left to span
+                return ""
             tol = 1e-3 * max(abs(lower), abs(upper))
             if lo <= lower + tol and hi >= upper - tol:
                 return "the 95 % interval of A0 spans its whole physical range"
@@ -168,6 +172,7 @@ class LawFit:
             baselines = {k: v.to_dict() for k, v in self.baselines.items()}
             out.update({"skip_first": self.skip, "mse_all_points": self.mse_all, "se": self.se,
                         "A0_interval": interval, "A0_on_bound": self.limit_on_bound,
+                        "A0_flat": self.limit_flat, "A0_undetermined": self.limit_undetermined,
                         "baselines": baselines})  # fmt: skip
         return out
 
@@ -460,7 +465,8 @@ def _run_config(run: Path) -> dict:
 
 def run_law_form(run: Path) -> str | None:
     """:func:`law_form` of a run directory's activation (its ``config.yaml``); None when the
-    config is missing or unreadable."""
+    config is missing, unreadable or names no activation; UserError for an activation without a
+    Sparsing Law form."""
     try:
         activation = _run_config(run)["model"]["activation"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
@@ -551,7 +557,11 @@ def law_form(activation: str) -> str:
         return "relu"
     if activation in SILU_LIKE:
         return "silu"
-    raise UserError(f"no Sparsing Law form for activation {activation!r}")
+    raise UserError(
+        f"no Sparsing Law form for activation {activation!r} (relu-like: "
+        f"{', '.join(RELU_LIKE)}; silu-like: {', '.join(SILU_LIKE)}; fit-law takes "
+        "--form relu or silu)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
