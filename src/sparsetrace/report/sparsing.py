@@ -511,11 +511,13 @@ def _run_blocks(rd, summary: dict) -> tuple[list, Curve | None]:
 def baselines_table(label: str, summary: dict) -> Table:
     """A ``sparsing_baselines.json``: each method's parameter, activation ratio, SEs and PPL
     ratio, and each baseline's paired difference from PPL-p%."""
+    from sparsetrace.sparsing.comparison import METHOD_NAMES
+
     p = summary["p"]
     differences = {(d["method"], d["definition"]): d for d in summary["differences"]}
     rows = {}
     for m in summary["methods"]:
-        name = {"cett": f"PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}[m["method"]]
+        name = METHOD_NAMES[m["method"]].format(p=p)
         d = differences.get((m["method"], m["definition"]), {})
         lo, hi = m["interval_95"]
         rows[f"{name} {m['definition']}".strip()] = {

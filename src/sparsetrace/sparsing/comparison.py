@@ -28,6 +28,7 @@ from sparsetrace.train.device import resolve_device
 JSON_NAME = "sparsing_baselines.json"
 DEFINITIONS: tuple[Definition, ...] = ("reference", "ours")
 PARAMETER = {"cett": "c", "topk": "kept fraction k", "fat": "eps"}
+METHOD_NAMES = {"cett": "PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}  # .format(p=p)
 
 
 def compare_baselines(

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from sparsetrace.errors import UserError
 
-METHOD_NAMES = {"cett": "PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}
-
 
 def sparsing_law(
     run: Path,
@@ -86,7 +84,12 @@ def sparsing_baselines(
             over the whole batch), ours (on the product act(gate) * up, Top-k per token) or both
         json: print the summary as JSON
     """
-    from sparsetrace.sparsing.comparison import DEFINITIONS, JSON_NAME, compare_baselines
+    from sparsetrace.sparsing.comparison import (
+        DEFINITIONS,
+        JSON_NAME,
+        METHOD_NAMES,
+        compare_baselines,
+    )
 
     if definition not in (*DEFINITIONS, "both"):
         raise UserError(f"--definition must be {', '.join(DEFINITIONS)} or both; "
