@@ -7,12 +7,13 @@ on which units are nonzero; it does not measure whether *training* in bf16 drift
 statistics (that needs two full trainings; on a CPU without native bf16 units bf16 training is
 impractically slow, see benchmarks/RESULTS.md).
 
-    python benchmarks/bf16_stats.py RUN_DIR [--batches 4]
+    python benchmarks/bf16_stats.py RUN_DIR [--batches 4] [--device cuda] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,15 @@ import torch
 from sparsetrace.data import get_batch, prepare_data
 from sparsetrace.metrics import use_stats_from_counts
 from sparsetrace.train.checkpoint import load_trained_model
+from sparsetrace.train.device import autocast
 
 
 @torch.no_grad()
 def layer_stats(model, batches, dtype) -> dict[str, np.ndarray]:
     rows = []
     for batch in batches:
-        ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
-        with ctx:
+        batch = batch.to(next(model.parameters()).device)
+        with autocast(batch.device, dtype):
             counts = model(batch[:, :-1], measure=True).use_counts
         seq = batch.shape[1] - 1
         stats = [use_stats_from_counts(c, seq) for c in counts.values()]
@@ -43,8 +45,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
     model, cfg = load_trained_model(args.run)
+    model.to(args.device)
     data = prepare_data(cfg.data)
     b, seq = cfg.train.batch_size, cfg.data.seq_len
     batches = [get_batch(data.val, np.arange(i * b, (i + 1) * b), seq) for i in range(args.batches)]
@@ -60,7 +65,15 @@ def main() -> None:
         cells = [f"{100 * fp32[layer, k]:7.2f} {100 * bf16[layer, k]:7.2f} "
                  f"{100 * (bf16[layer, k] - fp32[layer, k]):+7.2f}" for k in range(4)]  # fmt: skip
         print(f"{layer:5d}  " + "  ".join(f"{c:>26s}" for c in cells))
-    print(f"max |diff| (percentage points): {100 * np.abs(bf16 - fp32).max():.3f}")
+    worst = 100 * np.abs(bf16 - fp32).max()
+    print(f"max |diff| (percentage points): {worst:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "run": str(args.run), "device": args.device, "batches": args.batches,
+            "batch_size": b, "seq_len": seq, "metrics": names,
+            "fp32_pct": (100 * fp32).tolist(), "bf16_pct": (100 * bf16).tolist(),
+            "max_abs_diff_points": float(worst),
+        }, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

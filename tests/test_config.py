@@ -26,6 +26,18 @@ def test_paper_preset_matches_section_2_2() -> None:
     assert cfg.data.source == "hf:allenai/c4:en"
 
 
+def test_gpu_preset_is_the_cpu_conventions_at_the_papers_batch_and_depth() -> None:
+    gpu, cpu = load_config("gpu"), load_config("cpu")
+    for key in ("style", "pos", "emb_init", "activation", "n_layers"):
+        assert getattr(gpu.model, key) == getattr(cpu.model, key), key
+    assert gpu.train.min_lr_ratio == cpu.train.min_lr_ratio == 1.0
+    assert (gpu.data.seq_len, gpu.train.batch_size, gpu.model.n_layers) == (512, 16, 6)
+    tokens = gpu.train.steps * gpu.train.batch_size * gpu.data.seq_len
+    assert tokens >= 300e6 and gpu.data.source == "prose"
+    assert gpu.train.steps // gpu.checkpoint.every == 8  # the Sparsing Law curve's checkpoints
+    assert gpu.train.log_every > 1 and gpu.trace.every == 100
+
+
 def test_overrides_convert_types() -> None:
     cfg = load_config(
         "tiny",

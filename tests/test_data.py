@@ -133,6 +133,7 @@ def test_txt_jsonl_parquet_and_directory(tmp_path):
 
 
 def test_hub_call_path_on_local_dataset_dir(tmp_path, cache, monkeypatch):
+    pytest.importorskip("datasets", reason="hub sources need the datasets package")
     ds_dir = tmp_path / "ds"
     texts = sentences(6)
     for i in range(3):
@@ -157,7 +158,42 @@ def test_hub_call_path_on_local_dataset_dir(tmp_path, cache, monkeypatch):
         prepare_data(DataConfig(source=f"hf:{ds_dir}", tokenizer="bytes", max_docs=2))
 
 
+def _build_prose(cache: Path, docs: list[str]) -> Path:
+    """What scripts/build_prose_corpus.py leaves in the cache, written by hand."""
+    folder = cache / sources.PROSE_DIR
+    write_jsonl(folder / "prose.jsonl", [{"text": d, "source": "pkg", "title": str(i)}
+                                         for i, d in enumerate(docs)])  # fmt: skip
+    manifest = {"sources": [{"package": "pkg", "version": "1.0", "licence": "MIT",
+                             "documents": len(docs)}]}  # fmt: skip
+    (folder / "SOURCES.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_prose_source_reads_the_built_corpus_and_reuses_its_tokens_without_it(cache):
+    docs = sentences(25)
+    folder = _build_prose(cache, docs)
+    cfg = DataConfig(source="prose", tokenizer="bytes", seq_len=16)
+    data = prepare_data(cfg)
+    assert np.concatenate([data.train, data.val]).tolist() == bytes_stream(docs)
+    assert data.info["corpus"]["licence"] == "pkg 1.0: MIT"
+    # The token cache is keyed by the manifest: carried without the text, it is still found.
+    (folder / "prose.jsonl").unlink()
+    again = prepare_data(cfg)
+    assert again.info["cache_key"] == data.info["cache_key"]
+    assert np.array_equal(again.train, data.train)
+    # Another build (another manifest) is another corpus: it needs its text.
+    (folder / "SOURCES.json").write_text(json.dumps({"sources": []}))
+    with pytest.raises(UserError, match="data source not found"):
+        prepare_data(cfg)
+
+
+def test_prose_source_not_built_names_the_build_command(cache):
+    with pytest.raises(UserError, match=r"no corpus built in .*build_prose_corpus\.py"):
+        prepare_data(DataConfig(source="prose", tokenizer="bytes"))
+
+
 def test_hub_caps_and_missing_field(tmp_path, cache):
+    pytest.importorskip("datasets", reason="hub sources need the datasets package")
     ds_dir = tmp_path / "ds"
     write_jsonl(ds_dir / "train.jsonl", [{"content": t, "id": 0} for t in sentences(30)])
     cfg = DataConfig(source=f"hf:{ds_dir}", text_field="content", tokenizer="bytes", seq_len=8)
@@ -167,6 +203,7 @@ def test_hub_caps_and_missing_field(tmp_path, cache):
 
 
 def test_unknown_hub_dataset_and_tokenizer_fail_fast_offline(tmp_path):
+    pytest.importorskip("datasets", reason="hub sources need the datasets package")
     # HF_HUB_OFFLINE is read when datasets/huggingface_hub are imported: use a fresh process
     txt = tmp_path / "a.txt"
     txt.write_text("some text " * 100, encoding="utf-8")
@@ -492,3 +529,9 @@ def test_damaged_embedded_corpus_is_a_user_error(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(sources, "EMBEDDED_ASSET", bad)
     with pytest.raises(UserError, match="missing or damaged"):
         list(sources._iter_embedded())
+
+
+def test_hub_source_without_the_datasets_package_is_a_clear_error(tmp_path, cache, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where the package is not installed
+    with pytest.raises(UserError, match=r"hf:some/set needs the datasets package"):
+        load_corpus(DataConfig(source="hf:some/set", max_docs=2), tmp_path)

@@ -235,3 +235,74 @@ def test_mlp_lr_mult_scales_only_the_mlp_updates(tmp_path: Path) -> None:
             assert torch.allclose(d3, 3 * d1, rtol=1e-4, atol=1e-9), name
         else:
             assert torch.allclose(d3, d1, rtol=1e-5, atol=1e-9), name
+
+
+def test_reading_the_loss_every_n_steps_records_what_every_step_does(tmp_path: Path) -> None:
+    """train.log_every only changes when the host reads the device: every row, every sparsity
+    measurement and the lifecycle are those of the run that reads each step."""
+    every_step = train(tiny(tmp_path, "each"))
+    batched = train(tiny(tmp_path, "batched", "--train.log_every", "7"))
+    a, b = _frames(every_step), _frames(batched)
+    for key in a:
+        pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)
+    assert load_run(every_step).lifecycle == load_run(batched).lifecycle
+    # The steps' time is shared out per read: within a read of 7 steps all rows are equal.
+    times = load_run(batched).train.step_time_s.to_numpy()
+    assert (times[:7] == times[0]).all() and times[0] > 0
+
+
+def test_a_nan_found_at_a_later_read_names_its_step_and_keeps_the_checkpoint_before(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Reading every 4 steps, the NaN of step 12 is found at the read after step 15: the error
+    still names step 12, and no checkpoint holds weights trained on it."""
+    calls = {"n": 0}
+    forward = loop.Transformer.forward
+
+    def poisoned(self, idx, targets=None, measure=False):
+        out = forward(self, idx, targets, measure)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] > 12:
+                out.loss = out.loss * math.nan
+        return out
+
+    monkeypatch.setattr(loop.Transformer, "forward", poisoned)
+    cfg = tiny(tmp_path, "r", "--train.log_every", "4", "--checkpoint.every", "16")
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 12.*no checkpoint"):
+        train(cfg)
+    run = load_run(tmp_path / "r")
+    assert list(run.train.step) == list(range(12))  # rows up to the last finite loss
+    assert checkpoint.list_checkpoints(tmp_path / "r") == []
+
+
+def test_background_checkpoint_writer_writes_what_the_foreground_one_does(tmp_path: Path) -> None:
+    weights = {"w": torch.arange(6.0).reshape(2, 3)}
+    state = {"step": 3, "note": "x"}
+    writer = checkpoint.CheckpointWriter(background=True)
+    assert writer.background
+    writer.save(tmp_path / "bg", 3, weights, state)
+    writer.save(tmp_path / "bg", 4, weights, state, keep=1)  # waits for step 3 first
+    writer.wait()
+    checkpoint.CheckpointWriter().save(tmp_path / "fg", 4, weights, state)
+    bg, fg = (
+        checkpoint.list_checkpoints(tmp_path / "bg"),
+        checkpoint.list_checkpoints(tmp_path / "fg"),
+    )
+    assert [p.name for p in bg] == ["step_0000004"]  # keep=1 applied after the second write
+    for name in ("model.safetensors", "state.pt"):
+        assert (bg[0] / name).read_bytes() == (fg[0] / name).read_bytes()
+    # A failed write surfaces at the next wait, as the foreground writer's error would.
+    (tmp_path / "file").write_text("not a directory")
+    writer.save(tmp_path / "file", 5, weights, state)
+    with pytest.raises(UserError, match="could not write checkpoint"):
+        writer.wait()
+    writer.close()
+
+
+def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
+    run_dir = train(tiny(tmp_path, "r", "--checkpoint.every", "0"))
+    assert load_run(run_dir).meta["status"] == "finished"
+    assert checkpoint.list_checkpoints(run_dir) == []
+    with pytest.raises(UserError, match=r"checkpoint\.every must be >= 0"):
+        tiny(tmp_path, "r", "--checkpoint.every", "-1")

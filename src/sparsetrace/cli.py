@@ -51,7 +51,7 @@ def train(preset: str = "cpu", resume: bool = False, overrides: list[str] | None
     """Train a model and trace its sparsity (preset name or YAML, plus --section.key overrides).
 
     Args:
-        preset: a shipped preset (cpu, tiny, paper) or a YAML file
+        preset: a shipped preset (cpu, cpu-gpt2, cpu-long, gpu, paper, tiny) or a YAML file
         resume: continue the run from its newest checkpoint
     """
     from sparsetrace.config import load_config
@@ -81,7 +81,7 @@ def run(
     """The main job: train the preset on its corpus, write the report, print a summary.
 
     Args:
-        preset: a shipped preset (cpu, cpu-gpt2, cpu-long, tiny, paper) or a YAML file
+        preset: a shipped preset (cpu, cpu-gpt2, cpu-long, gpu, paper, tiny) or a YAML file
         sparsing_tokens: validation tokens for the report's Sparsing Law section (0: skip it)
     """
     from sparsetrace.config import load_config
@@ -94,7 +94,7 @@ def run(
     cfg = load_config(preset, overrides)
     cfg.run_name = _free_run_name(Path(cfg.out_dir), cfg.run_name)
     run_dir = train_run(cfg, command=_command())
-    if sparsing_tokens:  # checkpoint.every >= 1: the config refuses 0
+    if sparsing_tokens:
         # c is searched on the final checkpoint alone (the public scripts average the last 5:
         # each candidate c would then cost 5 passes) and applied to every checkpoint, which
         # then costs 3 passes: the over-training curve fits in the main job's budget.

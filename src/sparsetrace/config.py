@@ -35,8 +35,17 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where supported
+    # auto: bf16 autocast on a CUDA GPU that supports it, fp32 on the CPU (whatever the CPU's bf16
+    # units: a run must not compute differently from one host to the next).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa inputs,
+    # fp32 accumulation). Recorded in meta.json; the CPU ignores it.
+    tf32: bool = True
     compile: bool = False
+    # Read the loss and gradient norm on the host every N steps (train.csv still gets one row per
+    # step). 1 checks every step at once; on a GPU a larger N lets the host run ahead of the
+    # device instead of waiting for it twice a step. A NaN loss is found at the next read.
+    log_every: int = 1
     # Multi-process (torchrun): ddp replicates the model; fsdp shards it (FSDP2 fully_shard).
     parallel: Literal["ddp", "fsdp"] = "ddp"
     device: str = "auto"  # auto: cuda if available, else cpu
@@ -64,8 +73,12 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
+    every: int = 500  # and at the last step; 0: no checkpoints at all (benchmarks)
     keep: int = 0  # keep the newest N checkpoints; 0 keeps all (a checkpoint series)
+    # On a GPU: copy the state to the CPU, then write the files in a background thread while
+    # training goes on (one write at a time). On the CPU the copy would cost as much as the
+    # write, so checkpoints are written in the step.
+    background: bool = True
 
 
 @dataclass
@@ -238,7 +251,8 @@ def _check(cfg: RunConfig) -> None:
         "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
         "train.grad_accum": cfg.train.grad_accum,
         "eval.every": cfg.eval.every, "eval.batches": cfg.eval.batches,
-        "checkpoint.every": cfg.checkpoint.every, "model.n_layers": cfg.model.n_layers,
+        "model.n_layers": cfg.model.n_layers,
+        "train.log_every": cfg.train.log_every,
         "model.d_model": cfg.model.d_model, "data.seq_len": cfg.data.seq_len,
     }  # fmt: skip
     for key, value in positive.items():
@@ -248,6 +262,8 @@ def _check(cfg: RunConfig) -> None:
         raise UserError(f"mask.at_step must be in [0, train.steps), got {cfg.mask.at_step}")
     if cfg.trace.sparsing_every < 0 or not 0 <= cfg.trace.sparsing_cett <= 1:
         raise UserError("trace.sparsing_every must be >= 0 and trace.sparsing_cett in [0, 1]")
+    if cfg.checkpoint.every < 0:
+        raise UserError(f"checkpoint.every must be >= 0 (0: none), got {cfg.checkpoint.every}")
     if cfg.trace.every < 0:
         raise UserError(f"trace.every must be >= 0 (0: no tracing), got {cfg.trace.every}")
     if cfg.train.lr <= 0 or cfg.train.mlp_lr_mult <= 0:

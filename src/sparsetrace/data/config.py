@@ -15,7 +15,8 @@ CACHE_ENV = "SPARSETRACE_CACHE"
 class DataConfig:
     """Where the text comes from, how it is tokenized, and how it is packed."""
 
-    # "embedded" | a .txt/.jsonl/.parquet file or a directory of them | "hf:NAME[:CONFIG]"
+    # "embedded" | "prose" (built into the cache by scripts/build_prose_corpus.py) |
+    # a .txt/.jsonl/.parquet file or a directory of them | "hf:NAME[:CONFIG]"
     source: str = "embedded"
     text_field: str = "text"  # field for jsonl/parquet/hf rows
     split: str = "train"  # hub split

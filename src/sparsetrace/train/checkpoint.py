@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,43 @@ def save_checkpoint(
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class CheckpointWriter:
+    """Writes checkpoints in the caller's thread, or with ``background`` in one worker thread.
+
+    In the background the caller's state must already be a copy that training will not touch
+    (the trainer's CPU copy of a GPU model). One write at a time: a new save waits for the one
+    before it, and a failed write raises at the next ``save`` or ``wait``. The rename into place
+    still marks a complete checkpoint, so a crash mid-write loses only that one.
+    """
+
+    def __init__(self, background: bool = False) -> None:
+        self._pool = ThreadPoolExecutor(1, "checkpoint") if background else None
+        self._last: Future | None = None
+
+    @property
+    def background(self) -> bool:
+        return self._pool is not None
+
+    def save(self, run_dir: Path, step: int, weights: dict[str, torch.Tensor],
+             state: dict[str, Any], keep: int = 0) -> None:  # fmt: skip
+        if self._pool is None:
+            save_checkpoint(run_dir, step, weights, state, keep)
+            return
+        self.wait()
+        self._last = self._pool.submit(save_checkpoint, run_dir, step, weights, state, keep)
+
+    def wait(self) -> None:
+        """Block until the last write is on disk; re-raise its error."""
+        last, self._last = self._last, None
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        """Finish the write in flight (a checkpoint half-written at exit is wasted work)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def load_state(path: Path) -> dict[str, Any]:

@@ -28,15 +28,26 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype (None: fp32). auto = bf16 on CUDA and on CPUs with native bf16 units."""
+    """The autocast dtype (None: fp32). auto = bf16 on a CUDA GPU that supports it, else fp32.
+
+    The CPU stays in fp32 under auto even where it has bf16 units (AMX): the same config must
+    compute the same thing on every CPU host, and bf16 on a CPU without those units is tens of
+    times slower. Ask for ``bf16`` to use them.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def configure_backends(device: torch.device, tf32: bool) -> None:
+    """Process-wide matmul settings for a run on ``device``: TF32 on CUDA when asked for."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    return torch.bfloat16 if native else None
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +31,17 @@ from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.tracking import LifecycleTracker
 from sparsetrace.train import parallelize, runmeta
 from sparsetrace.train.checkpoint import (
+    CheckpointWriter,
     list_checkpoints,
     load_state,
     load_weights,
-    save_checkpoint,
 )
-from sparsetrace.train.device import autocast, resolve_device, resolve_precision
+from sparsetrace.train.device import (
+    autocast,
+    configure_backends,
+    resolve_device,
+    resolve_precision,
+)
 
 
 class TrainingDiverged(UserError):
@@ -67,6 +72,7 @@ class Session:
     device: torch.device
     amp_dtype: torch.dtype | None
     dist: parallelize.Dist
+    checkpoints: CheckpointWriter
     start_step: int = 0
     elapsed_s: float = 0.0
 
@@ -77,8 +83,9 @@ class Session:
         return t.batch_size * t.grad_accum * self.dist.world_size * self.cfg.data.seq_len
 
 
-def setup(cfg: RunConfig, resume: bool = False) -> Session:
-    """Prepare data, model, optimizer; with ``resume`` continue from the latest checkpoint."""
+def setup(cfg: RunConfig, resume: bool = False, data: PreparedData | None = None) -> Session:
+    """Prepare data (unless given: ``data``, e.g. a benchmark's synthetic tokens), model and
+    optimizer; with ``resume`` continue from the latest checkpoint."""
     run_dir = Path(cfg.out_dir) / cfg.run_name
     existing = list_checkpoints(run_dir)
     if not resume and (existing or (run_dir / "train.csv").exists()):
@@ -91,6 +98,7 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     info, device = parallelize.init_distributed(resolve_device(cfg.train.device))
+    configure_backends(device, cfg.train.tf32)
     if info.enabled and cfg.train.parallel == "fsdp" and cfg.trace.sparsing_every:
         raise UserError("trace.sparsing_every runs on rank 0 alone: not with train.parallel fsdp")
     # Every rank has checked the run directory before rank 0 writes into it; rank 0 builds the
@@ -98,7 +106,7 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
     parallelize.barrier(info)
     if not info.is_main:
         parallelize.barrier(info)
-    data = prepare_data(cfg.data)
+    data = data or prepare_data(cfg.data)
     if info.is_main:
         parallelize.barrier(info)
     if cfg.model.vocab_size not in (0, data.vocab_size):
@@ -112,18 +120,24 @@ def setup(cfg: RunConfig, resume: bool = False) -> Session:
     session = Session(
         cfg=cfg, run_dir=run_dir, data=data, model=model,
         step_model=torch.compile(wrapped) if cfg.train.compile else wrapped,
-        optimizer=build_optimizer(model, cfg), tracker=LifecycleTracker(), device=device,
+        optimizer=build_optimizer(model, cfg, fused=device.type == "cuda"),
+        tracker=LifecycleTracker(), device=device,
         amp_dtype=resolve_precision(cfg.train.precision, device), dist=info,
+        checkpoints=CheckpointWriter(background=cfg.checkpoint.background
+                                     and device.type == "cuda" and info.is_main),
     )  # fmt: skip
     if state is not None:
         _restore_state(session, state)
     return session
 
 
-def build_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: Transformer, cfg: RunConfig, fused: bool = False
+) -> torch.optim.Optimizer:
     """AdamW. Weight decay on matrices (embeddings included, as in GPT-2/nanoGPT), not on biases
     or gains; with ``train.mlp_lr_mult`` != 1 the MLP matrices form a group of their own whose
-    ``lr_mult`` the schedule applies (:func:`_train_step`)."""
+    ``lr_mult`` the schedule applies (:func:`_train_step`). ``fused``: one CUDA kernel for the
+    whole update (the same arithmetic as the per-tensor loop, in a different order)."""
     t = cfg.train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     split_mlp = t.mlp_lr_mult != 1.0
@@ -134,7 +148,7 @@ def build_optimizer(model: Transformer, cfg: RunConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(
         [{"params": ps, "weight_decay": wd, "lr_mult": mult}
          for (wd, mult), ps in groups.items()],
-        lr=t.lr, betas=(t.beta1, t.beta2),
+        lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None,
     )  # fmt: skip
 
 
@@ -197,7 +211,7 @@ def _checkpoint(session: Session, step: int) -> None:
         "config": to_dict(session.cfg),
         "elapsed_s": session.elapsed_s,
     }
-    save_checkpoint(session.run_dir, step, weights, state, session.cfg.checkpoint.keep)
+    session.checkpoints.save(session.run_dir, step, weights, state, session.cfg.checkpoint.keep)
 
 
 def train_batch(
@@ -245,9 +259,11 @@ def evaluate(session: Session) -> dict[str, float]:
     }
 
 
-def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
+def train(
+    cfg: RunConfig, resume: bool = False, command: str = "", data: PreparedData | None = None
+) -> Path:
     """Train ``cfg`` (or resume it) and write the run directory (rank 0); returns its path."""
-    session = setup(cfg, resume)
+    session = setup(cfg, resume, data)
     cfg, t, main = session.cfg, session.cfg.train, session.dist.is_main
     writer = meta = None
     if main:
@@ -258,27 +274,24 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
         meta = runmeta.initial_meta(session, command, epochs)
         runmeta.write_config_and_meta(session.run_dir, cfg, meta)
     progress = runmeta.Progress(t.steps, session.start_step, session.tokens_per_step, main)
+    pending = PendingSteps(time.perf_counter())
     step = session.start_step
     try:
         for step in range(session.start_step, t.steps):
-            t0 = time.perf_counter()
             mask_now = cfg.mask.at_step > 0 and step == cfg.mask.at_step
             measure = mask_now or (
                 cfg.trace.every > 0 and (step % cfg.trace.every == 0 or step == t.steps - 1)
             )
             loss, grad_norm, counts = _train_step(session, step, measure)
-            if not math.isfinite(loss):
-                _diverged(session, meta, step, loss)
-            tokens = step * session.tokens_per_step
-            if counts is not None:
-                _record_sparsity(session, writer, step, tokens, counts, mask_now)
-            dt = time.perf_counter() - t0
-            session.elapsed_s += dt
+            pending.add(step, loss, grad_norm, _to_host(counts, session.device), mask_now)
             done = step + 1
-            if writer is not None:
-                row = {"step": step, "tokens": tokens, "lr": lr_at(step, cfg), "loss": loss,
-                       "grad_norm": grad_norm, "step_time_s": dt}  # fmt: skip
-                writer.log_train(row)
+            kept = cfg.checkpoint.every
+            checkpoint_now = kept > 0 and (done % kept == 0 or done == t.steps)
+            # The tracker's state goes into the checkpoint and a mask acts from the next step:
+            # both need this step's sparsity recorded first.
+            if done % t.log_every == 0 or checkpoint_now or mask_now:
+                _flush(session, writer, meta, pending, progress)
+            side_work = time.perf_counter()
             if done % cfg.eval.every == 0 or done == t.steps:
                 scores = evaluate(session)  # every rank: sharded models need all of them
                 if writer is not None:
@@ -287,12 +300,13 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
             every = cfg.trace.sparsing_every
             if every and done % every == 0 and writer is not None:
                 writer.log_sparsing_law(_sparsing_law_rows(session, done))
-            if done % cfg.checkpoint.every == 0 or done == t.steps:
+            if checkpoint_now:
                 _checkpoint(session, done)
                 if meta is not None:
                     runmeta.update_meta(session.run_dir, meta, step=done,
                                         elapsed_s=session.elapsed_s)  # fmt: skip
-            progress.update(done, loss)
+            pending.exclude(time.perf_counter() - side_work)  # not part of the steps' time
+        session.checkpoints.wait()
         # Ranks leave together: a rank that tears down its process group while another is still
         # finishing the last checkpoint (FSDP gathers, rank-0 writes) can abort at exit
         # ("terminate called without an active exception", seen once in CI).
@@ -302,6 +316,7 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
             runmeta.update_meta(session.run_dir, meta, status="interrupted", step=step)
         raise
     finally:
+        session.checkpoints.close()
         progress.close()
         if writer is not None:
             writer.close()
@@ -318,22 +333,91 @@ def train(cfg: RunConfig, resume: bool = False, command: str = "") -> Path:
     return session.run_dir
 
 
+@dataclass
+class PendingSteps:
+    """Steps whose loss and gradient norm are still device tensors, with their use counts (on
+    the host, copied without waiting): read together at the next flush, one wait for all."""
+
+    since: float  # perf_counter at the previous flush
+    excluded_s: float = 0.0  # evaluation and checkpoint time since then
+    steps: list[tuple[int, torch.Tensor, torch.Tensor, dict | None, bool]] = field(
+        default_factory=list
+    )
+
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+            counts: dict[str, torch.Tensor] | None, mask_now: bool) -> None:  # fmt: skip
+        self.steps.append((step, loss, grad_norm, counts, mask_now))
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded_s += seconds
+
+
+def _flush(
+    session: Session,
+    writer: RunWriter | None,
+    meta: dict[str, Any] | None,
+    pending: PendingSteps,
+    progress: runmeta.Progress,
+) -> None:
+    """Read the pending steps' losses and norms (the one host wait), stop at a non-finite loss,
+    then record each step's sparsity and train.csv row in step order."""
+    steps = pending.steps
+    if not steps:
+        return
+    values = torch.stack([torch.stack([loss, norm]) for _, loss, norm, _, _ in steps]).cpu()
+    # The steps ran asynchronously: each gets an equal share of the wall time since the last read.
+    now = time.perf_counter()
+    dt = max(now - pending.since - pending.excluded_s, 0.0) / len(steps)
+    for (step, _, _, counts, mask_now), (loss, grad_norm) in zip(steps, values.tolist(),
+                                                                 strict=True):  # fmt: skip
+        if not math.isfinite(loss):
+            _diverged(session, meta, step, loss)
+        tokens = step * session.tokens_per_step
+        if counts is not None:
+            _record_sparsity(session, writer, step, tokens, counts, mask_now)
+        session.elapsed_s += dt
+        if writer is not None:
+            writer.log_train({"step": step, "tokens": tokens, "lr": lr_at(step, session.cfg),
+                              "loss": loss, "grad_norm": grad_norm, "step_time_s": dt})  # fmt: skip
+        progress.update(step + 1, loss)
+    if writer is not None and any(counts is not None for _, _, _, counts, _ in steps):
+        writer.write_lifecycle(session.tracker)
+    steps.clear()
+    pending.since, pending.excluded_s = time.perf_counter(), 0.0
+
+
+def _to_host(counts: dict[str, torch.Tensor] | None, device: torch.device) -> dict | None:
+    """Use counts on the CPU. From a GPU: into pinned memory without waiting (the flush's read
+    of the losses waits for these copies too, queued before it on the same stream)."""
+    if counts is None or device.type != "cuda":
+        return counts
+    host = {}
+    for name, c in counts.items():
+        host[name] = torch.empty(c.shape, dtype=c.dtype, pin_memory=True)
+        host[name].copy_(c, non_blocking=True)
+    return host
+
+
 def _train_step(
     session: Session, step: int, measure: bool
-) -> tuple[float, float, dict[str, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]:
     """One optimizer step over ``grad_accum`` micro-batches; the first one is measured.
 
-    Returns the loss averaged over micro-batches and ranks, the gradient norm, and the device
-    batch's use counts (None when not measured).
+    Returns the loss averaged over micro-batches and ranks and the gradient norm, as 0-d device
+    tensors (reading them would make the host wait for the device), and the device batch's use
+    counts (None when not measured).
     """
     t = session.cfg.train
     for group in session.optimizer.param_groups:
         group["lr"] = lr_at(step, session.cfg) * group.get("lr_mult", 1.0)
     counts, loss_sum = None, torch.zeros((), device=session.device)
+    pin = session.device.type == "cuda"
     for micro in range(t.grad_accum):
         x, y = train_batch(
             session.cfg, session.data, step, micro, session.dist.rank, session.dist.world_size
         )
+        if pin:  # page-locked: the copy below then runs without holding up the host
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(session.device, non_blocking=True), y.to(session.device, non_blocking=True)
         last = micro == t.grad_accum - 1
         # DDP: all-reduce the gradients once, after the last micro-batch.
@@ -344,12 +428,14 @@ def _train_step(
             (out.loss / t.grad_accum).backward()
         loss_sum += out.loss.detach()
         counts = out.use_counts if micro == 0 else counts
-    loss_sum = parallelize.all_reduce_mean(loss_sum, session.dist)
-    loss = float(loss_sum) / t.grad_accum  # one host sync per step (NaN check)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(session.model.parameters(), t.grad_clip))
+    # float64, as the host's arithmetic: the logged loss is the fp32 sum divided in double.
+    loss = parallelize.all_reduce_mean(loss_sum, session.dist).double() / t.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(session.model.parameters(), t.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     session.optimizer.step()
     session.optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, counts
+    return loss, grad_norm.detach().double(), counts
 
 
 def _no_sync(model: torch.nn.Module) -> AbstractContextManager:
@@ -374,7 +460,6 @@ def _record_sparsity(
     if writer is not None:
         for scope, values in scopes.items():
             writer.log_sparsity(step, tokens, values, scope=scope)
-        writer.write_lifecycle(session.tracker)
     if mask_now:  # the union over devices, so that every replica applies the same mask
         used = scopes.get("global", stats)
         _apply_unit_masks(session, step, {n: s.batch_used for n, s in used.items()})

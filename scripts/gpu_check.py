@@ -1,0 +1,263 @@
+"""The prepared device check (run by scripts/gpu_check.sh): every GPU stage in one call.
+
+Stages, each a subprocess under its own time limit, each writing its result before the next
+starts (a stage that fails or runs out of time is recorded and the check goes on):
+
+1. env      -- GPU, driver, torch, CPU count, versions of the packages sparsetrace uses;
+2. corpus   -- unpack the carried token cache of the `prose` corpus (build/gpu/prose-cache.tar.xz,
+               made by scripts/prepare_gpu_check.sh) into the cache, and check that the `gpu`
+               preset finds its tokens without the text;
+3. bench    -- benchmarks/gpu_bench.py: tokens/s, MFU, tracing overhead (bench.json);
+4. run      -- `sparsetrace run --preset gpu`, its steps sized from the measured tokens/s to
+               the time left (the `gpu` preset's 40,000 steps at most), compiled only where the
+               bench found it faster including its compile time; then the report;
+5. cuda     -- tests/test_cuda.py (cuda_tests.xml);
+6. agree    -- bf16 vs fp32 use metrics of the run's final checkpoint (agreement.json);
+7. summary  -- summary.json, the run's report and records (report.tar.xz, no checkpoints), the
+               stage logs (logs.tar.xz).
+
+Everything lands in $OUT (at most 8 files). GPU_CHECK_DRY_RUN=1 runs every stage on the CPU at
+tiny sizes (checks this script; measures nothing). GPU_CHECK_BUDGET_S (default 480) is the
+whole check's time; the run gets what the other stages leave.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY = os.environ.get("GPU_CHECK_DRY_RUN") == "1"
+BUDGET_S = float(os.environ.get("GPU_CHECK_BUDGET_S", "480"))
+OUT = Path(os.environ.get("OUT") or ROOT / "gpu-check-out")
+WORK = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu-check"))
+CACHE = WORK / "cache"
+RUNS = WORK / "runs"
+LOGS = WORK / "logs"
+CORPUS_ARCHIVE = ROOT / "build" / "gpu" / "prose-cache.tar.xz"
+TOKENS_PER_STEP = 16 * 512  # the gpu preset's device batch
+# Seconds kept for what follows the training: the run's Sparsing Law pass and report, the CUDA
+# tests, the agreement check and the packing.
+AFTER_TRAINING_S = 40 if DRY else 170
+DRY_MODEL = ["--model.n_layers", "2", "--model.d_model", "32", "--model.n_heads", "2",
+             "--model.d_ff", "128", "--data.seq_len", "32", "--train.batch_size", "4",
+             "--train.device", "cpu", "--train.precision", "fp32"]  # fmt: skip
+
+START = time.monotonic()
+STAGES: list[dict[str, Any]] = []
+
+
+def left() -> float:
+    return BUDGET_S - (time.monotonic() - START)
+
+
+def stage(name: str, cmd: list[str], limit: float, env: dict[str, str] | None = None) -> bool:
+    """Run one stage's command under ``limit`` seconds, its output in logs/NAME.log."""
+    t0 = time.monotonic()
+    log = LOGS / f"{name}.log"
+    shown = " ".join(c if len(c) < 80 else c[:77] + "..." for c in cmd)
+    record: dict[str, Any] = {"stage": name, "command": shown, "limit_s": round(limit)}
+    with log.open("w") as f:
+        try:
+            proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=max(limit, 1),
+                                  env={**os.environ, **(env or {})}, cwd=ROOT)  # fmt: skip
+            record["rc"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            record["rc"] = "timeout"
+    record["seconds"] = round(time.monotonic() - t0, 1)
+    STAGES.append(record)
+    print(f"[{time.monotonic() - START:6.0f} s] {name}: rc {record['rc']} in "
+          f"{record['seconds']} s", flush=True)  # fmt: skip
+    write_summary({})
+    return record["rc"] == 0
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def env_stage() -> None:
+    code = (
+        "import json, os, platform, torch, importlib.metadata as m\n"
+        "pk = {}\n"
+        "for n in ('numpy','pandas','scipy','matplotlib','tokenizers','safetensors','pyarrow',"
+        "'transformers','accelerate','numba','tensorboard','pytest','hypothesis','datasets'):\n"
+        "    try: pk[n] = m.version(n)\n"
+        "    except m.PackageNotFoundError: pk[n] = None\n"
+        "cuda = torch.cuda.is_available()\n"
+        "p = torch.cuda.get_device_properties(0) if cuda else None\n"
+        "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__,"
+        " 'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name() if cuda else None,"
+        " 'gpu_memory_gib': p.total_memory / 2**30 if p else None,"
+        " 'capability': list(torch.cuda.get_device_capability()) if cuda else None,"
+        " 'sms': p.multi_processor_count if p else None, 'cpus': os.cpu_count(),"
+        " 'packages': pk}))\n"
+    )
+    stage("env", python("-c", code), 60)
+    if not DRY:
+        stage("nvidia_smi", ["nvidia-smi"], 20)
+
+
+def corpus_stage() -> list[str]:
+    """The data overrides for the run: the carried prose tokens, or (dry run without them) the
+    embedded corpus."""
+    if CORPUS_ARCHIVE.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        ok = stage("corpus", ["tar", "-xJf", str(CORPUS_ARCHIVE), "-C", str(CACHE)], 60)
+        check = ("from sparsetrace.config import load_config\n"
+                 "from sparsetrace.data import prepare_data\n"
+                 "d = prepare_data(load_config('gpu').data).info\n"
+                 "print(d['cache_key'], d['n_train_tokens'], d['n_val_tokens'])\n")  # fmt: skip
+        env = {"SPARSETRACE_CACHE": str(CACHE)}
+        if ok and stage("corpus_check", python("-c", check), 60, env):
+            return []
+    if not DRY:
+        raise SystemExit(f"gpu_check: no usable corpus ({CORPUS_ARCHIVE}); see logs")
+    return ["--data.source", "embedded", "--data.tokenizer", "bytes"]
+
+
+def plan_run(bench: dict[str, Any]) -> tuple[int, bool, float]:
+    """(steps, compile, training seconds) from the bench's tokens/s and the time left."""
+    rows = {r["name"]: r for r in bench.get("configs", [])}
+    eager = [r for n, r in rows.items() if n.startswith("gpu_traced")]
+    rate = max((r["tokens_per_s"] for r in eager), default=0.0)
+    seconds = max(left() - AFTER_TRAINING_S, 0.0)
+    if DRY:
+        return 40, False, seconds
+    compiled = rows.get("gpu_compiled")
+    use_compile = False
+    if compiled and rate:
+        # compiled wins only if its extra tokens pay for its compilation inside this run
+        c_rate, c_cost = compiled["tokens_per_s"], compiled["first_read_s"]
+        use_compile = (seconds - c_cost) * c_rate > seconds * rate * 1.05
+        rate = c_rate if use_compile else rate
+        seconds = seconds - c_cost if use_compile else seconds
+    if not rate:
+        rate = 5e5  # no measurement: a cautious guess, the run's own timing will tell
+    unit = 800  # 8 checkpoints x the read interval of 100 steps
+    steps = int(min(40_000, max(unit, math.floor(0.95 * seconds * rate / TOKENS_PER_STEP))))
+    return steps // unit * unit, use_compile, seconds
+
+
+def run_stage(data: list[str]) -> Path | None:
+    bench_file = OUT / "bench.json"
+    bench = json.loads(bench_file.read_text()) if bench_file.exists() else {}
+    steps, use_compile, seconds = plan_run(bench)
+    every = str(steps // 8)
+    args = ["--train.steps", str(steps), "--checkpoint.every", every, "--eval.every", every,
+            "--out_dir", str(RUNS), "--train.compile", str(use_compile).lower()]  # fmt: skip
+    if DRY:
+        args += [*DRY_MODEL, "--trace.every", "5", "--train.log_every", "5"]
+    cmd = python("-m", "sparsetrace", "run", "--preset", "gpu", "--sparsing-tokens",
+                 "1024" if DRY else "8192", *data, *args)  # fmt: skip
+    STAGES.append({"stage": "plan", "steps": steps, "compile": use_compile,
+                   "training_s_planned": round(seconds)})  # fmt: skip
+    stage("run", cmd, left() - AFTER_TRAINING_S + 120, {"SPARSETRACE_CACHE": str(CACHE)})
+    run = RUNS / "gpu"
+    return run if (run / "meta.json").exists() else None
+
+
+def summarise(run: Path | None) -> dict[str, Any]:
+    """The issue's headline numbers from the bench, the run and the agreement check."""
+    out: dict[str, Any] = {}
+    env_log = (LOGS / "env.log").read_text().strip().splitlines()
+    if env_log and env_log[-1].startswith("{"):
+        out["env"] = json.loads(env_log[-1])
+    if (OUT / "bench.json").exists():
+        bench = json.loads((OUT / "bench.json").read_text())
+        for key in ("device", "torch", "mfu_paper_shape", "mfu_paper_shape_vs_measured_matmul",
+                    "tokens_per_s_gpu_preset", "tracing_overhead", "matmul_flops_measured",
+                    "peak_bf16_flops"):  # fmt: skip
+            out[key] = bench.get(key)
+    if run is not None:
+        sys.path.insert(0, str(ROOT / "src"))
+        from sparsetrace.claims import HOLDS
+        from sparsetrace.report.build import load
+        from sparsetrace.report.findings import FINDINGS, evaluate
+
+        meta = json.loads((run / "meta.json").read_text())
+        out["run_status"] = meta.get("status")
+        out["train_tokens"] = meta.get("step", 0) * meta["train"]["tokens_per_step"]
+        out["train_seconds"] = meta.get("elapsed_s")
+        out["data"] = {k: meta["data"]["corpus"].get(k) for k in ("name", "n_bytes", "licence")}
+        out["data_epochs"] = meta["train"].get("epochs")
+        try:
+            (rd,) = load([run])
+            out["end_step"] = rd.end_step
+            out["layer0_per_batch"] = float(rd.layers.loc[0, "per_batch"])
+            out["layer0_turned_off"] = float(rd.layers.loc[0, "turned_off"])
+            out["per_batch_by_layer"] = [float(v) for v in rd.layers["per_batch"]]
+            verdicts = evaluate(rd)
+            out["findings_hold"] = sum(v.outcome == HOLDS for v in verdicts.values())
+            out["findings_total"] = len(FINDINGS)
+            out["findings"] = {f.key: verdicts[f.key].outcome for f in FINDINGS}
+        except Exception as err:  # the summary must still be written
+            out["report_error"] = repr(err)[:500]
+        import pandas as pd
+
+        evals = pd.read_csv(run / "eval.csv")
+        out["val_loss"] = evals.val_loss.tolist()
+        last = evals.val_loss.to_numpy()[-2:]
+        out["val_loss_still_falling"] = bool(len(last) == 2 and last[1] < last[0])
+    if (OUT / "agreement.json").exists():
+        out["bf16_fp32_max_abs_diff_points"] = json.loads((OUT / "agreement.json").read_text())[
+            "max_abs_diff_points"
+        ]
+    return out
+
+
+def write_summary(results: dict[str, Any]) -> None:
+    summary = {"dry_run": DRY, "budget_s": BUDGET_S, "host": platform.node(),
+               "check_seconds": round(time.monotonic() - START, 1), **results,
+               "stages": STAGES}  # fmt: skip
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def pack(run: Path | None) -> None:
+    """The run's report and records (no checkpoints, no TensorBoard) and the stage logs."""
+    if run is not None:
+        with tarfile.open(OUT / "report.tar.xz", "w:xz") as tar:
+            for path in sorted(run.iterdir()):
+                if path.name not in ("checkpoints", "tb"):
+                    tar.add(path, arcname=f"gpu/{path.name}")
+    with tarfile.open(OUT / "logs.tar.xz", "w:xz") as tar:
+        tar.add(LOGS, arcname="logs")
+
+
+def main() -> None:
+    for old in (RUNS, LOGS):  # a run left by an earlier check would make this one gpu-2
+        shutil.rmtree(old, ignore_errors=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    LOGS.mkdir(parents=True, exist_ok=True)
+    print(f"gpu_check: budget {BUDGET_S:.0f} s, dry run {DRY}, out {OUT}", flush=True)
+    env_stage()
+    data = corpus_stage()
+    bench = python("benchmarks/gpu_bench.py", "--out", str(OUT / "bench.json"), "--budget-s",
+                   "40" if DRY else "80", *(["--dry-run"] if DRY else []))  # fmt: skip
+    stage("bench", bench, 70 if DRY else 150)
+    run = run_stage(data)
+    cuda_env = {"SPARSETRACE_CUDA_TESTS_ON_CPU": "1"} if DRY else {}
+    tests = python("-m", "pytest", "tests/test_cuda.py", "-q", "-rs", "-p", "no:cacheprovider",
+                   f"--junitxml={OUT / 'cuda_tests.xml'}")  # fmt: skip
+    stage("cuda_tests", tests, max(min(left() - 40, 150), 30), cuda_env)
+    if run is not None:
+        agree = python("benchmarks/bf16_stats.py", str(run), "--device",
+                       "cpu" if DRY else "cuda", "--json", str(OUT / "agreement.json"))  # fmt: skip
+        stage("agreement", agree, 60, {"SPARSETRACE_CACHE": str(CACHE)})
+    results = summarise(run)
+    write_summary(results)
+    pack(run)
+    print(json.dumps({k: v for k, v in results.items() if k != "findings"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
