@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test venv lint
+.PHONY: run test test-fast venv lint
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,3 +23,7 @@ lint: venv
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero code is.
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier: every test module, without the end-to-end trainings (under 2 minutes on 2 cores).
+test-fast: lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

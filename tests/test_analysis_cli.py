@@ -68,6 +68,7 @@ def series(tmp_path_factory: pytest.TempPathFactory, text: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_series_to_run_directory_and_report(series: Path, text: Path, tmp_path: Path) -> None:
     out = analyze_model(str(series), data=str(text), tokens=TOKENS, batch_size=BATCH,
                         seq_len=SEQ, out=tmp_path / "a")  # fmt: skip

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from sparsetrace.cli import main
 from sparsetrace.rundir import load_run
 
 
+@pytest.mark.slow
 def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path / "cache"))
     args = ["run", "--preset", "tiny", "--out_dir", str(tmp_path), "--train.steps", "10",
@@ -32,6 +35,7 @@ def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, ca
     assert load_run(tmp_path / "tiny").meta["status"] == "finished"  # the first run is untouched
 
 
+@pytest.mark.slow
 def test_run_writes_its_report_when_the_sparsing_law_step_fails(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:

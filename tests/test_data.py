@@ -247,6 +247,7 @@ def test_unknown_hub_dataset_and_tokenizer_fail_fast_offline(tmp_path):
 # --- tokenizers ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_embedded_bpe_4096_end_to_end(cache):
     data = prepare_data(DataConfig())
     info = data.info

@@ -89,6 +89,7 @@ def _law_csv(path: Path, ratios: list[float], tokens: list[float] | None = None)
     return path / "sparsing_law.csv"
 
 
+@pytest.mark.slow
 def test_finding_check_flips_with_the_direction(tmp_path: Path) -> None:
     falling = [0.40, 0.35, 0.31, 0.28, 0.26, 0.25]
     rising = falling[::-1]
@@ -160,6 +161,7 @@ def test_experiments_default_to_the_papers_architectures() -> None:
     assert len(below) >= 4 and len(shapes) - len(below) >= 2  # the rise and past it
 
 
+@pytest.mark.slow
 def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     args = ("tiny", "relu,silu", 1.0, TOKENS, False, tmp_path, SHORT)
     index = activations.run_activations_experiment(*args)
@@ -193,6 +195,7 @@ def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
         activations.run_activations_experiment("tiny", "relu", 1.0, TOKENS, False, tmp_path, SHORT)
 
 
+@pytest.mark.slow
 def test_width_depth_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     # tiny budget 25,472: ratio 4 -> 16 x 8 layers, ratio 16 -> 32 x 2; ratio 17 gives 32 x 2 too
     args = ("tiny", "4,16,17", "swiglu", 1.0, TOKENS, False, tmp_path, SHORT)

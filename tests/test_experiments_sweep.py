@@ -87,6 +87,7 @@ def test_named_sweeps_scale_the_papers_grids() -> None:
     ]
 
 
+@pytest.mark.slow
 def test_sweep_arms_one_at_a_time_then_report(tmp_path: Path, monkeypatch, capsys) -> None:
     args = ("tiny", "train.lr=1e-3,3e-3", "", 1, False, False, tmp_path, SHORT)
     assert sweep.run_sweep(*args) is None  # only arm 1, as one process of an array job would
@@ -114,6 +115,7 @@ def test_sweep_arms_one_at_a_time_then_report(tmp_path: Path, monkeypatch, capsy
         sweep.run_sweep("tiny", "train.lr=1e-3,2e-3", "", -1, False, False, tmp_path, SHORT)
 
 
+@pytest.mark.slow
 def test_capacity_round2_widths_are_round1_use(tmp_path: Path, monkeypatch) -> None:
     capacity.run_capacity_experiment("tiny", 2, False, tmp_path, SHORT)
     ends = []

@@ -384,6 +384,7 @@ def test_unbounded_limit_would_be_unphysical_and_the_bound_says_so() -> None:
     assert not well.limit_on_bound
 
 
+@pytest.mark.slow
 def test_an_interval_spanning_the_whole_range_is_flagged_as_undetermined() -> None:
     """The `cpu` preset's PPL-1% curve (fresh-clone `make run`, 2026-12-01): still falling at 2M
     tokens, its ReLU fit puts A0 inside the range but the interval reaches both 0 and the lowest
@@ -497,6 +498,7 @@ def test_bottleneck_draws_stay_within_each_interval() -> None:
     assert low < fit.linear and high == pytest.approx(fit.linear, abs=1e-15)
 
 
+@pytest.mark.slow
 def test_a_flattened_curve_has_its_limit_at_the_data() -> None:
     """The `cpu`-scale width-depth arm 256x5 (2026-12-02; PPL-1% ratio every 125 steps, 2,048
     tokens a step): flat from step 500, so the ReLU law's A0 sits on its bound at the data, the

@@ -164,6 +164,7 @@ def test_a_one_sided_baseline_match_is_probed_beyond_until_no_resample_is_clippe
     assert point.uncertainty.c.min() > 0.5  # the resamples' strengths lie beyond the probe
 
 
+@pytest.mark.slow
 def test_sparsing_baselines_compares_three_methods_at_one_ppl(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -272,6 +273,7 @@ def test_sparsing_law_verb(run_dir: Path, capsys: pytest.CaptureFixture[str]) ->
     assert [c["step"] for c in summary["checkpoints"]] == [5, 10, 15, 20]
 
 
+@pytest.mark.slow
 def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -337,6 +339,7 @@ def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:
         verbs.sparsing_law(tmp_path)
 
 
+@pytest.mark.slow
 def test_final_only_and_the_run_reports_sparsing_law_section(run_dir: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -264,6 +264,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_speed_verb_end_to_end(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "speed"
     proc = _cli("speed", str(runs["relu"]), "--shape", "64,4,4,256,100", "--fractions",
@@ -354,6 +355,7 @@ def _hf_dir(root: Path, activation: str) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_speed_verb_on_a_hugging_face_model(tmp_path: Path) -> None:
     source = _hf_dir(tmp_path / "relu-gpt2", "relu")
     out = tmp_path / "speed"
