@@ -16,7 +16,8 @@ warm-up) and before the last (the final measurement) is what is timed. Printed a
   alternated twice, medians.
 
 Configurations run in priority order (the `gpu` preset eager untraced and traced, the `paper`
-shape eager, then compiled ones) while the budget lasts; what did not fit is listed as skipped.
+shape eager, the `gpu` pair again, then compiled ones) while the budget lasts; what did not fit
+is listed as skipped.
 The JSON is rewritten after each configuration, so a run cut short keeps what it measured.
 ``--dry-run``: the same code on the CPU at tiny sizes (checks the script, measures nothing).
 """
@@ -140,15 +141,15 @@ def main() -> None:
     kind = "fp32" if dry else "bf16"
     print(f"{name}: {kind} matmul {rate / 1e12:.1f} TFLOP/s measured", flush=True)
     tiny = TINY if dry else []
-    steps, log_every, paper_steps = (30, 5, 15) if dry else (500, 100, 40)
+    steps, log_every, paper_steps = (30, 5, 15) if dry else (400, 100, 40)
     paper_log = 5 if dry else 10
     # (name, preset, overrides, steps, read interval, seconds that must be left to start it)
     plan = [
         ("gpu_untraced_a", "gpu", ["--trace.every", "0"], steps, log_every, 20),
         ("gpu_traced_a", "gpu", ["--trace.every", "100"], steps, log_every, 20),
+        ("paper_eager", "paper", ["--trace.every", "100"], paper_steps, paper_log, 30),
         ("gpu_untraced_b", "gpu", ["--trace.every", "0"], steps, log_every, 20),
         ("gpu_traced_b", "gpu", ["--trace.every", "100"], steps, log_every, 20),
-        ("paper_eager", "paper", ["--trace.every", "100"], paper_steps, paper_log, 40),
         ("gpu_compiled", "gpu", ["--trace.every", "100", "--train.compile", "true"], steps,
          log_every, 90),
         ("paper_compiled", "paper", ["--trace.every", "100", "--train.compile", "true"],

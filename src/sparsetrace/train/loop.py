@@ -292,6 +292,10 @@ def train(
             if done % t.log_every == 0 or checkpoint_now or mask_now:
                 _flush(session, writer, meta, pending, progress)
             side_work = time.perf_counter()
+            # The tracker's file at the checkpoints, the mask and the end (not at every read: a
+            # GPU would wait while the host writes it).
+            if writer is not None and (checkpoint_now or mask_now or done == t.steps):
+                writer.write_lifecycle(session.tracker)
             if done % cfg.eval.every == 0 or done == t.steps:
                 scores = evaluate(session)  # every rank: sharded models need all of them
                 if writer is not None:
@@ -380,8 +384,6 @@ def _flush(
             writer.log_train({"step": step, "tokens": tokens, "lr": lr_at(step, session.cfg),
                               "loss": loss, "grad_norm": grad_norm, "step_time_s": dt})  # fmt: skip
         progress.update(step + 1, loss)
-    if writer is not None and any(counts is not None for _, _, _, counts, _ in steps):
-        writer.write_lifecycle(session.tracker)
     steps.clear()
     pending.since, pending.excluded_s = time.perf_counter(), 0.0
 
