@@ -301,8 +301,11 @@ def test_background_checkpoint_writer_writes_what_the_foreground_one_does(tmp_pa
 
 
 def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
-    run_dir = train(tiny(tmp_path, "r", "--checkpoint.every", "0"))
-    assert load_run(run_dir).meta["status"] == "finished"
+    run_dir = train(tiny(tmp_path, "r", "--checkpoint.every", "0", "--train.log_every", "7"))
+    run = load_run(run_dir)
+    assert run.meta["status"] == "finished"
+    assert list(run.train.step) == list(range(20))  # the last read comes at the end
+    assert sorted(run.sparsity.step.unique()) == [0, 5, 10, 15, 19] and run.lifecycle["layers"]
     assert checkpoint.list_checkpoints(run_dir) == []
     with pytest.raises(UserError, match=r"checkpoint\.every must be >= 0"):
         tiny(tmp_path, "r", "--checkpoint.every", "-1")

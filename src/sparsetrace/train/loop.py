@@ -289,7 +289,7 @@ def train(
             checkpoint_now = kept > 0 and (done % kept == 0 or done == t.steps)
             # The tracker's state goes into the checkpoint and a mask acts from the next step:
             # both need this step's sparsity recorded first.
-            if done % t.log_every == 0 or checkpoint_now or mask_now:
+            if done % t.log_every == 0 or checkpoint_now or mask_now or done == t.steps:
                 _flush(session, writer, meta, pending, progress)
             side_work = time.perf_counter()
             # The tracker's file at the checkpoints, the mask and the end (not at every read: a
