@@ -118,7 +118,8 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         train(tiny(tmp_path), resume=True)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
+def poison_after(monkeypatch, n_steps: int):
+    """From the training forward after ``n_steps`` on, the loss is NaN; returns the real forward."""
     calls = {"n": 0}
     forward = loop.Transformer.forward
 
@@ -126,11 +127,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
         out = forward(self, idx, targets, measure)
         if self.training:
             calls["n"] += 1
-            if calls["n"] > 12:
+            if calls["n"] > n_steps:
                 out.loss = out.loss * math.nan
         return out
 
     monkeypatch.setattr(loop.Transformer, "forward", poisoned)
+    return forward
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    forward = poison_after(monkeypatch, 12)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 12.*step_0000010"):
         train(tiny(tmp_path))
     run = load_run(tmp_path / "r")
@@ -256,18 +262,7 @@ def test_a_nan_found_at_a_later_read_names_its_step_and_keeps_the_checkpoint_bef
 ) -> None:
     """Reading every 4 steps, the NaN of step 12 is found at the read after step 15: the error
     still names step 12, and no checkpoint holds weights trained on it."""
-    calls = {"n": 0}
-    forward = loop.Transformer.forward
-
-    def poisoned(self, idx, targets=None, measure=False):
-        out = forward(self, idx, targets, measure)
-        if self.training:
-            calls["n"] += 1
-            if calls["n"] > 12:
-                out.loss = out.loss * math.nan
-        return out
-
-    monkeypatch.setattr(loop.Transformer, "forward", poisoned)
+    poison_after(monkeypatch, 12)
     cfg = tiny(tmp_path, "r", "--train.log_every", "4", "--checkpoint.every", "16")
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 12.*no checkpoint"):
         train(cfg)
