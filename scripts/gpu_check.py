@@ -112,7 +112,8 @@ def corpus_stage() -> list[str]:
     embedded corpus."""
     if CORPUS_ARCHIVE.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        ok = stage("corpus", ["tar", "-xJf", str(CORPUS_ARCHIVE), "-C", str(CACHE)], 60)
+        unpack = f"import tarfile; tarfile.open({str(CORPUS_ARCHIVE)!r}).extractall({str(CACHE)!r})"
+        ok = stage("corpus", python("-c", unpack), 60)
         check = ("from sparsetrace.config import load_config\n"
                  "from sparsetrace.data import prepare_data\n"
                  "d = prepare_data(load_config('gpu').data).info\n"

@@ -304,3 +304,13 @@ def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
     assert checkpoint.list_checkpoints(run_dir) == []
     with pytest.raises(UserError, match=r"checkpoint\.every must be >= 0"):
         tiny(tmp_path, "r", "--checkpoint.every", "-1")
+
+
+def test_a_run_is_measured_on_its_training_device_or_the_cpu(monkeypatch) -> None:
+    from sparsetrace.train.device import evaluation_device
+
+    for has_gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda has_gpu=has_gpu: has_gpu)
+        assert evaluation_device("cpu").type == "cpu"  # a CPU run stays on the CPU, GPU or not
+        for trained_on in ("cuda", "cuda:1", "auto"):
+            assert evaluation_device(trained_on).type == ("cuda" if has_gpu else "cpu")

@@ -23,7 +23,7 @@ from sparsetrace.sparsing.baselines import Definition, match_ppl, strength
 from sparsetrace.sparsing.over_training import WINDOWS, checkpoint_step, validation_batches
 from sparsetrace.sparsing.search import ppl_sparsity, target_ratio, transformer_subject
 from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.train.device import resolve_device
+from sparsetrace.train.device import evaluation_device
 
 JSON_NAME = "sparsing_baselines.json"
 DEFINITIONS: tuple[Definition, ...] = ("reference", "ours")
@@ -48,7 +48,7 @@ def compare_baselines(
     if not ckpts:
         raise UserError(f"{run}: no checkpoint to evaluate")
     model, cfg = load_trained_model(run, ckpts[-1])
-    model.to(resolve_device("auto"))
+    model.to(evaluation_device(cfg.train.device))
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
     if sum(len(b.inputs) for b in batches) < 2:
         raise UserError(f"--tokens {tokens} gives one sequence of {cfg.data.seq_len} tokens: the "

@@ -32,7 +32,7 @@ from sparsetrace.sparsing.search import (
 )
 from sparsetrace.sparsing.uncertainty import SearchBootstrap
 from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.train.device import resolve_device
+from sparsetrace.train.device import evaluation_device
 
 CSV_NAME = "sparsing_law.csv"
 JSON_NAME = "sparsing_law.json"
@@ -119,7 +119,7 @@ def sparsing_law(
     batches = validation_batches(val, cfg.data.seq_len, tokens)
     if replicates:  # refuse before the measurement, not after it
         validation_batches(val, cfg.data.seq_len, tokens, token_set=replicates)
-    device = resolve_device("auto")
+    device = evaluation_device(cfg.train.device)
 
     def subject(ckpt: Path) -> Subject:
         model, _ = load_trained_model(run, ckpt)
@@ -171,7 +171,7 @@ def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> 
     if sets < 1:
         raise UserError(f"replicates need at least one token set; got {sets}")
     model, cfg = load_trained_model(run, ckpt)
-    model.to(resolve_device("auto"))
+    model.to(evaluation_device(cfg.train.device))
     val = prepare_data(cfg.data).val
     validation_batches(val, cfg.data.seq_len, tokens, token_set=sets)  # refuse before measuring
     rows = []

@@ -27,6 +27,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def evaluation_device(train_device: str) -> torch.device:
+    """Where a trained run is measured: the device it trained on (a run trained on the CPU is
+    measured on the CPU on every machine, GPU or not), or the CPU where that device is absent."""
+    if train_device == "auto" or train_device.startswith("cuda"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cpu")
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype (None: fp32). auto = bf16 on a CUDA GPU that supports it, else fp32.
 
