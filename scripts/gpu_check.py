@@ -112,7 +112,8 @@ def corpus_stage() -> list[str]:
     embedded corpus."""
     if CORPUS_ARCHIVE.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        unpack = f"import tarfile; tarfile.open({str(CORPUS_ARCHIVE)!r}).extractall({str(CACHE)!r})"
+        unpack = (f"import tarfile; tarfile.open({str(CORPUS_ARCHIVE)!r})"
+                  f".extractall({str(CACHE)!r}, filter='data')")  # fmt: skip
         ok = stage("corpus", python("-c", unpack), 60)
         check = ("from sparsetrace.config import load_config\n"
                  "from sparsetrace.data import prepare_data\n"
