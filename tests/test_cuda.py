@@ -23,7 +23,7 @@ from sparsetrace.metrics import use_stats, use_stats_from_counts
 from sparsetrace.model.transformer import ModelConfig, Transformer
 from sparsetrace.rundir import load_run
 from sparsetrace.train import checkpoint, loop, parallelize
-from sparsetrace.train.device import autocast
+from sparsetrace.train.device import autocast, configure_backends
 
 pytestmark = pytest.mark.cuda
 ON_CPU = os.environ.get("SPARSETRACE_CUDA_TESTS_ON_CPU") == "1"
@@ -42,6 +42,14 @@ def device() -> torch.device:
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """A trainer turns TF32 on for its process: each test starts and ends in full fp32."""
+    configure_backends(torch.device("cuda"), tf32=False)
+    yield
+    configure_backends(torch.device("cuda"), tf32=False)
 
 
 @pytest.fixture
@@ -143,7 +151,8 @@ def test_tiny_trainer_runs_on_the_device(tmp_path, device, precision) -> None:
     assert run.meta["precision"] == precision
     assert list(run.train.step) == list(range(20)) and run.train.loss.notna().all()
     assert run.train.loss.iloc[-1] < run.train.loss.iloc[0]
-    assert sorted(run.sparsity.step.unique()) == [0, 5, 10, 15, 19]
+    device_rows = run.sparsity[run.sparsity.scope == "device"]
+    assert device_rows.step.tolist() == [s for s in (0, 5, 10, 15, 19) for _ in range(2)]
     # The lifecycle agrees with the sparsity rows of the last measured step.
     last = run.sparsity[run.sparsity.step == 19].set_index("layer")["per_batch_frac"]
     for layer, row in run.lifecycle["layers"].items():
@@ -172,12 +181,15 @@ def test_resume_on_the_device_equals_the_straight_run_in_fp32(
 
 
 def test_a_checkpoint_written_on_the_device_loads_on_the_cpu(tmp_path, device) -> None:
-    cfg = tiny(tmp_path, "r", device)
+    cfg = tiny(tmp_path, "r", device, "--train.tf32", "false")  # logits compared with the CPU's
     session = loop.setup(cfg)
     for step in range(3):
         loop._train_step(session, step, measure=False)
     loop._checkpoint(session, 3)
+    assert session.checkpoints.background == (device.type == "cuda")
     session.checkpoints.wait()
+    fused = [g["fused"] for g in session.optimizer.param_groups]
+    assert fused == [True if device.type == "cuda" else None] * len(fused)
     loop.runmeta.write_config_and_meta(session.run_dir, session.cfg, {})
     model = session.model.eval()
     idx = tokens(device, seed=5) % cfg.model.vocab_size

@@ -314,3 +314,28 @@ def test_a_run_is_measured_on_its_training_device_or_the_cpu(monkeypatch) -> Non
         assert evaluation_device("cpu").type == "cpu"  # a CPU run stays on the CPU, GPU or not
         for trained_on in ("cuda", "cuda:1", "auto"):
             assert evaluation_device(trained_on).type == ("cuda" if has_gpu else "cpu")
+
+
+def test_a_checkpoint_between_reads_holds_every_step_before_it(tmp_path: Path, monkeypatch) -> None:
+    """Reading every 7 steps with a checkpoint every 6: the checkpoint after step 11 must hold
+    the tracker updated by step 10's measurement, unread until then. Killed at the read after
+    step 13 and resumed from that checkpoint, the run equals the straight one."""
+    extra = ("--train.log_every", "7", "--checkpoint.every", "6")
+    straight = train(tiny(tmp_path, "straight", *extra))
+    original = runmeta.Progress.update
+
+    def killed_at_14(self, done: int, loss: float) -> None:
+        original(self, done, loss)
+        if done == 14:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runmeta.Progress, "update", killed_at_14)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "resumed", *extra))
+    monkeypatch.setattr(runmeta.Progress, "update", original)
+    assert checkpoint.list_checkpoints(tmp_path / "resumed")[-1].name == "step_0000012"
+    resumed = train(tiny(tmp_path, "resumed", *extra), resume=True)
+    a, b = _frames(straight), _frames(resumed)
+    for key in a:
+        pd.testing.assert_frame_equal(a[key], b[key], check_exact=True, obj=key)
+    assert load_run(straight).lifecycle == load_run(resumed).lifecycle

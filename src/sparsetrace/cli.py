@@ -213,9 +213,6 @@ def _converter(typ: Any) -> Callable[[str], Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparsetrace.train.device import pin_cpu_kernels
-
-    pin_cpu_kernels()  # before any tensor operation: the same CPU arithmetic on every x86 host
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["experiment"] and len(argv) > 1:  # `experiment mask` == `experiment-mask`
         argv = [f"experiment-{argv[1]}", *argv[2:]]

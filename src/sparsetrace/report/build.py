@@ -352,8 +352,8 @@ def _findings_section(runs: list[RunData]) -> Section:
 # Measured on this project's 2-core machine, one seed each (docs/reproduction.md sections 2-3).
 PRESETS_MEASURED = (
     "Measured with the shipped presets (one seed each; docs/reproduction.md): `cpu` (1,000 "
-    "steps, 2M tokens): 6-7 of 11 findings hold depending on the CPU's arithmetic (4 with "
-    "AVX-512 kernels: which of layers 0 and 2 ends lowest is decided by a point), layer 0 loses "
+    "steps, 2M tokens): 4 to 7 of 11 findings hold depending on the CPU's arithmetic (which "
+    "of layers 0 and 2 ends lowest is decided by a point), layer 0 loses "
     "the most units (38-42 % turned off, paper 84 %); `cpu-long` (3,000 steps): 5 of 11, "
     "layer 0 keeps falling (42 % of its units per batch, paper 13 %) but layer 1 falls faster "
     "(32 %), so 'layer 0 uses the fewest' does not hold; `cpu-gpt2` (GPT-2 conventions): 2 of "

@@ -6,29 +6,11 @@ One home for both, so that training, analysis, pruning and the Sparsing Law meas
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from sparsetrace.errors import UserError
-
-# The CPU kernels the command line pins before any tensor operation, so that an x86 CPU with
-# AVX-512 or AMX computes what one with AVX2 alone computes: ATen's vectorised kernels (softmax,
-# norms, the optimizer, reductions) and MKL's matmuls otherwise take the widest instructions the
-# CPU has, and their other rounding grows, over a training run, into other findings. Measured:
-# with ATen at AVX-512 instead of AVX2 the `cpu` preset's loss differs in the 5th digit after 40
-# steps. A variable the user set is left alone (ATEN_CPU_CAPABILITY=default: the CPU's widest).
-CPU_KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
-
-
-def pin_cpu_kernels() -> None:
-    """Pin :data:`CPU_KERNEL_PINS` on an x86 CPU with AVX2. Effective only before the process's
-    first CPU tensor operation (ATen picks its kernels once), so the command line calls it
-    first thing; ``torch.backends.cpu.get_cpu_capability()`` says what a process uses."""
-    if torch.cpu._is_avx2_supported():
-        for name, value in CPU_KERNEL_PINS.items():
-            os.environ.setdefault(name, value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -70,10 +52,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def configure_backends(device: torch.device, tf32: bool) -> None:
-    """Process-wide matmul settings for a run on ``device``: TF32 on CUDA when asked for."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    """Process-wide matmul settings for a run on ``device``: TF32 on CUDA when asked for (through
+    ``fp32_precision`` where PyTorch has it: it refuses a mix with the older ``allow_tf32``)."""
+    if device.type != "cuda":
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    else:
+        matmul.allow_tf32 = tf32
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 import traceback
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,7 +106,7 @@ def setup(cfg: RunConfig, resume: bool = False, data: PreparedData | None = None
     parallelize.barrier(info)
     if not info.is_main:
         parallelize.barrier(info)
-    data = data or prepare_data(cfg.data)
+    data = prepare_data(cfg.data) if data is None else data
     if info.is_main:
         parallelize.barrier(info)
     if cfg.model.vocab_size not in (0, data.vocab_size):
@@ -137,7 +137,8 @@ def build_optimizer(
     """AdamW. Weight decay on matrices (embeddings included, as in GPT-2/nanoGPT), not on biases
     or gains; with ``train.mlp_lr_mult`` != 1 the MLP matrices form a group of their own whose
     ``lr_mult`` the schedule applies (:func:`_train_step`). ``fused``: one CUDA kernel for the
-    whole update (the same arithmetic as the per-tensor loop, in a different order)."""
+    whole update (the same update rule; results may differ from the per-tensor loop in the last
+    bits)."""
     t = cfg.train
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     split_mlp = t.mlp_lr_mult != 1.0
@@ -172,9 +173,12 @@ def _restore_model(model: Transformer, cfg: RunConfig, path: Path) -> dict[str, 
 
 
 def _restore_state(session: Session, state: dict[str, Any]) -> None:
+    fused = [group.get("fused") for group in session.optimizer.param_groups]
     parallelize.load_optimizer_state(
         session.model, session.optimizer, state["optimizer"], session.dist
     )
+    for group, flag in zip(session.optimizer.param_groups, fused, strict=True):
+        group["fused"] = flag  # this device's choice, not the one of the device that saved it
     session.tracker.load_state_dict(state["tracker"])
     torch.set_rng_state(state["rng_cpu"])
     if torch.cuda.is_available() and state.get("rng_cuda") is not None:
@@ -289,20 +293,22 @@ def train(
             checkpoint_now = kept > 0 and (done % kept == 0 or done == t.steps)
             # The tracker's state goes into the checkpoint and a mask acts from the next step:
             # both need this step's sparsity recorded first.
-            if done % t.log_every == 0 or checkpoint_now or mask_now or done == t.steps:
+            eval_now = done % cfg.eval.every == 0 or done == t.steps
+            sparsing_now = bool(cfg.trace.sparsing_every) and done % cfg.trace.sparsing_every == 0
+            # Evaluations run on weights whose losses were checked (a NaN stops the run first).
+            if done % t.log_every == 0 or checkpoint_now or mask_now or eval_now or sparsing_now:
                 _flush(session, writer, meta, pending, progress)
             side_work = time.perf_counter()
             # The tracker's file at the checkpoints, the mask and the end (not at every read: a
             # GPU would wait while the host writes it).
             if writer is not None and (checkpoint_now or mask_now or done == t.steps):
                 writer.write_lifecycle(session.tracker)
-            if done % cfg.eval.every == 0 or done == t.steps:
+            if eval_now:
                 scores = evaluate(session)  # every rank: sharded models need all of them
                 if writer is not None:
                     writer.log_eval({"step": done, "tokens": done * session.tokens_per_step,
                                      **scores})  # fmt: skip
-            every = cfg.trace.sparsing_every
-            if every and done % every == 0 and writer is not None:
+            if sparsing_now and writer is not None:
                 writer.log_sparsing_law(_sparsing_law_rows(session, done))
             if checkpoint_now:
                 _checkpoint(session, done)
@@ -363,29 +369,32 @@ def _flush(
     pending: PendingSteps,
     progress: runmeta.Progress,
 ) -> None:
-    """Read the pending steps' losses and norms (the one host wait), stop at a non-finite loss,
-    then record each step's sparsity and train.csv row in step order."""
+    """Read the pending steps' losses and norms (the one host wait); record each step's sparsity,
+    then its train.csv row, in step order, up to a non-finite loss, which stops the run."""
     steps = pending.steps
     if not steps:
         return
-    values = torch.stack([torch.stack([loss, norm]) for _, loss, norm, _, _ in steps]).cpu()
-    # The steps ran asynchronously: each gets an equal share of the wall time since the last read.
+    read = torch.stack([torch.stack([loss, norm]) for _, loss, norm, _, _ in steps]).tolist()
+    good = next((i for i, (loss, _) in enumerate(read) if not math.isfinite(loss)), len(steps))
+    for step, _, _, counts, mask_now in steps[:good]:
+        if counts is not None:
+            tokens = step * session.tokens_per_step
+            _record_sparsity(session, writer, step, tokens, counts, mask_now)
+    # The steps ran asynchronously: each gets an equal share of the wall time since the last
+    # read, the host's work on their sparsity included.
     now = time.perf_counter()
     dt = max(now - pending.since - pending.excluded_s, 0.0) / len(steps)
-    for (step, _, _, counts, mask_now), (loss, grad_norm) in zip(steps, values.tolist(),
-                                                                 strict=True):  # fmt: skip
-        if not math.isfinite(loss):
-            _diverged(session, meta, step, loss)
-        tokens = step * session.tokens_per_step
-        if counts is not None:
-            _record_sparsity(session, writer, step, tokens, counts, mask_now)
+    for (step, *_), (loss, grad_norm) in zip(steps[:good], read[:good], strict=True):
         session.elapsed_s += dt
         if writer is not None:
-            writer.log_train({"step": step, "tokens": tokens, "lr": lr_at(step, session.cfg),
-                              "loss": loss, "grad_norm": grad_norm, "step_time_s": dt})  # fmt: skip
+            writer.log_train({"step": step, "tokens": step * session.tokens_per_step,
+                              "lr": lr_at(step, session.cfg), "loss": loss,
+                              "grad_norm": grad_norm, "step_time_s": dt})  # fmt: skip
         progress.update(step + 1, loss)
+    if good < len(steps):
+        _diverged(session, meta, steps[good][0], read[good][0])
     steps.clear()
-    pending.since, pending.excluded_s = time.perf_counter(), 0.0
+    pending.since, pending.excluded_s = now, 0.0
 
 
 def _to_host(counts: dict[str, torch.Tensor] | None, device: torch.device) -> dict | None:
@@ -506,6 +515,10 @@ def _apply_unit_masks(session: Session, step: int, batch_used: dict[str, torch.T
 
 
 def _diverged(session: Session, meta: dict[str, Any] | None, step: int, loss: float) -> None:
+    # The list below must see a write still in flight; if that write failed, the checkpoints
+    # listed are the ones that exist.
+    with suppress(UserError):
+        session.checkpoints.wait()
     ckpts = list_checkpoints(session.run_dir)
     kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
     if meta is not None:

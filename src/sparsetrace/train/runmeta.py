@@ -57,7 +57,7 @@ def initial_meta(session: Session, command: str, epochs: float) -> dict[str, Any
         },
         "precision": "bf16" if session.amp_dtype == torch.bfloat16 else "fp32",
         "device": str(session.device),
-        # the CPU kernels in use (the command line pins AVX2: train.device.pin_cpu_kernels)
+        # ATen's CPU kernels (AVX2, AVX512...): their rounding differs, and with it a CPU run
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "versions": {
             "sparsetrace": sparsetrace.__version__, "torch": torch.__version__,
