@@ -150,7 +150,7 @@ def plan_run(bench: dict[str, Any]) -> tuple[int, bool, float]:
     if not rate:
         rate = 5e5  # no measurement: a cautious guess, the run's own timing will tell
     unit = 800  # 8 checkpoints x the read interval of 100 steps
-    steps = int(min(40_000, max(unit, math.floor(0.95 * seconds * rate / TOKENS_PER_STEP))))
+    steps = int(min(40_000, max(unit, math.floor(0.9 * seconds * rate / TOKENS_PER_STEP))))
     return steps // unit * unit, use_compile, seconds
 
 

@@ -54,9 +54,13 @@ def _ieee_fp32():
 
 @pytest.fixture
 def deterministic():
-    """cuBLAS and the attention kernels in their deterministic modes (resume must be exact)."""
+    """Deterministic kernels (resume must be exact): cuBLAS's deterministic mode, and attention
+    by the math backend (the fused kernels' backward passes may accumulate in any order)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
     torch.use_deterministic_algorithms(False)
 
 
