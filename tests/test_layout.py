@@ -48,3 +48,10 @@ def test_claims_do_not_depend_on_reports_or_training() -> None:
             if m.startswith(("sparsetrace.report", "sparsetrace.train"))
         }
         assert not bad, (path, bad)
+
+
+def test_the_sparsing_law_measurement_does_not_import_the_report() -> None:
+    """The report shows the Sparsing Law; the measurement must not need the report back."""
+    for path in (ROOT / "sparsing").rglob("*.py"):
+        bad = {m for m in imported_modules(path) if m.startswith("sparsetrace.report")}
+        assert not bad, (path, bad)

@@ -37,6 +37,7 @@ from sparsetrace.sparsing.laws import (
     law_form,
     warmup_points,
 )
+from sparsetrace.sparsing.over_training import ratio_or_nan, replicates_text
 
 EXPECTED = {"relu": "falls", "silu": "rises"}  # Sparsing Law: direction over training, by form
 RATIO_LABEL = "activation ratio (PPL-p%)"
@@ -558,17 +559,12 @@ def _signed(v: float) -> str:
     return "" if math.isnan(v) else f"{v:+.4f}"
 
 
-def _ratio(a: float, b: float) -> float:
-    """a / b, NaN when b is 0 (a replicate SE or mean of exactly 0)."""
-    return a / b if b else math.nan
-
-
 def uncertainty_text(summary: dict, final: dict) -> str:
     """The activation ratio's uncertainty at a checkpoint of a ``sparsing_law.json`` summary: the
     SE at fixed c, and the SE with the search for c included where it was measured."""
     ratio, se = final["activation_ratio"], final["activation_ratio_se"]
     fixed = (f"± {100 * se:.2f} (bootstrap SE over sequences with c held fixed; "
-             f"{_ratio(se, ratio):.1%} relative).")  # fmt: skip
+             f"{ratio_or_nan(se, ratio):.1%} relative).")  # fmt: skip
     se_search = final.get("activation_ratio_se_search")  # absent in files before 2026-12-02
     if se_search is None or not math.isfinite(se_search):
         return (
@@ -579,31 +575,11 @@ def uncertainty_text(summary: dict, final: dict) -> str:
     clipped = summary["search"].get("clipped", 0.0)
     return (
         f"{fixed} With the search for c redone on every resample: ± {100 * se_search:.2f} "
-        f"({_ratio(se_search, ratio):.1%} relative; c 95 % interval {lo:.3g}-{hi:.3g}"
+        f"({ratio_or_nan(se_search, ratio):.1%} relative; c 95 % interval {lo:.3g}-{hi:.3g}"
         + (f"; {clipped:.1%} of resamples outside the evaluated c" if clipped else "")
         + "). On the `cpu` model the spread over disjoint random token sets was about 2/3 of "
         "this SE: it errs on the safe side (docs/sparsing-law.md, Precision; `--replicates K` "
         "measures that spread for this run)."
-    )
-
-
-def replicates_text(summary: dict) -> str:
-    """One sentence on the replicate sets of a ``sparsing_law.json`` summary that has them."""
-    rep = summary["replicates"]
-    se = float(np.mean([r["activation_ratio_se"] for r in rep["sets"]]))
-    se_search = float(np.mean([r.get("activation_ratio_se_search", math.nan)
-                               for r in rep["sets"]]))  # fmt: skip
-    ratios = ", ".join(f"{r['activation_ratio']:.4f}" for r in rep["sets"])
-    versus = f"{_ratio(rep['sd'], se):.1f}x their mean bootstrap SE at fixed c ({se:.4f})"
-    if math.isfinite(se_search):
-        versus += (
-            f" and {_ratio(rep['sd'], se_search):.2f}x the one with the search ({se_search:.4f})"
-        )
-    return (
-        f"Replicates: the whole measurement of step {rep['step']} (c searched on each set) on "
-        f"{len(rep['sets'])} further disjoint sets of {rep['tokens_per_set']:,} tokens gives "
-        f"{ratios}: SD {rep['sd']:.4f} ({_ratio(rep['sd'], rep['mean']):.1%} of their mean), "
-        f"{versus} — the uncertainty of one such measurement, the search included."
     )
 
 

@@ -219,3 +219,29 @@ def _result(
         "ppl_ratio": m.ppl_ratio, "loss_dense": m.loss_dense, "loss_sparse": m.loss_sparse,
         "layers": {str(layer_index(name)): asdict(lm) for name, lm in m.layers.items()},
     }  # fmt: skip
+
+
+def replicates_text(summary: dict) -> str:
+    """One sentence on the replicate sets of a ``sparsing_law.json`` summary that has them."""
+    rep = summary["replicates"]
+    sd = rep["sd"]
+    se = float(np.mean([r["activation_ratio_se"] for r in rep["sets"]]))
+    se_search = float(np.mean([r.get("activation_ratio_se_search", math.nan)
+                               for r in rep["sets"]]))  # fmt: skip
+    ratios = ", ".join(f"{r['activation_ratio']:.4f}" for r in rep["sets"])
+    versus = f"{ratio_or_nan(sd, se):.1f}x their mean bootstrap SE at fixed c ({se:.4f})"
+    if math.isfinite(se_search):
+        versus += (
+            f" and {ratio_or_nan(sd, se_search):.2f}x the one with the search ({se_search:.4f})"
+        )
+    return (
+        f"Replicates: the whole measurement of step {rep['step']} (c searched on each set) on "
+        f"{len(rep['sets'])} further disjoint sets of {rep['tokens_per_set']:,} tokens gives "
+        f"{ratios}: SD {sd:.4f} ({ratio_or_nan(sd, rep['mean']):.1%} of their mean), "
+        f"{versus} — the uncertainty of one such measurement, the search included."
+    )
+
+
+def ratio_or_nan(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a replicate SE or mean of exactly 0)."""
+    return a / b if b else math.nan

@@ -33,9 +33,8 @@ def sparsing_law(
             this many further disjoint token sets: the spread the bootstrap SE leaves out
         json: print the summary as JSON
     """
-    from sparsetrace.report.sparsing import replicates_text
     from sparsetrace.sparsing.figures import plot_activation_ratio
-    from sparsetrace.sparsing.over_training import JSON_NAME, PNG_NAME
+    from sparsetrace.sparsing.over_training import JSON_NAME, PNG_NAME, replicates_text
     from sparsetrace.sparsing.over_training import sparsing_law as measure
 
     csv = measure(run, p=p, tokens=tokens, final_only=final_only, replicates=replicates)
