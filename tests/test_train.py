@@ -64,20 +64,26 @@ def test_run_directory_contents(tmp_path: Path) -> None:
     ]
 
 
-def test_resume_after_kill_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
-    straight = train(tiny(tmp_path, "straight"))
-
+def train_killed_at(cfg, done_at: int, monkeypatch) -> None:
+    """Train ``cfg`` and interrupt it (KeyboardInterrupt, as a kill) once ``done_at`` steps are
+    reported done; the trainer's hooks are restored afterwards."""
     original = runmeta.Progress.update
 
-    def killed_at_13(self, done: int, loss: float) -> None:
+    def killed(self, done: int, loss: float) -> None:
         original(self, done, loss)
-        if done == 13:  # after the step-10 checkpoint: rows 11-13 must be dropped on resume
+        if done == done_at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(runmeta.Progress, "update", killed_at_13)
+    monkeypatch.setattr(runmeta.Progress, "update", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path, "resumed"))
+        train(cfg)
     monkeypatch.setattr(runmeta.Progress, "update", original)
+
+
+def test_resume_after_kill_equals_straight_run(tmp_path: Path, monkeypatch) -> None:
+    straight = train(tiny(tmp_path, "straight"))
+    # after the step-10 checkpoint: rows 11-13 must be dropped on resume
+    train_killed_at(tiny(tmp_path, "resumed"), 13, monkeypatch)
     interrupted = load_run(tmp_path / "resumed")
     assert interrupted.meta["status"] == "interrupted"
     assert interrupted.train.step.max() == 12
@@ -202,17 +208,8 @@ def _assert_masked_units_stay_off(run: Path, info: dict, step: int) -> None:
 
 def test_masks_survive_resume(tmp_path: Path, monkeypatch) -> None:
     straight = train(tiny(tmp_path, "a", "--mask.at_step", "5", "--mask.kind", "random"))
-    original = runmeta.Progress.update
-
-    def killed_at_12(self, done: int, loss: float) -> None:
-        original(self, done, loss)
-        if done == 12:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runmeta.Progress, "update", killed_at_12)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path, "b", "--mask.at_step", "5", "--mask.kind", "random"))
-    monkeypatch.setattr(runmeta.Progress, "update", original)
+    train_killed_at(tiny(tmp_path, "b", "--mask.at_step", "5", "--mask.kind", "random"), 12,
+                    monkeypatch)  # fmt: skip
     resumed = train(
         tiny(tmp_path, "b", "--mask.at_step", "5", "--mask.kind", "random"), resume=True
     )
@@ -322,17 +319,7 @@ def test_a_checkpoint_between_reads_holds_every_step_before_it(tmp_path: Path, m
     step 13 and resumed from that checkpoint, the run equals the straight one."""
     extra = ("--train.log_every", "7", "--checkpoint.every", "6")
     straight = train(tiny(tmp_path, "straight", *extra))
-    original = runmeta.Progress.update
-
-    def killed_at_14(self, done: int, loss: float) -> None:
-        original(self, done, loss)
-        if done == 14:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(runmeta.Progress, "update", killed_at_14)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny(tmp_path, "resumed", *extra))
-    monkeypatch.setattr(runmeta.Progress, "update", original)
+    train_killed_at(tiny(tmp_path, "resumed", *extra), 14, monkeypatch)
     assert checkpoint.list_checkpoints(tmp_path / "resumed")[-1].name == "step_0000012"
     resumed = train(tiny(tmp_path, "resumed", *extra), resume=True)
     a, b = _frames(straight), _frames(resumed)
