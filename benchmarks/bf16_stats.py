@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsetrace.checkpoint import load_trained_model
 from sparsetrace.data import get_batch, prepare_data
+from sparsetrace.device import autocast
 from sparsetrace.metrics import use_stats_from_counts
-from sparsetrace.train.checkpoint import load_trained_model
-from sparsetrace.train.device import autocast
 
 
 @torch.no_grad()

@@ -19,8 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from sparsetrace.checkpoint import list_checkpoints
 from sparsetrace.sparsing.over_training import replicate_final
-from sparsetrace.train.checkpoint import list_checkpoints
 
 
 def main() -> None:

@@ -18,12 +18,13 @@ import torch.distributed as dist
 from torch import nn
 
 import sparsetrace
+from sparsetrace import checkpoint
 from sparsetrace.config import load_config
+from sparsetrace.device import autocast, configure_backends
 from sparsetrace.metrics import use_stats, use_stats_from_counts
 from sparsetrace.model.transformer import ModelConfig, Transformer
 from sparsetrace.rundir import load_run
-from sparsetrace.train import checkpoint, loop, parallelize
-from sparsetrace.train.device import autocast, configure_backends
+from sparsetrace.train import loop, parallelize
 
 pytestmark = pytest.mark.cuda
 ON_CPU = os.environ.get("SPARSETRACE_CUDA_TESTS_ON_CPU") == "1"

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
+from sparsetrace.checkpoint import list_checkpoints
 from sparsetrace.config import load_config
 from sparsetrace.data import batch_indices, get_batch, prepare_data
 from sparsetrace.metrics import use_stats_from_counts
 from sparsetrace.model.transformer import Transformer
 from sparsetrace.rundir import load_run
-from sparsetrace.train.checkpoint import list_checkpoints
 from sparsetrace.train.loop import train
 from torchrun import torchrun
 

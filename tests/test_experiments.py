@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from scipy import stats
 
+from sparsetrace.checkpoint import checkpoint_path, load_trained_model
 from sparsetrace.claims import RULES
 from sparsetrace.claims.stats import detectable_effect
 from sparsetrace.config import load_config
@@ -22,7 +23,6 @@ from sparsetrace.model.transformer import Transformer
 from sparsetrace.rundir import load_run
 from sparsetrace.tracking import LifecycleTracker
 from sparsetrace.train import runmeta
-from sparsetrace.train.checkpoint import checkpoint_path, load_trained_model
 from sparsetrace.train.parallelize import full_optimizer_state
 
 K = 10  # tiny preset: 20 steps, evaluations at 10 and 20

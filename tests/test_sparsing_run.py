@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from sparsetrace.checkpoint import load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
@@ -31,7 +32,6 @@ from sparsetrace.sparsing.search import (
     search_uncertainty,
 )
 from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
-from sparsetrace.train.checkpoint import load_trained_model
 from sparsetrace.train.loop import train
 
 TOKENS = 4096  # evaluation tokens: 128 windows of the tiny preset's 32

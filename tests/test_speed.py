@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparsetrace.checkpoint import load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
@@ -27,7 +28,6 @@ from sparsetrace.sparsing.truncation import transformer_down_projections
 from sparsetrace.speed import decode as dec
 from sparsetrace.speed import measure as ms
 from sparsetrace.speed.sparse_down import KERNELS, SparseDown
-from sparsetrace.train.checkpoint import load_trained_model
 from sparsetrace.train.loop import train
 
 TOL = 1e-5

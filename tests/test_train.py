@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sparsetrace import checkpoint
 from sparsetrace.config import load_config
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import load_run
-from sparsetrace.train import checkpoint, loop, runmeta
+from sparsetrace.train import loop, runmeta
 from sparsetrace.train.loop import TrainingDiverged, lr_at, train
 
 
@@ -304,7 +305,7 @@ def test_checkpoint_every_zero_writes_none(tmp_path: Path) -> None:
 
 
 def test_a_run_is_measured_on_its_training_device_or_the_cpu(monkeypatch) -> None:
-    from sparsetrace.train.device import evaluation_device
+    from sparsetrace.device import evaluation_device
 
     for has_gpu in (False, True):
         monkeypatch.setattr(torch.cuda, "is_available", lambda has_gpu=has_gpu: has_gpu)

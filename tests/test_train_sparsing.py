@@ -8,12 +8,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from sparsetrace.checkpoint import checkpoint_path, load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
 from sparsetrace.sparsing.over_training import validation_batches
 from sparsetrace.sparsing.search import Subject
 from sparsetrace.sparsing.truncation import transformer_down_projections
-from sparsetrace.train.checkpoint import checkpoint_path, load_trained_model
 from sparsetrace.train.loop import train
 
 

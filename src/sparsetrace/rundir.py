@@ -8,7 +8,7 @@ Layout (docs/run-directory.md has the column reference):
     eval.csv         one row per evaluation: validation loss, perplexity, next-token accuracy
     lifecycle.json   the lifecycle tracker's per-layer summary and on/off transitions
     tb/              TensorBoard scalars
-    checkpoints/     step_XXXXXXX/ directories (see sparsetrace.train.checkpoint)
+    checkpoints/     step_XXXXXXX/ directories (see sparsetrace.checkpoint)
 Only rank 0 writes; every file is either append-only CSV or replaced atomically.
 """
 

@@ -39,12 +39,12 @@ from sparsetrace.analysis.locate import LayerSelection, check_gated, locate, sel
 from sparsetrace.analysis.tracer import Trace, trace
 from sparsetrace.data.config import DataConfig, cache_root
 from sparsetrace.data.sources import Corpus, load_corpus
+from sparsetrace.device import resolve_device
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import DEFAULT_PERCENTILES
 from sparsetrace.model.transformer import Transformer
 from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.tracking import LifecycleTracker
-from sparsetrace.train.device import resolve_device
 
 TRAILING_NUMBER = re.compile(r"(\d+)$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -118,10 +118,10 @@ def resolve(model: str, revisions: Sequence[str] = (), device_map: str = "") -> 
 
 
 def _sparsetrace_run(run: Path, wanted: Sequence[str]) -> Subject:
+    from sparsetrace.checkpoint import list_checkpoints, load_trained_model
     from sparsetrace.config import load_config
     from sparsetrace.data import prepare_data
     from sparsetrace.sparsing.over_training import checkpoint_step
-    from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
 
     ckpts = list_checkpoints(run)
     if not ckpts:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sparsetrace.checkpoint import list_checkpoints
 from sparsetrace.config import load_config
 from sparsetrace.experiments.runs import (
     base_overrides,
@@ -28,7 +29,6 @@ from sparsetrace.experiments.sweep import build_arms, split_values
 from sparsetrace.report.sparsing import Curve, fit_curve, write_activations_report
 from sparsetrace.sparsing.laws import law_form
 from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, WINDOWS, sparsing_law
-from sparsetrace.train.checkpoint import list_checkpoints
 
 CHECKPOINTS = 8  # per run: the ReLU law has 4 parameters, a fit needs MIN_POINTS = 5
 LAST = 5  # final checkpoints the CETT is chosen on (the public scripts' choice)

@@ -22,21 +22,21 @@ from typing import Any
 import torch
 import yaml
 
-from sparsetrace.config import RunConfig, load_config, to_dict
-from sparsetrace.data import prepare_data
-from sparsetrace.errors import UserError
-from sparsetrace.experiments.runs import copy_history, run_to_end
-from sparsetrace.metrics import use_stats_from_counts
-from sparsetrace.model.transformer import Transformer
-from sparsetrace.rundir import atomic_write_text
-from sparsetrace.train.checkpoint import (
+from sparsetrace.checkpoint import (
     checkpoint_path,
     list_checkpoints,
     load_state,
     load_trained_model,
     save_checkpoint,
 )
-from sparsetrace.train.device import autocast, resolve_device, resolve_precision
+from sparsetrace.config import RunConfig, load_config, to_dict
+from sparsetrace.data import prepare_data
+from sparsetrace.device import autocast, resolve_device, resolve_precision
+from sparsetrace.errors import UserError
+from sparsetrace.experiments.runs import copy_history, run_to_end
+from sparsetrace.metrics import use_stats_from_counts
+from sparsetrace.model.transformer import Transformer
+from sparsetrace.rundir import atomic_write_text
 from sparsetrace.train.loop import model_identity, train_batch
 from sparsetrace.train.parallelize import full_model_state
 

@@ -17,11 +17,11 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
+from sparsetrace.checkpoint import checkpoint_path, list_checkpoints, load_state
 from sparsetrace.config import RunConfig, load_config
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text, lifecycle_json
 from sparsetrace.tracking import LifecycleTracker
-from sparsetrace.train.checkpoint import checkpoint_path, list_checkpoints, load_state
 from sparsetrace.train.loop import train
 
 PLAN_FILE = "experiment.json"

@@ -16,14 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from sparsetrace.checkpoint import list_checkpoints, load_trained_model
 from sparsetrace.data import prepare_data
+from sparsetrace.device import evaluation_device
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
 from sparsetrace.sparsing.baselines import Definition, match_ppl, strength
 from sparsetrace.sparsing.over_training import WINDOWS, checkpoint_step, validation_batches
 from sparsetrace.sparsing.search import ppl_sparsity, target_ratio, transformer_subject
-from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.train.device import evaluation_device
 
 JSON_NAME = "sparsing_baselines.json"
 DEFINITIONS: tuple[Definition, ...] = ("reference", "ours")

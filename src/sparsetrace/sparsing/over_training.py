@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sparsetrace.checkpoint import list_checkpoints, load_trained_model
 from sparsetrace.data import get_batch, prepare_data
+from sparsetrace.device import evaluation_device
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text, layer_index
 from sparsetrace.sparsing.cett import GRID_SIZE
@@ -31,8 +33,6 @@ from sparsetrace.sparsing.search import (
     transformer_subject,
 )
 from sparsetrace.sparsing.uncertainty import SearchBootstrap
-from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.train.device import evaluation_device
 
 CSV_NAME = "sparsing_law.csv"
 JSON_NAME = "sparsing_law.json"

@@ -198,9 +198,9 @@ class Subject:
 def _subject(source: Path, tokens: int, prune_dead: bool) -> Subject:
     need = tokens + 16
     if (source / "config.yaml").is_file():
+        from sparsetrace.checkpoint import list_checkpoints, load_trained_model
         from sparsetrace.data.prepare import prepare_data
         from sparsetrace.sparsing.over_training import checkpoint_step
-        from sparsetrace.train.checkpoint import list_checkpoints, load_trained_model
 
         model, cfg = load_trained_model(source)
         step = checkpoint_step(list_checkpoints(source)[-1])

@@ -22,26 +22,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparsetrace.checkpoint import (
+    CheckpointWriter,
+    list_checkpoints,
+    load_state,
+    load_weights,
+)
 from sparsetrace.config import RunConfig, to_dict
 from sparsetrace.data import PreparedData, batch_indices, epochs_for, get_batch, prepare_data
+from sparsetrace.device import (
+    autocast,
+    configure_backends,
+    resolve_device,
+    resolve_precision,
+)
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import use_stats_from_counts
 from sparsetrace.model.transformer import ModelConfig, Transformer
 from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.tracking import LifecycleTracker
 from sparsetrace.train import parallelize, runmeta
-from sparsetrace.train.checkpoint import (
-    CheckpointWriter,
-    list_checkpoints,
-    load_state,
-    load_weights,
-)
-from sparsetrace.train.device import (
-    autocast,
-    configure_backends,
-    resolve_device,
-    resolve_precision,
-)
 
 
 class TrainingDiverged(UserError):
