@@ -26,11 +26,11 @@ from transformers import (
 )
 
 from sparsetrace.analysis import trace
-from sparsetrace.analysis.locate import DOWN_INPUT, GATE_OUTPUT
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import use_stats, use_stats_from_counts
 from sparsetrace.model.transformer import ModelConfig, Transformer
 from sparsetrace.rundir import percentile_column
+from sparsetrace.sites import DOWN_INPUT, GATE_OUTPUT
 
 VOCAB, LAYERS, D, FF = 100, 2, 32, 64
 SMALL = {"vocab_size": VOCAB, "max_position_embeddings": 64}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -13,12 +14,13 @@ import torch
 from transformers import AutoModel, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from sparsetrace.analysis import trace, verbs
-from sparsetrace.analysis.analyze import ModelTokenizer, analyze_model, token_batches
+from sparsetrace.analysis.analyze import analyze_model
 from sparsetrace.config import load_config
 from sparsetrace.data.tokenizer import EOT, train_bpe
 from sparsetrace.errors import UserError
 from sparsetrace.report import write_report
 from sparsetrace.rundir import load_run
+from sparsetrace.series import ModelTokenizer, token_batches
 from sparsetrace.train.loop import train
 
 FF, BATCH, SEQ = 64, 4, 16
@@ -189,27 +191,12 @@ def test_sparsetrace_run_directory_as_model(tmp_path: Path) -> None:
 
 
 def test_series_frees_each_revision_before_loading_the_next(
-    series: Path, text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    series: Path, text: Path, tmp_path: Path, model_loads: Callable[[], list[int]]
 ) -> None:
     """Memory stays flat over a series: when a revision loads, no earlier one is alive."""
-    import gc
-    import weakref
-
-    import sparsetrace.analysis.analyze as analyze
-
-    real, alive, loaded = analyze._load_model, [], []
-
-    def load(*args, **kwargs):
-        gc.collect()
-        alive.append(sum(ref() is not None for ref in loaded))
-        model = real(*args, **kwargs)
-        loaded.append(weakref.ref(model))
-        return model
-
-    monkeypatch.setattr(analyze, "_load_model", load)
     analyze_model(str(series), data=str(text), tokens=TOKENS, batch_size=BATCH, seq_len=SEQ,
                   out=tmp_path / "m")  # fmt: skip
-    assert len(loaded) == 3 and alive == [0, 0, 0]
+    assert model_loads() == [0, 0, 0]
 
 
 def test_layers_selection_on_the_command_line(series: Path, text: Path, tmp_path: Path) -> None:
@@ -262,15 +249,15 @@ def test_device_map_model_with_offloaded_layers_equals_the_plain_model(
         assert list(off[col]) == pytest.approx(list(plain[col]), rel=1e-6)
     # and through the verb, with transformers' own device_map loading
     kw = {"data": str(text), "tokens": TOKENS, "batch_size": BATCH, "seq_len": SEQ}
-    import sparsetrace.analysis.analyze as analyze
+    import sparsetrace.series as model_series
 
-    real, asked = analyze._from_pretrained, []
+    real, asked = model_series.from_pretrained, []
 
     def spy(*args, **kwargs):
         asked.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(analyze, "_from_pretrained", spy)
+    monkeypatch.setattr(model_series, "from_pretrained", spy)
     verbs.analyze(str(series / "step4"), device_map="cpu", out=tmp_path / "dm", **kw)
     assert {"device_map": "cpu"} in asked  # reached transformers' from_pretrained
     run = load_run(tmp_path / "dm")

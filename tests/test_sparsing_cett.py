@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from sparsetrace.model.transformer import ModelConfig, Transformer
+from sparsetrace.sites import MlpSites, mlp_sites
 from sparsetrace.sparsing.baselines import Fat, TopK, TopKBatch
 from sparsetrace.sparsing.cett import (
     CettCurve,
@@ -26,8 +27,6 @@ from sparsetrace.sparsing.cett import (
 from sparsetrace.sparsing.truncation import (
     Threshold,
     Truncation,
-    transformer_down_projections,
-    transformer_gates,
 )
 from sparsetrace.sparsing.uncertainty import SequenceStats, ratio_se
 
@@ -178,10 +177,15 @@ def _linear(d_ff: int, d_model: int, seed: int = 0) -> nn.Linear:
     return nn.Linear(d_ff, d_model)
 
 
+def _one(layer: nn.Module) -> MlpSites:
+    """One down projection named "l", without a gate."""
+    return MlpSites("custom", {"l": layer}, {})
+
+
 def _seen_by(layer: nn.Linear, rule, h: torch.Tensor) -> torch.Tensor:
     """The down projection's input after the rule, as its hook passes it on."""
     seen = []
-    with Truncation({"l": layer}, {"l": rule}, observe=lambda _n, rows, _w: seen.append(rows)):
+    with Truncation(_one(layer), {"l": rule}, observe=lambda _n, rows, _w: seen.append(rows)):
         out = layer(h)
     truncated = seen[0].reshape(h.shape)
     assert torch.equal(out, layer(truncated))  # the layer computed on the truncated input
@@ -213,7 +217,7 @@ def test_threshold_rule_drops_small_unit_norms_and_counts_activity() -> None:
     kept = _seen_by(layer, Threshold(tau), h)
     assert torch.equal(kept, torch.where(n < tau, 0.0, h))
     valid = torch.tensor([[True] * 5, [True, True, False, False, False]])
-    with Truncation({"l": layer}, {"l": Threshold(tau)}) as trunc:
+    with Truncation(_one(layer), {"l": Threshold(tau)}) as trunc:
         trunc.valid = valid
         layer(h)
     assert trunc.tokens == {"l": 7}
@@ -226,14 +230,15 @@ def test_truncation_leaves_the_model_unchanged_after_exit() -> None:
     cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_ff=32, vocab_size=40, seq_len=8)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
-    down = transformer_down_projections(model)
+    sites = mlp_sites(model)
+    down = sites.down
     assert down == {name: mlp.w_out for name, mlp in model.mlps().items()}
     idx = torch.randint(0, 40, (2, 8))
     before = model(idx).logits
-    with torch.no_grad(), Truncation(down, dict.fromkeys(down, TopK(4))):
+    with torch.no_grad(), Truncation(sites, dict.fromkeys(down, TopK(4))):
         during = model(idx).logits
     assert not torch.allclose(before, during)
-    with pytest.raises(RuntimeError), Truncation(down, dict.fromkeys(down, TopK(1))):
+    with pytest.raises(RuntimeError), Truncation(sites, dict.fromkeys(down, TopK(1))):
         raise RuntimeError("inside the context")
     assert all(not m._forward_pre_hooks for m in down.values())
     assert torch.equal(model(idx).logits, before)
@@ -265,19 +270,20 @@ def test_reference_baselines_decide_on_act_gate_in_a_gated_mlp() -> None:
     captured = {}
     mlp.w_in.register_forward_hook(lambda _m, _a, y: captured.update(gate=y.chunk(2, -1)))
     idx = torch.randint(0, 40, (2, 8))
-    down, gates = transformer_down_projections(model), transformer_gates(model)
-    assert set(gates) == set(down)
+    sites = mlp_sites(model)
+    down = sites.down
+    assert set(sites.gates) == set(down)
     seen = []
     rules = dict.fromkeys(down, Fat(0.3))  # reference: |act(gate)| < 0.3 zeroed
-    with torch.no_grad(), Truncation(down, rules, lambda _n, rows, _w: seen.append(rows), gates):
+    with torch.no_grad(), Truncation(sites, rules, lambda _n, rows, _w: seen.append(rows)):
         model(idx)
     gate, up = captured["gate"]
     act_gate = torch.relu(gate).reshape(-1, 32)
     product = (torch.relu(gate) * up).reshape(-1, 32)
     assert torch.equal(seen[0], torch.where(act_gate < 0.3, 0.0, product))
     seen.clear()
-    with torch.no_grad(), Truncation(down, dict.fromkeys(down, Fat(0.3, on_gate=False)),
-                                     lambda _n, rows, _w: seen.append(rows), gates):  # fmt: skip
+    with torch.no_grad(), Truncation(sites, dict.fromkeys(down, Fat(0.3, on_gate=False)),
+                                     lambda _n, rows, _w: seen.append(rows)):  # fmt: skip
         model(idx)
     assert torch.equal(seen[0], torch.where(product.abs() < 0.3, 0.0, product))
     assert len(mlp.w_in._forward_hooks) == 1  # only the test's own hook: the taps are gone
@@ -295,14 +301,14 @@ def test_activation_ratio_standard_error_is_a_bootstrap_over_sequences() -> None
     numpy bootstrap of the same resamples)."""
     layer = _linear(4, 3)
     same = torch.tensor([[[1.0, 0, 0, 0]] * 2] * 6)  # 6 sequences of 2 tokens, 1 of 4 units
-    with Truncation({"l": layer}) as trunc:
+    with Truncation(_one(layer)) as trunc:
         layer(same)
     assert trunc.activation_ratio()["l"] == 0.25 and _fixed_c_se(trunc) == 0.0
     differ = torch.zeros(8, 2, 4)
     counts = [0, 1, 2, 3, 4, 1, 2, 3]  # active units per token, per sequence
     for i, k in enumerate(counts):
         differ[i, :, :k] = 1.0
-    with Truncation({"l": layer}) as trunc:
+    with Truncation(_one(layer)) as trunc:
         layer(differ)
     picks = np.random.default_rng(0).integers(0, 8, size=(1000, 8))
     per_seq = np.array(counts) * 2.0

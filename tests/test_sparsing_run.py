@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from sparsetrace.checkpoint import load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
+from sparsetrace.sites import MlpSites, mlp_sites
 from sparsetrace.sparsing import verbs
 from sparsetrace.sparsing.baselines import evaluate_baseline, match_ppl
 from sparsetrace.sparsing.cett import cett
@@ -31,28 +32,24 @@ from sparsetrace.sparsing.search import (
     ppl_sparsity,
     search_uncertainty,
 )
-from sparsetrace.sparsing.truncation import transformer_down_projections, transformer_gates
-from sparsetrace.train.loop import train
 
 TOKENS = 4096  # evaluation tokens: 128 windows of the tiny preset's 32
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The tiny preset, 20 steps, checkpoints every 5 (steps 5, 10, 15, 20)."""
-    base = tmp_path_factory.mktemp("sparsing")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPARSETRACE_CACHE", str(base / "cache"))
-        cfg = load_config("tiny", ["--out_dir", str(base), "--run_name", "r",
-                                   "--checkpoint.every", "5", "--train.threads", "1"])  # fmt: skip
-        yield train(cfg)
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_run: Callable) -> Iterator[Path]:
+    """The tiny preset, 20 steps, checkpoints every 5 (steps 5, 10, 15, 20); the token cache is
+    set for the module's tests."""
+    with tiny_run(tmp_path_factory.mktemp("sparsing"), "--checkpoint.every", "5") as run:
+        yield run
 
 
 @pytest.fixture(scope="module")
 def subject(run_dir: Path) -> Subject:
     model, cfg = load_trained_model(run_dir)
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, TOKENS)
-    return Subject(model, transformer_down_projections(model), batches)
+    plain = mlp_sites(model)  # decisions on the hidden activation (the model is plain anyway)
+    return Subject(model, batches, MlpSites(plain.architecture, plain.down, {}))
 
 
 @pytest.fixture(scope="module")
@@ -186,8 +183,7 @@ def test_sparsing_baselines_compares_three_methods_at_one_ppl(
     # recorded parameter gives its recorded ratio
     model, cfg = load_trained_model(run)
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, TOKENS)
-    fresh = Subject(model, transformer_down_projections(model), batches,
-                    gates=transformer_gates(model))  # fmt: skip
+    fresh = Subject(model, batches)
     cett_row, *rows = summary["methods"]
     assert cett_row["value"] == ppl_sparsity(fresh, 1.0).search.x
     for row in rows:
@@ -310,8 +306,7 @@ def test_replicates_repeat_the_whole_measurement_on_disjoint_token_sets(
     assert [r["token_set"] for r in rep["sets"]] == [1, 2] and rep["tokens_per_set"] == 512
     assert rep["sd"] == pytest.approx(float(np.std(ratios, ddof=1)))
     model, _ = load_trained_model(rep_dir, rep_dir / "checkpoints" / "step_0000020")
-    direct = Subject(model, transformer_down_projections(model), sets[2],
-                     gates=transformer_gates(model))  # fmt: skip
+    direct = Subject(model, sets[2])
     c = find_cett([direct], 1.0).x  # set 2, searched on its own
     assert rep["sets"][1]["cett"] == c
     assert rep["sets"][1]["activation_ratio"] == direct.measure(c).activation_ratio
@@ -335,6 +330,9 @@ def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:
         verbs.sparsing_law(run_dir, p=0.0)
     with pytest.raises(UserError, match="tokens"):
         verbs.sparsing_law(run_dir, tokens=0)
+    with pytest.raises(UserError, match="neither a model directory"):
+        verbs.sparsing_law(tmp_path)
+    (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     with pytest.raises(UserError, match="no checkpoint"):
         verbs.sparsing_law(tmp_path)
 

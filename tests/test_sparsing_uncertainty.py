@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sparsetrace.model.transformer import ModelConfig, Transformer
-from sparsetrace.sparsing.search import Subject, TokenBatch, transformer_loss, transformer_subject
+from sparsetrace.sites import MlpSites
+from sparsetrace.sparsing.search import Subject, TokenBatch, causal_lm_loss
 from sparsetrace.sparsing.uncertainty import (
     SequenceStats,
     cross,
@@ -126,7 +127,7 @@ def _tiny_subject(seed: int = 0):
     model = Transformer(cfg).eval()
     data = torch.randint(0, 40, (24, 17), generator=torch.Generator().manual_seed(seed))
     batches = [TokenBatch(data[i : i + 8, :-1], data[i : i + 8, 1:]) for i in range(0, 24, 8)]
-    return model, batches, transformer_subject(model, batches)
+    return model, batches, Subject(model, batches)
 
 
 def test_per_sequence_losses_pool_to_the_models_own_loss() -> None:
@@ -146,8 +147,8 @@ def test_per_sequence_losses_pool_to_the_models_own_loss() -> None:
             logits.transpose(1, 2), masked.targets, reduction="none"
         )
         expected = [float(per_token[i, : 2 * (i + 1)].sum()) for i in range(8)]
-        assert transformer_loss(model, masked).tolist() == pytest.approx(expected, rel=1e-5)
-    ev = transformer_subject(model, [masked]).run()
+        assert causal_lm_loss(model, masked).tolist() == pytest.approx(expected, rel=1e-5)
+    ev = Subject(model, [masked]).run()
     assert ev.sequences.targets.tolist() == [2, 4, 6, 8, 10, 12, 14, 16]
     assert ev.loss == pytest.approx(sum(expected) / 72, rel=1e-5)
 
@@ -170,4 +171,4 @@ def test_a_layer_that_never_runs_is_a_clear_error() -> None:
     stray = torch.nn.Linear(64, 16)  # not part of the model's forward
     down = {"blocks.0.mlp.hidden": model.blocks[0].mlp.w_out, "stray": stray}
     with pytest.raises(ValueError, match="0 sequences seen by the down projections, 24 losses"):
-        Subject(model, down, batches).run()
+        Subject(model, batches, MlpSites("custom", down, {})).run()

@@ -24,7 +24,6 @@ from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
 from sparsetrace.sparsing.cett import kept, unit_norms
 from sparsetrace.sparsing.over_training import validation_batches
 from sparsetrace.sparsing.search import Subject, ppl_sparsity
-from sparsetrace.sparsing.truncation import transformer_down_projections
 from sparsetrace.speed import decode as dec
 from sparsetrace.speed import measure as ms
 from sparsetrace.speed.sparse_down import KERNELS, SparseDown
@@ -182,7 +181,7 @@ def test_sparse_relu_model_decodes_the_same_logits(runs: dict[str, Path]) -> Non
 def test_thresholded_perplexity_is_what_ppl_p_predicted(runs: dict[str, Path], kernel: str) -> None:
     model, cfg = load_trained_model(runs["silu"])
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, 512)
-    result = ppl_sparsity(Subject(model, transformer_down_projections(model), batches), p=5.0)
+    result = ppl_sparsity(Subject(model, batches), p=5.0)
     m = result.measurement
     taus = [m.layers[name].tau for name in sorted(m.layers)]
     with torch.no_grad():

@@ -13,7 +13,6 @@ from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
 from sparsetrace.sparsing.over_training import validation_batches
 from sparsetrace.sparsing.search import Subject
-from sparsetrace.sparsing.truncation import transformer_down_projections
 from sparsetrace.train.loop import train
 
 
@@ -29,7 +28,7 @@ def test_recorded_during_training_equals_post_hoc(tmp_path: Path, monkeypatch) -
     for step in (10, 20):
         model, run_cfg = load_trained_model(run, checkpoint_path(run, step))
         batches = validation_batches(prepare_data(run_cfg.data).val, run_cfg.data.seq_len, 1024)
-        expected = Subject(model, transformer_down_projections(model), batches).measure(0.2)
+        expected = Subject(model, batches).measure(0.2)
         got = rows[(rows.step == step) & (rows.layer.astype(str) == "all")].iloc[0]
         assert got.activation_ratio == pytest.approx(expected.activation_ratio, rel=1e-6)
         assert got.ppl_ratio == pytest.approx(expected.ppl_ratio, rel=1e-6)

@@ -29,6 +29,11 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_DIR / f"step_{step:07d}"
 
 
+def checkpoint_step(path: Path) -> int:
+    """``checkpoints/step_0000500`` -> 500."""
+    return int(Path(path).name.removeprefix("step_"))
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = run_dir / CKPT_DIR

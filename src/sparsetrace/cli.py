@@ -125,6 +125,20 @@ def _free_run_name(out_dir: Path, name: str) -> str:
     return candidate
 
 
+def export_hf(run: Path, out: Path, step: int = -1) -> None:
+    """Write a run's checkpoint as a Hugging Face model directory (GPT-2 or Llama layout).
+
+    Args:
+        run: a sparsetrace run directory with checkpoints
+        out: the directory to write (model weights, config.json and the run's tokenizer)
+        step: the checkpoint's step (-1: the last)
+    """
+    from sparsetrace.export import export_run
+
+    written = export_run(run, out, None if step < 0 else step)
+    print(f"wrote {written} (load it with transformers' AutoModelForCausalLM.from_pretrained)")
+
+
 def _command() -> str:
     return " ".join(["sparsetrace", *sys.argv[1:]])
 
@@ -145,7 +159,7 @@ def _verbs() -> list[Callable[..., Any]]:
     return [
         run, train, report, metrics, experiment_mask, experiment_capacity, sweep, prune,
         analyze, sparsing_law, sparsing_baselines, fit_law, experiment_activations,
-        experiment_width_depth, speed,
+        experiment_width_depth, speed, export_hf,
     ]  # fmt: skip
 
 
@@ -156,8 +170,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for fn in _verbs():
         name = fn.__name__.rstrip("_").replace("_", "-")
-        doc = (fn.__doc__ or "").strip().splitlines()[0].replace("%", "%%")
-        verb = sub.add_parser(name, help=doc, description=doc)
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        # argparse %-formats a help string, not a description
+        verb = sub.add_parser(name, help=doc.replace("%", "%%"), description=doc)
         hints, helps = get_type_hints(fn), _param_help(fn)
         for pname, param in inspect.signature(fn).parameters.items():
             if pname == "overrides":  # free --section.key value pairs, parsed by the config

@@ -42,7 +42,6 @@ import platform
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +50,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import sparsetrace
-from sparsetrace.analysis.locate import Gated, LayerSelection, Site, locate, select
 from sparsetrace.analysis.tracer import forward_inputs
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import DEFAULT_PERCENTILES, UseStats, use_counts, use_stats_from_counts
 from sparsetrace.rundir import RunWriter, atomic_write_text
+from sparsetrace.sites import Gated, Hooks, LayerSelection, Site, locate, select
 from sparsetrace.tracking import LifecycleTracker
 
 STATE_VERSION = 1
@@ -151,14 +150,9 @@ class Recorder:
         self.writer: RunWriter | None = None
         if self.is_main:
             self._open(resume, dict(meta or {}), tensorboard)
-        self._handles = [model.register_forward_pre_hook(self._start, with_kwargs=True)]
-        for i, site in enumerate(self.sites):
-            hook = (
-                site.module.register_forward_hook(partial(self._on_output, i))
-                if site.output
-                else site.module.register_forward_pre_hook(partial(self._on_input, i))
-            )
-            self._handles.append(hook)
+        self._hooks = Hooks()
+        self._hooks.before(model, self._start, with_kwargs=True)
+        self._hooks.on_sites(self.sites, self._on_input, self._on_output)
 
     @property
     def is_main(self) -> bool:
@@ -379,9 +373,7 @@ class Recorder:
         if self._closed:
             return
         self._closed = True
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._hooks.remove()
         if self.writer is not None:
             self.writer.close()
             self._write_meta(status="finished" if finished else "interrupted")

@@ -2,7 +2,7 @@
 
 Each forward pass of the traced model is one *batch*. A forward pre-hook on the model itself
 starts the batch and captures its ``attention_mask`` (any forward argument of that name, keyword
-or positional); a hook per layer (see :mod:`sparsetrace.analysis.locate`) reduces the layer's
+or positional); a hook per layer (see :mod:`sparsetrace.sites`) reduces the layer's
 hidden activation to per-sequence use counts on the activation's own device and keeps only a
 handful of numbers per batch and layer plus two (hidden,) masks per layer, so memory stays flat
 however much data passes.
@@ -13,18 +13,16 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Sequence
-from functools import partial
-from types import TracebackType
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from sparsetrace.analysis.locate import Gated, LayerSelection, Site, locate, select
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import DEFAULT_PERCENTILES, UseStats, use_counts, use_stats_from_counts
 from sparsetrace.rundir import SPARSITY_BASE_COLUMNS, percentile_column
+from sparsetrace.sites import Gated, HookContext, LayerSelection, Site, locate, select
 
 SITE_COLUMNS = ["layer", "name", "module", "measured", "hidden"]
 # per_token ... seq_batch_ratio, in sparsity.csv's order
@@ -52,7 +50,7 @@ def forward_inputs(
     return (tuple(shapes[0]) if shapes else None), (mask if isinstance(mask, Tensor) else None)
 
 
-class Trace:
+class Trace(HookContext):
     """Hooks on a model's MLP hidden activations that record use statistics per forward pass.
 
     Use through :func:`trace`. Results stay readable after the ``with`` block ends.
@@ -67,7 +65,7 @@ class Trace:
         self._hidden: dict[str, int] = {}
         self._first_used: dict[str, Tensor] = {}
         self._ever_used: dict[str, Tensor] = {}  # on the activation's device until read
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        super().__init__()
         self._signature = inspect.signature(model.forward)
         self._mask: Tensor | None = None  # set_mask's; takes precedence over the captured one
         self._batch = -1  # index of the forward pass in progress
@@ -77,26 +75,9 @@ class Trace:
         self._done: set[int] = set()  # sites recorded in the current batch
 
     def __enter__(self) -> Trace:
-        self._handles.append(
-            self.model.register_forward_pre_hook(self._start_batch, with_kwargs=True)
-        )
-        for i, site in enumerate(self.sites):
-            if site.output:
-                hook = site.module.register_forward_hook(partial(self._on_output, i))
-            else:
-                hook = site.module.register_forward_pre_hook(partial(self._on_input, i))
-            self._handles.append(hook)
+        self._hooks.before(self.model, self._start_batch, with_kwargs=True)
+        self._hooks.on_sites(self.sites, self._on_input, self._on_output)
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def set_mask(self, mask: Tensor | None) -> None:
         """Real-token mask (batch, seq) for the following forward passes, instead of the
@@ -262,7 +243,7 @@ def trace(
     predicate on them, or a list of names and layer indices. ``gated``: for gated MLPs, measure
     the down projection's input ``act(gate) * up`` ("product") or ``act(gate)`` alone ("gate").
     ``modules``: dotted paths of modules whose forward input is the hidden activation, in layer
-    order, for architectures :mod:`sparsetrace.analysis.locate` does not know.
+    order, for architectures :mod:`sparsetrace.sites` does not know.
     """
     architecture, sites = locate(model, gated, modules)
     return Trace(model, select(sites, layers), architecture, percentiles)

@@ -38,8 +38,8 @@ def analyze(
         device_map: load Hugging Face models with accelerate's device_map (auto, cpu, ...)
     """
     from sparsetrace.analysis.analyze import analyze_model
-    from sparsetrace.analysis.locate import parse_layers
     from sparsetrace.rundir import load_run
+    from sparsetrace.sites import parse_layers
 
     wanted = [r.strip() for r in revisions.split(",") if r.strip()]
     run_dir = analyze_model(model, wanted, data, tokens, batch_size, seq_len, out, gated,

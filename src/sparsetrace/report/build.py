@@ -478,7 +478,7 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
             *_table_sections(measured),
             *_figure_sections(measured, fig_dir),
         ]
-        law = sparsing_run_section(measured, fig_dir)
+        law = sparsing_run_section(runs, fig_dir)  # a model measured by sparsing-law alone too
         if law is not None:
             sections.append(law)
     for section in sections:

@@ -464,15 +464,23 @@ def run_section(runs: list, fig_dir: Path) -> Section | None:
     return Section("sparsing-law", title, [intro, *blocks])
 
 
+def _hidden_units(rd, layer: int) -> float:
+    """A layer's units from the run's sparsity rows (summaries written before they recorded
+    them); NaN when the run has none."""
+    if rd.series.empty:
+        return math.nan
+    last = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
+    return last["hidden"].get(layer, math.nan)
+
+
 def _run_blocks(rd, summary: dict) -> tuple[list, Curve | None]:
     """One run's ``sparsing_law.json``: the final checkpoint's text and per-layer table, then the
     over-training table, its fit and its curve."""
     blocks: list = []
     final = summary["checkpoints"][-1]
-    widths = rd.series[rd.series["step"] == rd.series["step"].max()].set_index("layer")
     rows, dead, units = {}, 0, 0.0
     for layer, v in final["layers"].items():
-        hidden = widths["hidden"].get(int(layer), math.nan)
+        hidden = v["units"] if "units" in v else _hidden_units(rd, int(layer))
         dead, units = dead + v["dead_units"], units + hidden
         rows[f"layer {layer}"] = {
             "CETT threshold τ": v["tau"], "activation ratio %": 100 * v["activation_ratio"],
@@ -590,8 +598,11 @@ def _over_training_blocks(label: str, summary: dict, run) -> tuple[list, Curve |
     if len(points) < 2:
         return [Text(f"{label}: one checkpoint measured, no over-training curve (`sparsetrace "
                      "sparsing-law RUN` measures them all).", "note")], None  # fmt: skip
+    # Tokens per step unknown (a Hugging Face series): the curve and its fit over steps; the
+    # law's A0 and alpha do not depend on the unit.
+    by_step = summary.get("x", "tokens") == "steps"
     frame = pd.DataFrame(
-        {"tokens": [c["tokens"] for c in points],
+        {"tokens": [c["step"] if by_step else c["tokens"] for c in points],
          "activation ratio %": [100 * c["activation_ratio"] for c in points],
          "± SE at c": [100 * c["activation_ratio_se"] for c in points],
          "± SE with search": [100 * _or_nan(c.get("activation_ratio_se_search"))
@@ -600,8 +611,10 @@ def _over_training_blocks(label: str, summary: dict, run) -> tuple[list, Curve |
     )  # fmt: skip
     formats = {"tokens": _whole, "activation ratio %": _four, "± SE at c": _four,
                "± SE with search": _four_or_blank}  # fmt: skip
+    unit = ("The tokens per step are unknown: the 'tokens' column holds the step, and the law "
+            "is fitted over steps. " if by_step else "")  # fmt: skip
     out: list = [Table(f"sparsing_law_curve_{label}", f"Activation ratio over training ({label})",
-                       "One CETT c for all checkpoints, found on the final ones. ± SE at c: "
+                       unit + "One CETT c for all checkpoints, found on the final ones. ± SE at c: "
                        "bootstrap over the evaluation sequences at that c, the spread between "
                        "checkpoints; ± SE with search: the search for c redone on each resample "
                        "(the checkpoints c was searched on), the uncertainty of a ratio on its "

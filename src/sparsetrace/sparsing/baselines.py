@@ -110,7 +110,7 @@ def baseline_rules(
     if baseline == "topk":
         if reference:
             return dict.fromkeys(subject.down, TopKBatch(param))
-        return {name: TopK(round(param * m.in_features)) for name, m in subject.down.items()}
+        return {name: TopK(round(param * w)) for name, w in subject.sites.widths.items()}
     if baseline == "fat":
         return dict.fromkeys(subject.down, Fat(param, on_gate=reference))
     raise ValueError(f"unknown baseline {baseline!r} (topk, fat)")

@@ -16,14 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from sparsetrace.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.data import prepare_data
-from sparsetrace.device import evaluation_device
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
 from sparsetrace.sparsing.baselines import Definition, match_ppl, strength
-from sparsetrace.sparsing.over_training import WINDOWS, checkpoint_step, validation_batches
-from sparsetrace.sparsing.search import ppl_sparsity, target_ratio, transformer_subject
+from sparsetrace.sparsing.over_training import WINDOWS, validation_batches
+from sparsetrace.sparsing.search import Subject, ppl_sparsity, target_ratio
+from sparsetrace.sparsing.source import DEFAULT_OPTIONS, ModelOptions, describe, open_source
 
 JSON_NAME = "sparsing_baselines.json"
 DEFINITIONS: tuple[Definition, ...] = ("reference", "ours")
@@ -32,28 +30,34 @@ METHOD_NAMES = {"cett": "PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}  
 
 
 def compare_baselines(
-    run: Path, p: float = 1.0, tokens: int = 16384, definitions: tuple[str, ...] = ("reference",)
+    model: str | Path,
+    p: float = 1.0,
+    tokens: int = 16384,
+    definitions: tuple[str, ...] = ("reference",),
+    options: ModelOptions = DEFAULT_OPTIONS,
 ) -> dict[str, Any]:
     """PPL-p% sparsity, Top-k and FAT-ε (each baseline in every definition of ``definitions``) on
-    the final checkpoint of ``run``, all at PPL ratio 1 + p/100 on the same ``tokens`` validation
-    tokens; writes ``sparsing_baselines.json`` into the run and returns its content."""
-    run = Path(run)
+    the final revision of ``model`` (a run or a Hugging Face model:
+    :mod:`sparsetrace.sparsing.source`), all at PPL ratio 1 + p/100 on the same ``tokens``
+    tokens; writes ``sparsing_baselines.json`` into the run (or ``options.out``) and returns its
+    content."""
     if not p > 0 or tokens < 1:
         raise UserError(f"p must be > 0 and tokens >= 1; got p={p}, tokens={tokens}")
     unknown = set(definitions) - set(DEFINITIONS)
     if unknown or not definitions:
         raise UserError(f"definitions must be among {', '.join(DEFINITIONS)}; "
                         f"got {', '.join(definitions) or 'none'}")  # fmt: skip
-    ckpts = list_checkpoints(run)
-    if not ckpts:
-        raise UserError(f"{run}: no checkpoint to evaluate")
-    model, cfg = load_trained_model(run, ckpts[-1])
-    model.to(evaluation_device(cfg.train.device))
-    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
+    src = open_source(str(model), options, options.stream_tokens(tokens))
+    final = src.revisions[-1]
+    batches = validation_batches(src.val, src.seq_len, tokens)
     if sum(len(b.inputs) for b in batches) < 2:
-        raise UserError(f"--tokens {tokens} gives one sequence of {cfg.data.seq_len} tokens: the "
+        raise UserError(f"--tokens {tokens} gives one sequence of {src.seq_len} tokens: the "
                         "uncertainties need two or more")  # fmt: skip
-    subject = transformer_subject(model, batches)
+    model = src.load(final)
+    subject = Subject(model, batches, src.sites(model))
+    describe(src, subject.model, {"p": p, "tokens": tokens, "seq_len": src.seq_len,
+                                  "data": src.data, "revisions": [final.label],
+                                  "device_map": options.device_map or None})  # fmt: skip
     cett = ppl_sparsity(subject, p, search_se=True)
     m, boot = cett.measurement, cett.uncertainty
     methods = [{
@@ -82,12 +86,15 @@ def compare_baselines(
                 "se": float(np.std(paired, ddof=1)),
             })  # fmt: skip
     summary = {
-        "run": str(run), "step": checkpoint_step(ckpts[-1]), "p": p,
+        "model": src.model, "directory": str(src.out), "step": final.step,
+        "revision": final.label, "p": p,
         "target_ppl_ratio": target_ratio(p), "tokens_requested": tokens,
         "tokens_evaluated": sum(b.n_targets for b in batches), "windows": WINDOWS,
         "passes": subject.passes, "methods": methods, "differences": differences,
     }  # fmt: skip
-    atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
+    if src.is_run:
+        summary["run"] = str(src.out)
+    atomic_write_text(src.out / JSON_NAME, json.dumps(summary, indent=2))
     return summary
 
 

@@ -15,19 +15,21 @@ SIZE = (6.5, 4.0)  # inches
 
 
 def plot_activation_ratio(csv: Path, out: Path) -> Path:
-    """Activation ratio at the run's fixed CETT vs tokens seen, from ``sparsing_law.csv``: one
-    thin line per layer, the layer mean in bold. Writes a PNG to ``out``."""
-    frame = pd.read_csv(csv, dtype={"layer": str}).sort_values("tokens")
+    """Activation ratio at the run's fixed CETT vs tokens seen (steps where those are unknown),
+    from ``sparsing_law.csv``: one thin line per layer, the layer mean in bold. PNG to ``out``."""
+    frame = pd.read_csv(csv, dtype={"layer": str})
+    x = "step" if frame["tokens"].isna().all() else "tokens"
+    frame = frame.sort_values(x)
     fig = Figure(figsize=SIZE, layout="constrained")
     ax = fig.add_subplot()
     for layer, rows in frame.groupby("layer", sort=True):
         overall = layer == "all"
         ax.plot(
-            rows["tokens"], rows["activation_ratio"], marker="o", markersize=3,
+            rows[x], rows["activation_ratio"], marker="o", markersize=3,
             linewidth=2.4 if overall else 1.0, color="black" if overall else None,
             label="mean of layers" if overall else f"layer {layer}", zorder=3 if overall else 2,
         )  # fmt: skip
-    ax.set_xlabel("tokens seen")
+    ax.set_xlabel("tokens seen" if x == "tokens" else "step")
     ax.set_ylabel("activation ratio (PPL-p%)")
     ax.grid(alpha=0.35)
     ax.legend(fontsize=8, frameon=False)

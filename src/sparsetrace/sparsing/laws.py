@@ -488,8 +488,9 @@ def run_warmup_points(run: Path) -> int | None:
 
 def read_law_data(path: Path) -> tuple[Array, Array]:
     """(tokens, activation ratio) from a CSV (columns tokens, activation_ratio), a run directory
-    (its sparsing_law.csv, layer 'all') or the authors' JSON ({"token_passed", "activation_ratio"},
-    recognised by its content: their files are named .txt). Bad input: UserError."""
+    (its sparsing_law.csv, layer 'all'; steps where its tokens are unknown) or the authors' JSON
+    ({"token_passed", "activation_ratio"}, recognised by its content: their files are named
+    .txt). Bad input: UserError."""
     path = Path(path)
     if path.is_dir():
         csv = path / "sparsing_law.csv"
@@ -498,6 +499,10 @@ def read_law_data(path: Path) -> tuple[Array, Array]:
         frame = _read_csv(csv)
         if "layer" in frame.columns:
             frame = frame[frame["layer"].astype(str) == "all"]
+        if "step" in frame.columns and "tokens" in frame.columns and frame["tokens"].isna().all():
+            # Tokens per step unknown (a Hugging Face series): D in steps. The laws' A0 and
+            # alpha do not depend on D's unit (it scales c alone).
+            frame = frame.assign(tokens=frame["step"])
     elif not path.is_file():
         raise UserError(f"{path}: no such file or directory")
     elif _starts_with_brace(path):
@@ -548,7 +553,9 @@ def _read_authors_json(path: Path) -> pd.DataFrame:
 
 
 RELU_LIKE = ("relu", "relu2", "reglu")  # fitted with the ReLU law (activation ratio falls)
-SILU_LIKE = ("silu", "gelu", "swiglu", "geglu")  # fitted with the SiLU law (ratio rises)
+# fitted with the SiLU law (ratio rises); transformers' names of GELU and SiLU variants included
+SILU_LIKE = ("silu", "gelu", "swiglu", "geglu", "swish", "gelu_new", "gelu_pytorch_tanh",
+             "gelu_fast", "gelu_python", "quick_gelu")  # fmt: skip
 
 
 def law_form(activation: str) -> str:

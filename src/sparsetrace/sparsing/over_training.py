@@ -1,4 +1,4 @@
-"""PPL-p% activation ratio over a run's checkpoints (Sparsing Law, over training).
+"""PPL-p% activation ratio over a model's checkpoints (Sparsing Law, over training).
 
 As the public scripts do, the CETT c is found once, on the final checkpoints (the PPL ratio
 averaged over the last ``last``), and applied to every checkpoint, so that the curve of activation
@@ -7,6 +7,7 @@ ratio against tokens seen is measured at one fixed truncation criterion.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 from dataclasses import asdict
@@ -16,11 +17,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sparsetrace.checkpoint import list_checkpoints, load_trained_model
-from sparsetrace.data import get_batch, prepare_data
-from sparsetrace.device import evaluation_device
+from sparsetrace.data import get_batch
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text, layer_index
+from sparsetrace.series import Revision
 from sparsetrace.sparsing.cett import GRID_SIZE
 from sparsetrace.sparsing.search import (
     PPL_TOL,
@@ -30,7 +30,13 @@ from sparsetrace.sparsing.search import (
     find_cett,
     search_uncertainty,
     target_ratio,
-    transformer_subject,
+)
+from sparsetrace.sparsing.source import (
+    DEFAULT_OPTIONS,
+    LawSource,
+    ModelOptions,
+    describe,
+    open_source,
 )
 from sparsetrace.sparsing.uncertainty import SearchBootstrap
 
@@ -74,110 +80,125 @@ def validation_batches(
     return batches
 
 
-def checkpoint_step(path: Path) -> int:
-    """``checkpoints/step_0000500`` -> 500."""
-    return int(path.name.removeprefix("step_"))
-
-
-def _tokens_per_step(run: Path) -> int:
-    try:
-        return int(json.loads((run / "meta.json").read_text())["train"]["tokens_per_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{run}: meta.json with train.tokens_per_step is missing") from None
-
-
 def sparsing_law(
-    run: Path, p: float = 1.0, tokens: int = 32768, last: int = 5, final_only: bool = False,
+    model: str | Path,
+    p: float = 1.0,
+    tokens: int = 32768,
+    last: int = 5,
+    final_only: bool = False,
     replicates: int = 0,
-) -> Path:  # fmt: skip
-    """Activation ratio at PPL-p% sparsity for every checkpoint of ``run`` (``final_only``: the
-    last checkpoint alone, searched on itself); writes ``sparsing_law.csv`` (step, tokens, layer
-    ('all' or index), activation_ratio, cett, ppl_ratio) and ``sparsing_law.json`` into the run
-    directory; returns the CSV's path. ``replicates`` K > 0 repeats the whole measurement of the
-    final checkpoint (search and ratio) on K further disjoint sets of as many validation tokens:
-    their spread is the ratio's sampling uncertainty including the search for c, which the
-    bootstrap SE (at fixed c) leaves out (:func:`replicate_final`).
+    options: ModelOptions = DEFAULT_OPTIONS,
+) -> Path:
+    """Activation ratio at PPL-p% sparsity for every revision of ``model`` (a sparsetrace run, a
+    Hugging Face model directory, checkpoint series or hub id, read as ``options`` say:
+    :mod:`sparsetrace.sparsing.source`) at the CETT c found on the last ``last``
+    (``final_only``: the last revision alone, searched on itself); writes ``sparsing_law.csv``
+    (step, tokens, layer ('all' or index), activation_ratio, cett, ppl_ratio) and
+    ``sparsing_law.json`` into the run directory (a Hugging Face model: ``options.out``);
+    returns the CSV's path. ``replicates`` K > 0 repeats the whole measurement of the final
+    revision (search and ratio) on K further disjoint sets of as many tokens: their spread is
+    the ratio's sampling uncertainty including the search for c, which the bootstrap SE (at
+    fixed c) leaves out (:func:`replicate_final`).
 
-    Memory: the last ``last`` models are held at once during the search; each layer keeps
-    ``GRID_SIZE + 1`` numbers of its CETT curve, never the activations.
+    Memory: the last ``last`` models are held at once during the search, then one at a time;
+    each layer keeps ``GRID_SIZE + 1`` numbers of its CETT curve, never the activations.
     """
-    run = Path(run)
     if not p > 0:
         raise UserError(f"p must be > 0 (percent of perplexity); got {p}")
     if tokens < 1 or last < 1 or replicates < 0 or replicates == 1:
         raise UserError(f"tokens and last must be >= 1, replicates 0 or >= 2 (a spread needs "
                         f"two); got tokens={tokens}, last={last}, "
                         f"replicates={replicates}")  # fmt: skip
-    ckpts = list_checkpoints(run)
-    if not ckpts:
-        raise UserError(f"{run}: no checkpoint to evaluate")
+    src = open_source(str(model), options, options.stream_tokens(tokens, 1 + replicates))
+    revs = src.revisions
+    if not revs:
+        raise UserError(f"{model}: no checkpoint to evaluate")
     if final_only:
-        ckpts, last = ckpts[-1:], 1
-    per_step = _tokens_per_step(run)
-    _, cfg = load_trained_model(run, ckpts[-1])
-    val = prepare_data(cfg.data).val
-    batches = validation_batches(val, cfg.data.seq_len, tokens)
+        revs, last = revs[-1:], 1
+    last = min(last, len(revs))
+    if tokens < src.seq_len:
+        raise UserError(f"--tokens {tokens} is below one window of {src.seq_len} tokens")
+    batches = validation_batches(src.val, src.seq_len, tokens)
     if replicates:  # refuse before the measurement, not after it
-        validation_batches(val, cfg.data.seq_len, tokens, token_set=replicates)
-    device = evaluation_device(cfg.train.device)
-
-    def subject(ckpt: Path) -> Subject:
-        model, _ = load_trained_model(run, ckpt)
-        model.to(device)
-        return transformer_subject(model, batches)
-
-    finals = {ckpt: subject(ckpt) for ckpt in ckpts[-last:]}
+        validation_batches(src.val, src.seq_len, tokens, token_set=replicates)
+    finals = {rev.label: _subject(src, rev, batches) for rev in revs[-last:]}
+    describe(src, next(iter(finals.values())).model, {
+        "p": p, "tokens": tokens, "last": last, "seq_len": src.seq_len, "data": src.data,
+        "revisions": [r.label for r in revs], "device_map": options.device_map or None,
+    })  # fmt: skip
     search = find_cett(list(finals.values()), p)
     boots = dict(zip(finals, search_uncertainty(list(finals.values()), p), strict=True))
-    rows: list[dict[str, Any]] = []
-    results: list[dict[str, Any]] = []
-    passes = 0
-    for ckpt in ckpts:
-        s = finals.pop(ckpt, None) or subject(ckpt)  # a final checkpoint is freed once measured
+    measured: dict[str, tuple[list[dict[str, Any]], dict[str, Any], int]] = {}
+
+    def measure(rev: Revision, s: Subject) -> None:
         m = s.measure(search.x)
-        step = checkpoint_step(ckpt)
-        rows += measurement_rows(step, step * per_step, m)
-        results.append(_result(step, step * per_step, s, m, boots.get(ckpt)))
-        passes += s.passes
+        seen = src.tokens_seen(rev)
+        entry = _result(rev, seen, s, m, boots.get(rev.label))
+        measured[rev.label] = (measurement_rows(rev.step, seen, m), entry, s.passes)
+
+    # The final revisions first (they are in memory), then the others one at a time.
+    for rev in revs[-last:]:
+        measure(rev, finals.pop(rev.label))
+    gc.collect()
+    for rev in revs[:-last]:
+        measure(rev, _subject(src, rev, batches))
+        gc.collect()
+    rows = [row for rev in revs for row in measured[rev.label][0]]
+    results = [measured[rev.label][1] for rev in revs]
+    passes = sum(measured[rev.label][2] for rev in revs)
     first_boot = next(iter(boots.values()))
     # Measured before either file is written: the CSV and the JSON change together.
-    replicated = replicate_final(run, ckpts[-1], p, tokens, replicates) if replicates else None
-    csv = run / CSV_NAME
+    replicated = replicate_final(src, revs[-1], p, tokens, replicates) if replicates else None
+    src.out.mkdir(parents=True, exist_ok=True)
+    csv = src.out / CSV_NAME
     atomic_write_text(csv, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
     summary = {
-        "run": str(run), "p": p, "target_ppl_ratio": target_ratio(p), "cett": search.x,
+        "model": src.model, "kind": src.series.kind, "directory": str(src.out), "p": p,
+        "target_ppl_ratio": target_ratio(p),
+        "cett": search.x,
         "search": {
-            "checkpoints": [checkpoint_step(c) for c in ckpts[-last:]],
+            "checkpoints": [r.step for r in revs[-last:]],
+            "revisions": [r.label for r in revs[-last:]],
             "mean_ppl_ratio": search.value, "bracket": [search.lo, search.hi],
             "candidates": len(search.points), "ppl_tolerance": PPL_TOL * p / 100,
             "c_interval_95": first_boot.c_interval(), "clipped": first_boot.clipped,
         },
         "tokens_requested": tokens, "tokens_evaluated": sum(b.n_targets for b in batches),
-        "windows": WINDOWS,
+        "windows": WINDOWS, "seq_len": src.seq_len, "data": src.data,
+        "tokens_per_step": src.tokens_per_step,
+        "x": "tokens" if src.tokens_per_step else "steps",
         "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
     }  # fmt: skip
+    if src.is_run:
+        summary["run"] = str(src.out)
     if replicated:
         summary["replicates"] = replicated
-    atomic_write_text(run / JSON_NAME, json.dumps(summary, indent=2))
+    atomic_write_text(src.out / JSON_NAME, json.dumps(summary, indent=2))
     return csv
 
 
-def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> dict[str, Any]:
-    """The whole PPL-p% measurement of ``ckpt`` (search for c on it alone, then the ratio)
-    repeated on validation token sets 1..``sets`` (set 0 is the evaluation set): per set c, PPL
+def _subject(src: LawSource, rev: Revision, batches: list[TokenBatch]) -> Subject:
+    model = src.load(rev)
+    return Subject(model, batches, src.sites(model))
+
+
+def replicate_final(
+    src: LawSource, rev: Revision, p: float, tokens: int, sets: int
+) -> dict[str, Any]:
+    """The whole PPL-p% measurement of revision ``rev`` (search for c on it alone, then the
+    ratio) repeated on token sets 1..``sets`` (set 0 is the evaluation set): per set c, PPL
     ratio, activation ratio and its bootstrap SEs (at fixed c, and with the search), and the
     ratios' mean and SD."""
     if sets < 1:
         raise UserError(f"replicates need at least one token set; got {sets}")
-    model, cfg = load_trained_model(run, ckpt)
-    model.to(evaluation_device(cfg.train.device))
-    val = prepare_data(cfg.data).val
-    validation_batches(val, cfg.data.seq_len, tokens, token_set=sets)  # refuse before measuring
+    validation_batches(src.val, src.seq_len, tokens, token_set=sets)  # refuse before measuring
+    model = src.load(rev)
+    sites = src.sites(model)
     rows = []
     for k in range(1, sets + 1):
-        batches = validation_batches(val, cfg.data.seq_len, tokens, token_set=k)
-        s = transformer_subject(model, batches)
+        batches = validation_batches(src.val, src.seq_len, tokens, token_set=k)
+        s = Subject(model, batches, sites)
         c = find_cett([s], p).x
         m = s.measure(c)
         (boot,) = search_uncertainty([s], p)
@@ -187,11 +208,11 @@ def replicate_final(run: Path, ckpt: Path, p: float, tokens: int, sets: int) -> 
                      "activation_ratio_se_search": boot.se})  # fmt: skip
     ratios = [r["activation_ratio"] for r in rows]
     sd = float(np.std(ratios, ddof=1)) if len(ratios) > 1 else math.nan
-    return {"step": checkpoint_step(ckpt), "tokens_per_set": sum(b.n_targets for b in batches),
+    return {"step": rev.step, "tokens_per_set": sum(b.n_targets for b in batches),
             "sets": rows, "mean": float(np.mean(ratios)), "sd": sd}  # fmt: skip
 
 
-def measurement_rows(step: int, tokens: int, m: Measurement) -> list[dict[str, Any]]:
+def measurement_rows(step: int, tokens: int | None, m: Measurement) -> list[dict[str, Any]]:
     layers = [
         {"layer": layer_index(name), "activation_ratio": lm.activation_ratio, "cett": lm.cett}
         for name, lm in m.layers.items()
@@ -207,17 +228,22 @@ def measurement_rows(step: int, tokens: int, m: Measurement) -> list[dict[str, A
 
 
 def _result(
-    step: int, tokens: int, s: Subject, m: Measurement, boot: SearchBootstrap | None
+    rev: Revision, tokens: int | None, s: Subject, m: Measurement, boot: SearchBootstrap | None
 ) -> dict[str, Any]:
-    """A checkpoint's entry; ``activation_ratio_se_search`` (the SE with the search for c
-    included) only for the checkpoints the search was run on, None (JSON null) for the others."""
+    """A revision's entry; ``activation_ratio_se_search`` (the SE with the search for c
+    included) only for the revisions the search was run on, None (JSON null) for the others;
+    ``tokens`` None where the tokens per step are unknown."""
+    widths = s.sites.widths
+    layers = {str(layer_index(name)): {**asdict(lm), "units": widths[name]}
+              for name, lm in m.layers.items()}  # fmt: skip
     return {
-        "step": step, "tokens": tokens, "activation_ratio": m.activation_ratio,
+        "step": rev.step, "revision": rev.label, "tokens": tokens,
+        "activation_ratio": m.activation_ratio,
         "activation_ratio_se": m.activation_ratio_se,
         "activation_ratio_se_search": boot.se if boot is not None else None,
         "dense_activation_ratio": s.reference.dense.mean_activation_ratio,
         "ppl_ratio": m.ppl_ratio, "loss_dense": m.loss_dense, "loss_sparse": m.loss_sparse,
-        "layers": {str(layer_index(name)): asdict(lm) for name, lm in m.layers.items()},
+        "layers": layers,
     }  # fmt: skip
 
 

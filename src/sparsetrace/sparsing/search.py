@@ -23,16 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsetrace.sites import MlpSites, down_weight, input_device, mlp_sites
 from sparsetrace.sparsing.cett import GRID_SIZE, CettCurve, CettThreshold, ThresholdGrid
-from sparsetrace.sparsing.truncation import (
-    GateTap,
-    Observer,
-    Rule,
-    Threshold,
-    Truncation,
-    transformer_down_projections,
-    transformer_gates,
-)
+from sparsetrace.sparsing.truncation import Observer, Rule, Threshold, Truncation
 from sparsetrace.sparsing.uncertainty import (
     SearchBootstrap,
     SequenceStats,
@@ -73,19 +66,13 @@ class TokenBatch:
 LossFn = Callable[[nn.Module, TokenBatch], Tensor]
 
 
-def transformer_loss(model: nn.Module, batch: TokenBatch) -> Tensor:
-    """Per sequence, the summed next-token cross-entropy of our Transformer."""
+def causal_lm_loss(model: nn.Module, batch: TokenBatch) -> Tensor:
+    """Per sequence, the summed next-token cross-entropy of a causal language model called as
+    ``model(input_ids).logits`` (ours and transformers' ``*ForCausalLM`` alike)."""
     logits = model(batch.inputs).logits.float()
     loss = F.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), reduction="none")
     loss = loss.view(batch.targets.shape)
     return (loss if batch.valid is None else loss * batch.valid).sum(-1)
-
-
-def transformer_subject(model: nn.Module, batches: Sequence[TokenBatch]) -> Subject:
-    """Our Transformer on an evaluation set: its down projections, and its gates (rules that
-    decide on ``act(gate)`` need them)."""
-    return Subject(model, transformer_down_projections(model), batches,
-                   gates=transformer_gates(model))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -150,26 +137,24 @@ class Measurement:
 class Subject:
     """One model on a fixed evaluation set; counts its passes over that set in ``passes``.
 
-    ``down`` maps layer names to down projections (see :mod:`sparsetrace.sparsing.truncation`);
-    ``gates`` the gated layers' gate activations (for rules that decide on them; a gated layer
-    missing from it is decided on its product ``act(gate) * up``, the ``ours`` definition, so
-    pass :func:`~sparsetrace.sparsing.truncation.transformer_gates` or your model's own);
-    ``loss_fn`` gives each sequence's summed loss (default: our Transformer's).
+    ``sites``: the model's down projections and gate taps (default: :func:`mlp_sites`; a gated
+    layer without a gate tap is decided on its product ``act(gate) * up`` by every rule);
+    ``loss_fn`` gives each sequence's summed loss (default: a causal LM's).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        down: Mapping[str, nn.Linear],
         batches: Sequence[TokenBatch],
-        loss_fn: LossFn = transformer_loss,
+        sites: MlpSites | None = None,
+        loss_fn: LossFn = causal_lm_loss,
         grid_size: int = GRID_SIZE,
-        gates: Mapping[str, GateTap] | None = None,
     ) -> None:
         if not batches:
             raise ValueError("empty evaluation set")
-        self.model, self.down, self.batches = model.eval(), dict(down), list(batches)
-        self.gates = dict(gates or {})
+        self.model, self.batches = model.eval(), list(batches)
+        self.sites = sites if sites is not None else mlp_sites(model)
+        self.down = self.sites.down
         self.loss_fn, self.grid_size = loss_fn, grid_size
         self.passes = 0
         self._memo: dict[tuple, Evaluation] = {}
@@ -180,12 +165,12 @@ class Subject:
         self, rules: Mapping[str, Rule] | None = None, observe: Observer | None = None
     ) -> Evaluation:
         """One pass over the evaluation set with ``rules`` applied (none: dense)."""
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)  # where a device_map put the embedding
         losses, targets = [], []
-        with Truncation(self.down, rules, observe, self.gates) as trunc:
+        with Truncation(self.sites, rules, observe) as trunc:
             for batch in self.batches:
                 batch = batch.to(device)
-                trunc.valid = batch.valid
+                trunc.shape, trunc.valid = tuple(batch.inputs.shape), batch.valid
                 loss = self.loss_fn(self.model, batch)
                 if loss.shape != batch.targets.shape[:1]:
                     raise ValueError(f"loss_fn must return one summed loss per sequence, shape "
@@ -206,10 +191,10 @@ class Subject:
     @cached_property
     def reference(self) -> Reference:
         """Dense pass (loss, candidate thresholds), then a second pass for the CETT curves."""
-        grids = {name: ThresholdGrid(m.weight) for name, m in self.down.items()}
+        grids = {name: ThresholdGrid(down_weight(m)) for name, m in self.down.items()}
         dense = self.run(observe=lambda name, rows, _: grids[name].update(rows))
         curves = {
-            name: CettCurve(self.down[name].weight, g.grid(self.grid_size))
+            name: CettCurve(down_weight(self.down[name]), g.grid(self.grid_size))
             for name, g in grids.items()
         }
         self.run(observe=lambda name, rows, _: curves[name].update(rows))

@@ -11,51 +11,81 @@ import sys
 from pathlib import Path
 
 from sparsetrace.errors import UserError
+from sparsetrace.sparsing.source import ModelOptions
 
 
 def sparsing_law(
-    run: Path,
+    model: str,
     p: float = 1.0,
     tokens: int = 32768,
     final_only: bool = False,
     replicates: int = 0,
+    revisions: str = "",
+    data: str = "embedded",
+    seq_len: int = 0,
+    tokens_per_step: int = 0,
+    search_last: int = 5,
+    device: str = "",
+    device_map: str = "",
+    out: Path | None = None,
+    modules: str = "",
     json: bool = False,
 ) -> None:
-    """Activation ratio at PPL-p% sparsity over a run's checkpoints (Sparsing Law).
+    """Activation ratio at PPL-p% sparsity over a model's checkpoints (Sparsing Law).
 
     Args:
-        run: a sparsetrace run directory with checkpoints
+        model: a sparsetrace run, a Hugging Face model directory, a directory of them (a
+            checkpoint series, step-numbered names) or a hub id
         p: perplexity increase allowed, in percent (paper: 1)
-        tokens: validation tokens per evaluation, a random sample of the split's windows
-            (32,768: SE 0.7 % with the search for c on the cpu model; docs/sparsing-law.md)
+        tokens: evaluation tokens, a random sample of windows (a run: of its validation split;
+            32,768: SE 0.7 % with the search for c on the cpu model; docs/sparsing-law.md)
         final_only: the last checkpoint alone (minutes less; no over-training curve)
         replicates: repeat the final checkpoint's whole measurement (search for c included) on
             this many further disjoint token sets: the spread the bootstrap SE leaves out
+        revisions: comma-separated revisions of a series or hub id (names or step numbers)
+        data: a Hugging Face model's evaluation text: embedded, a .txt/.jsonl/.parquet file or
+            directory, hf:NAME (a run uses its validation split)
+        seq_len: a Hugging Face model's window (0: 512, capped by its context)
+        tokens_per_step: a Hugging Face series' training tokens per step (Pythia: 2097152), for
+            the over-training axis; 0: unknown, the curve and fit are over steps
+        search_last: checkpoints the CETT c is searched on, the last ones (all are held in memory
+            during the search; 1 keeps one model in memory at a time)
+        device: where to measure (cpu, cuda, cuda:N; default: a run's training device if
+            present, else CUDA when available)
+        device_map: load Hugging Face models with accelerate's device_map (auto, cpu, ...)
+        out: a Hugging Face model's result directory (default runs/sparsing-MODEL; an analyze
+            output directory works and keeps its files)
+        modules: comma-separated dotted paths of the MLP down projections, in layer order, for
+            an architecture sparsetrace does not locate itself
         json: print the summary as JSON
     """
     from sparsetrace.sparsing.figures import plot_activation_ratio
     from sparsetrace.sparsing.over_training import JSON_NAME, PNG_NAME, replicates_text
     from sparsetrace.sparsing.over_training import sparsing_law as measure
 
-    csv = measure(run, p=p, tokens=tokens, final_only=final_only, replicates=replicates)
+    options = ModelOptions(_names(revisions), data, seq_len, tokens_per_step, device, device_map,
+                           out, _names(modules))  # fmt: skip
+    csv = measure(model, p, tokens, search_last, final_only, replicates, options)
     summary = jsonlib.loads((csv.parent / JSON_NAME).read_text())
     png = plot_activation_ratio(csv, csv.parent / PNG_NAME)
+    fit = _fit_over_training(csv.parent, summary)
     if json:
         print(jsonlib.dumps(summary, indent=2))
         return
     search = summary["search"]
     print(
-        f"PPL-{p:g}% sparsity of {run}: CETT c = {summary['cett']:.6g}, mean PPL ratio "
-        f"{search['mean_ppl_ratio']:.5f} (target {summary['target_ppl_ratio']:.5f}) over steps "
-        f"{', '.join(map(str, search['checkpoints']))}; {summary['tokens_evaluated']:,} tokens"
+        f"PPL-{p:g}% sparsity of {model}: CETT c = {summary['cett']:.6g}, mean PPL ratio "
+        f"{search['mean_ppl_ratio']:.5f} (target {summary['target_ppl_ratio']:.5f}) over "
+        f"{', '.join(search['revisions'])}; {summary['tokens_evaluated']:,} tokens"
     )
     print(f"{'step':>9} {'tokens':>14} {'activation':>11} {'± se':>8} {'± search':>9} "
           f"{'dense':>8} {'PPL ratio':>10}")  # fmt: skip
     for ck in summary["checkpoints"]:
         se_search = ck["activation_ratio_se_search"]  # None: c was not searched on it
         search_col = "" if se_search is None else f"{se_search:.4f}"
+        seen = "unknown" if ck["tokens"] is None else f"{ck['tokens']:,}"
         print(
-            f"{ck['step']:>9} {ck['tokens']:>14,} {ck['activation_ratio']:>11.4f} "
+            f"{ck['step']:>9} {seen:>14} {ck['activation_ratio']:>11.4f} "
             f"{ck['activation_ratio_se']:>8.4f} {search_col:>9} "
             f"{ck['dense_activation_ratio']:>8.4f} {ck['ppl_ratio']:>10.5f}"
         )
@@ -66,21 +96,66 @@ def sparsing_law(
     )
     if "replicates" in summary:
         print(replicates_text(summary))
+    if fit:
+        print(fit)
     print(f"wrote {csv}, {csv.parent / JSON_NAME}, {png}")
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of the command line."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _fit_over_training(directory: Path, summary: dict) -> str:
+    """The Sparsing Law fitted to the measured curve (its figure written next to it): one line,
+    or '' when there are too few checkpoints or the fit fails."""
+    from sparsetrace.sparsing import laws
+    from sparsetrace.sparsing.figures import plot_law_fit
+
+    if len(summary["checkpoints"]) < laws.MIN_POINTS:
+        return ""
+    form = laws.run_law_form(directory) or "relu"
+    skip = laws.run_warmup_points(directory) or 0
+    tokens, ratio = laws.read_law_data(directory)
+    try:
+        fit = laws.fit_law(tokens, ratio, form, min(skip, len(tokens) - laws.MIN_POINTS))
+    except (ValueError, UserError) as err:
+        return f"law fit: none ({err})"
+    png = plot_law_fit(tokens, ratio, fit, directory / f"sparsing_law_fit_{form}.png")
+    lo, hi = fit.a0_low_high
+    unit = (
+        ""
+        if summary["x"] == "tokens"
+        else (
+            " (over steps: the tokens per step are unknown; A0 and alpha do not depend on the unit)"
+        )
+    )
+    return (f"{form} law over {len(tokens) - fit.skip} checkpoints{unit}: limit A0 = "
+            f"{fit.limit:.4g} [{lo:.4g}, {hi:.4g}], MSE {fit.mse:.2e}; {png}")  # fmt: skip
+
+
 def sparsing_baselines(
-    run: Path, p: float = 1.0, tokens: int = 16384, definition: str = "reference",
-    json: bool = False,
+    model: str, p: float = 1.0, tokens: int = 16384, definition: str = "reference",
+    data: str = "embedded", seq_len: int = 0, device: str = "", device_map: str = "",
+    out: Path | None = None, modules: str = "", json: bool = False,
 ) -> None:  # fmt: skip
-    """PPL-p% sparsity vs the Top-k and FAT-ε baselines at the same PPL on a run's final checkpoint.
+    """PPL-p% sparsity vs the Top-k and FAT-ε baselines at the same PPL on a model's final
+    checkpoint.
 
     Args:
-        run: a sparsetrace run directory with checkpoints
+        model: a sparsetrace run, a Hugging Face model directory, a directory of them (the last
+            is measured) or a hub id
         p: perplexity increase allowed, in percent, for all three methods (paper: 1)
-        tokens: validation tokens, a random sample of the split's windows
+        tokens: evaluation tokens, a random sample of windows (a run: of its validation split)
         definition: the baselines' definition: reference (the public code's: on act(gate), Top-k
             over the whole batch), ours (on the product act(gate) * up, Top-k per token) or both
+        data: a Hugging Face model's evaluation text (a run uses its validation split)
+        seq_len: a Hugging Face model's window (0: 512, capped by its context)
+        device: where to measure (default: a run's training device if present, else CUDA when
+            available)
+        device_map: load Hugging Face models with accelerate's device_map (auto, cpu, ...)
+        out: a Hugging Face model's result directory (default runs/sparsing-MODEL)
+        modules: comma-separated dotted paths of the MLP down projections, in layer order
         json: print the summary as JSON
     """
     from sparsetrace.sparsing.comparison import (
@@ -94,11 +169,12 @@ def sparsing_baselines(
         raise UserError(f"--definition must be {', '.join(DEFINITIONS)} or both; "
                         f"got {definition!r}")  # fmt: skip
     definitions = DEFINITIONS if definition == "both" else (definition,)
-    summary = compare_baselines(run, p=p, tokens=tokens, definitions=definitions)
+    options = ModelOptions((), data, seq_len, 0, device, device_map, out, _names(modules))
+    summary = compare_baselines(model, p, tokens, definitions, options)
     if json:
         print(jsonlib.dumps(summary, indent=2))
         return
-    print(f"step {summary['step']} of {run}: every method at PPL ratio "
+    print(f"{summary['revision']} of {model}: every method at PPL ratio "
           f"{summary['target_ppl_ratio']:.4f} on {summary['tokens_evaluated']:,} "
           "tokens")  # fmt: skip
     print(f"{'method':<22} {'parameter':>24} {'95 % interval':>17} {'activation':>11} "
@@ -119,7 +195,7 @@ def sparsing_baselines(
             f"{100 * d['se']:.2f} points (paired bootstrap SE, both searches redone on each "
             "resample)"
         )
-    print(f"wrote {Path(run) / JSON_NAME}")
+    print(f"wrote {Path(summary['directory']) / JSON_NAME}")
 
 
 def fit_law(

@@ -1,7 +1,7 @@
 """Models for the speed measurement: sparse down projections swapped in, batch-1 decoding with a
 KV cache, activation patterns, and larger shapes with a measured sparsity transplanted.
 
-:func:`sparsify` replaces every MLP down projection that :func:`sparsetrace.analysis.locate.locate`
+:func:`sparsify` replaces every MLP down projection that :func:`sparsetrace.sites.locate`
 finds (ours, GPT-2, OPT, GPT-NeoX, Llama families) by a :class:`SparseDown`; the model's own
 forward then runs the sparse path. :func:`decode_seconds` times greedy decoding of new tokens,
 one at a time, after a prompt (prefill not timed), for our Transformer (its ``KVCache``) and for
@@ -24,9 +24,9 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from sparsetrace.analysis.locate import locate
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
+from sparsetrace.sites import locate
 from sparsetrace.speed.sparse_down import DEFAULT_KERNEL, SparseDown
 
 RELU = ("relu", "relu2", "reglu")  # exact zeros: no threshold needed

@@ -12,9 +12,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sparsetrace.analysis.locate import locate
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import GATED
+from sparsetrace.sites import locate
 from sparsetrace.speed import decode as dec
 from sparsetrace.speed import measure as ms
 
@@ -198,9 +198,8 @@ class Subject:
 def _subject(source: Path, tokens: int, prune_dead: bool) -> Subject:
     need = tokens + 16
     if (source / "config.yaml").is_file():
-        from sparsetrace.checkpoint import list_checkpoints, load_trained_model
+        from sparsetrace.checkpoint import checkpoint_step, list_checkpoints, load_trained_model
         from sparsetrace.data.prepare import prepare_data
-        from sparsetrace.sparsing.over_training import checkpoint_step
 
         model, cfg = load_trained_model(source)
         step = checkpoint_step(list_checkpoints(source)[-1])
@@ -221,16 +220,16 @@ def _subject(source: Path, tokens: int, prune_dead: bool) -> Subject:
                             "model's layout); not a Hugging Face model")  # fmt: skip
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from sparsetrace.analysis.analyze import _from_pretrained, _load_tokenizer, token_batches
+        from sparsetrace.series import from_pretrained, load_tokenizer, token_batches
 
-        config = _from_pretrained("config", AutoConfig, str(source), None, True)
+        config = from_pretrained("config", AutoConfig, str(source), None, True)
         activation = dec.config_activation(config)  # checked before the weights are read
         if activation not in dec.RELU:
             raise UserError(f"{source}: the MLP activation is {activation}; for Hugging Face "
                             "models the speed measurement needs a ReLU MLP (OPT, ReLU GPT-2): "
                             "CETT thresholds are computed for sparsetrace runs only")  # fmt: skip
-        model = _from_pretrained("model", AutoModelForCausalLM, str(source), None, True)
-        ids, _ = token_batches("embedded", _load_tokenizer(str(source), None, True), 1, 1, need)
+        model = from_pretrained("model", AutoModelForCausalLM, str(source), None, True)
+        ids, _ = token_batches("embedded", load_tokenizer(str(source), None, True), 1, 1, need)
         context = getattr(model.config, "max_position_embeddings", None) or getattr(
             model.config, "n_positions", need)  # fmt: skip
         return Subject(model.float().eval(), activation, None, ids[0], int(context))

@@ -479,11 +479,11 @@ def _record_sparsity(
 def _sparsing_law_rows(session: Session, done: int) -> list[dict[str, Any]]:
     """Sparsing Law PPL-p% activation ratio of the current model (rank 0, on validation tokens)."""
     from sparsetrace.sparsing.over_training import measurement_rows, validation_batches
-    from sparsetrace.sparsing.search import ppl_sparsity, transformer_subject
+    from sparsetrace.sparsing.search import Subject, ppl_sparsity
 
     tr, model = session.cfg.trace, session.model
     batches = validation_batches(session.data.val, session.cfg.data.seq_len, tr.sparsing_tokens)
-    subject = transformer_subject(model, batches)
+    subject = Subject(model, batches)
     if tr.sparsing_cett > 0:
         measured = subject.measure(tr.sparsing_cett)
     else:

@@ -1,4 +1,5 @@
-"""Where a model's MLP hidden activation lives, per architecture.
+"""Where a model's MLP hidden activation lives, per architecture: the hook sites that tracing, the
+Recorder, the Sparsing Law's truncation and the sparse decode path all use.
 
 The hidden activation is the input of the MLP's down projection, for plain MLPs
 (``act(x W_in)``) and gated ones (``act(x W_gate) * (x W_up)``) alike, so one forward pre-hook on
@@ -26,8 +27,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from sparsetrace.errors import UserError
@@ -100,7 +102,7 @@ def locate(
     known = ", ".join(a.name for a in ARCHITECTURES)
     raise UserError(
         f"cannot find the MLPs of {type(model).__name__} (known: sparsetrace, {known}); "
-        "name the down projections with modules=[...]"
+        "name the down projections with modules=[...] (--modules on the command line)"
     )
 
 
@@ -196,3 +198,120 @@ def select(sites: list[Site], layers: LayerSelection) -> list[Site]:
     if not chosen:
         raise UserError(f"layers: {layers!r} selects none of {names}")
     return chosen
+
+
+def down_weight(module: nn.Module) -> Tensor:
+    """A down projection's weight as (d_model, d_ff): column i is what hidden unit i writes.
+
+    ``nn.Linear`` stores (out, in); GPT-2's ``Conv1D`` stores (in, out) and computes ``x W + b``.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise UserError(f"{type(module).__name__} has no 2-d weight: not a down projection")
+    return weight.T if type(module).__name__ == "Conv1D" else weight
+
+
+@dataclass(frozen=True)
+class MlpSites:
+    """One model's MLPs for measurements that change activations (truncation): per layer name,
+    the down projection (whose input is the hidden activation) and, for gated MLPs whose gate
+    activation can be read, the site of ``act(gate)``."""
+
+    architecture: str
+    down: dict[str, nn.Module]
+    gates: dict[str, Site]
+
+    def gate_of(self, name: str, output: Tensor) -> Tensor:
+        """``act(gate)`` from the output of the gate site's module."""
+        site = self.gates[name]
+        return output if site.transform is None else site.transform(output)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """Hidden units per layer."""
+        return {name: int(down_weight(m).shape[1]) for name, m in self.down.items()}
+
+
+def mlp_sites(model: nn.Module, modules: Sequence[str] | None = None) -> MlpSites:
+    """:func:`locate`'s down projections of ``model`` with their gate sites (none for plain MLPs,
+    for ``modules`` given by hand, or where the gate activation is not a module of its own)."""
+    architecture, sites = locate(model, "product", modules)
+    down = {s.name: s.module for s in sites}
+    for module in down.values():
+        down_weight(module)  # refuse a module that is not a projection before any hook runs
+    gates: dict[str, Site] = {}
+    if modules is None:
+        try:
+            gates = {s.name: s for s in locate(model, "gate")[1]}
+        except UserError:  # not gated, or the gate activation is computed inline
+            gates = {}
+    return MlpSites(architecture, down, gates)
+
+
+def activation_name(model: nn.Module) -> str | None:
+    """The MLP activation a model's config names (ours: ``model.cfg.activation``; transformers:
+    ``hidden_act`` or ``activation_function``); None when it names none."""
+    if isinstance(model, Transformer):
+        return model.cfg.activation
+    config = getattr(model, "config", None)
+    return next((v for k in ("hidden_act", "activation_function")
+                 if isinstance(v := getattr(config, k, None), str)), None)  # fmt: skip
+
+
+def embedding(model: nn.Module) -> nn.Embedding:
+    """The token embedding of ours or of a transformers model."""
+    return model.tok_emb if isinstance(model, Transformer) else model.get_input_embeddings()
+
+
+def input_device(model: nn.Module, device: torch.device | None = None) -> torch.device:
+    """Where the token ids go: the embedding's device (a device_map may put it anywhere; on the
+    meta device, offloaded, they go to ``device``)."""
+    where = embedding(model).weight.device
+    return (device or torch.device("cpu")) if where.type == "meta" else where
+
+
+class Hooks:
+    """Forward hooks on one model's modules, removed together (:meth:`remove`)."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def before(self, module: nn.Module, fn: Callable[..., Any], with_kwargs: bool = False) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=with_kwargs))
+
+    def after(self, module: nn.Module, fn: Callable[..., Any]) -> None:
+        self._handles.append(module.register_forward_hook(fn))
+
+    def on_sites(
+        self,
+        sites: Sequence[Site],
+        on_input: Callable[[int, nn.Module, tuple], Any],
+        on_output: Callable[[int, nn.Module, tuple, Tensor], Any],
+    ) -> None:
+        """Each site's activation, by site index: its module's input or its output."""
+        for i, site in enumerate(sites):
+            if site.output:
+                self.after(site.module, partial(on_output, i))
+            else:
+                self.before(site.module, partial(on_input, i))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class HookContext:
+    """A context manager over :class:`Hooks` (``self._hooks``): subclasses register them in
+    ``__enter__``; leaving the block removes them, whatever happened, then calls
+    :meth:`_released`."""
+
+    def __init__(self) -> None:
+        self._hooks = Hooks()
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.remove()
+        self._released()
+
+    def _released(self) -> None:
+        """What else to drop once the hooks are gone."""
