@@ -3,13 +3,15 @@
 The activation ratio's bootstrap SE (over sequences) holds the thresholds fixed, but the CETT c
 is itself searched on the same tokens (the PPL ratio it must reach is measured on them). Here
 the whole measurement — search and ratio — is repeated on ``--sets`` disjoint sets of
-``--tokens`` validation tokens of a run's final checkpoint (``over_training.replicate_final``,
-the same as ``sparsetrace sparsing-law RUN --replicates K``); the spread of the ratios across
+``--tokens`` evaluation tokens of a model's final checkpoint (a run's validation split, or a
+Hugging Face model on ``--data``; ``over_training.replicate_final``, the same as ``sparsetrace
+sparsing-law MODEL --replicates K``); the spread of the ratios across
 sets is the total sampling uncertainty at that token count, printed beside the mean bootstrap SEs:
 at fixed c, and with the search redone on every resample (``sparsing.uncertainty``), which is
 meant to estimate that spread from one set.
 
-    .venv/bin/python benchmarks/sparsing_token_spread.py RUN [--tokens 4096] [--sets 6] [--p 1]
+    .venv/bin/python benchmarks/sparsing_token_spread.py MODEL [--tokens 4096] [--sets 6] [--p 1]
+        [--data embedded] [--seq-len 0]
 """
 
 from __future__ import annotations
@@ -17,24 +19,27 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-from sparsetrace.checkpoint import list_checkpoints
 from sparsetrace.sparsing.over_training import replicate_final
+from sparsetrace.sparsing.source import ModelOptions, open_source
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("model", help="a run, Hugging Face model directory or series, hub id")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--sets", type=int, default=6)
     parser.add_argument("--p", type=float, default=1.0)
+    parser.add_argument("--data", default="embedded", help="a Hugging Face model's text")
+    parser.add_argument("--seq-len", type=int, default=0, help="a Hugging Face model's window")
     args = parser.parse_args()
-    ckpt = list_checkpoints(args.run)[-1]
+    options = ModelOptions(data=args.data, seq_len=args.seq_len)
+    src = open_source(args.model, options, options.stream_tokens(args.tokens, 1 + args.sets))
+    final = src.revisions[-1]
     start = time.perf_counter()
-    rep = replicate_final(args.run, ckpt, args.p, args.tokens, args.sets)
+    rep = replicate_final(src, final, args.p, args.tokens, args.sets)
     seconds = time.perf_counter() - start
-    print(f"{args.run} at {ckpt.name}: PPL-{args.p:g}% on {args.sets} disjoint sets of "
+    print(f"{args.model} at {final.label}: PPL-{args.p:g}% on {args.sets} disjoint sets of "
           f"{rep['tokens_per_set']:,} validation tokens (sets 1..{args.sets}; "
           f"{seconds:.0f} s)")  # fmt: skip
     print(f"{'set':>4} {'c':>10} {'PPL ratio':>10} {'activation':>11} {'SE fixed c':>11} "

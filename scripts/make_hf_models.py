@@ -8,7 +8,7 @@ Nothing downloads on this machine, so the models are trained here on the embedde
 - OUT/gpt2-relu/step{N}: a ReLU GPT-2 (GPT2LMHeadModel) saved at 6 steps: a checkpoint series;
 - OUT/llama-swiglu: a SwiGLU Llama (LlamaForCausalLM), the final checkpoint: one model directory.
 Each directory holds the model, config.json and the tokenizer. The runs themselves stay in
-OUT/runs. About a minute and a half on two CPU cores.
+OUT/runs. About 20 s on two CPU cores.
 """
 
 from __future__ import annotations

@@ -265,6 +265,8 @@ def test_series_one_revision_at_a_time(
     assert [c["tokens"] for c in summary["checkpoints"]] == [s * PER_STEP for s in STEPS]
     assert summary["search"]["revisions"] == ["step20"] and summary["x"] == "tokens"
     assert summary["tokens_evaluated"] == 2048 and summary["seq_len"] == 32
+    # the 64 windows are a random sample of the windows of four times the tokens needed
+    assert summary["windows_from_tokens"] == 4 * (64 * 32 + 1)
     assert all(c["layers"]["0"]["units"] == 128 for c in summary["checkpoints"])
     frame = pd.read_csv(out / "sparsing_law.csv", dtype={"layer": str})
     assert list(frame[frame.layer == "all"].tokens) == [s * PER_STEP for s in STEPS]

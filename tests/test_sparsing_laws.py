@@ -19,6 +19,7 @@ from sparsetrace.sparsing.laws import (
     fit_law,
     fit_loss_law,
     loss_law,
+    read_law_data,
     relu_law,
     silu_law,
     two_segment,
@@ -513,3 +514,47 @@ def test_a_flattened_curve_has_its_limit_at_the_data() -> None:
     pinned = fit_law(tokens, np.array([0.3, 0.2, 0.1, 0.05, 0.02, 0.0, 0.0, 0.0]), "relu")
     assert pinned.limit == 0.0 and pinned.limit_flat  # reached 0: flat at 0, determined
     assert pinned.limit_undetermined == ""
+
+
+def _law_dir(path: Path, meta: dict | None, tokens_known: bool = True) -> Path:
+    """A result directory with six points of a falling curve (steps 1..6, 8 billion tokens each)
+    and ``meta.json``."""
+    path.mkdir()
+    d = np.arange(1, 7) * 8.0
+    ratio = relu_law(d, 0.5, -1.0, 1.0, 0.1)
+    rows = [{"step": i + 1, "tokens": d[i] * 1e9 if tokens_known else None, "layer": "all",
+             "activation_ratio": ratio[i], "cett": 0.2, "ppl_ratio": 1.01}
+            for i in range(len(d))]  # fmt: skip
+    pd.DataFrame(rows).to_csv(path / "sparsing_law.csv", index=False)
+    if meta is not None:
+        (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_the_activation_of_a_directory_without_a_config_comes_from_its_meta(tmp_path: Path) -> None:
+    """An analyze or Hugging Face sparsing-law directory names its activation in meta.json only:
+    its law form follows it; an activation without a form is no fit, said, not an error."""
+    from sparsetrace.sparsing.laws import run_law_form
+    from sparsetrace.sparsing.verbs import _fit_over_training
+
+    silu = _law_dir(tmp_path / "silu", {"model": {"activation": "gelu_new"}})
+    assert run_law_form(silu) == "silu"
+    assert _fit_over_training(silu, {"checkpoints": [{}] * 6, "x": "tokens"}).startswith("silu law")
+    tanh = _law_dir(tmp_path / "tanh", {"model": {"activation": "tanh"}})
+    line = _fit_over_training(tanh, {"checkpoints": [{}] * 6, "x": "tokens"})
+    assert line.startswith("law fit: none (no Sparsing Law form for activation 'tanh'")
+    assert not list(tanh.glob("*.png"))
+    unknown = _law_dir(tmp_path / "unknown", None)
+    assert "activation is unknown" in _fit_over_training(unknown, {"checkpoints": [{}] * 6})
+
+
+def test_a_curve_without_tokens_is_fitted_over_steps(tmp_path: Path) -> None:
+    """Tokens per step unknown (tokens empty): the law over steps, with the same A0 and alpha as
+    over tokens (the unit of D scales c alone)."""
+    steps = _law_dir(tmp_path / "steps", None, tokens_known=False)
+    tokens, ratio = read_law_data(steps)
+    assert list(tokens) == [1, 2, 3, 4, 5, 6]
+    by_steps = fit_law(tokens, ratio, "relu")
+    by_tokens = fit_law(tokens * 8e9, ratio, "relu")
+    assert by_steps.limit == pytest.approx(by_tokens.limit, abs=1e-6)
+    assert by_steps.params["alpha"] == pytest.approx(by_tokens.params["alpha"], rel=1e-4)

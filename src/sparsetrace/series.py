@@ -260,8 +260,18 @@ def token_batches(
 ) -> tuple[Tensor, Corpus]:
     """(n_batches, batch_size, seq_len) token ids: ``data``'s documents, each followed by the
     tokenizer's end-of-text id, concatenated and cut into windows; and the corpus read."""
-    need = n_batches * batch_size * seq_len
-    cfg = DataConfig(source=data, max_tokens=need)
+    stream, corpus = token_stream(data, tokenizer, n_batches * batch_size * seq_len)
+    return stream.view(n_batches, batch_size, seq_len), corpus
+
+
+def token_stream(
+    data: str, tokenizer: Encoder, need: int, at_most: int = 0
+) -> tuple[Tensor, Corpus]:
+    """``data``'s documents as one stream of token ids, each document followed by the
+    tokenizer's end-of-text id: ``need`` tokens at least (else UserError), up to ``at_most`` when
+    the text has them (0: exactly ``need``); and the corpus read."""
+    at_most = max(at_most, need)
+    cfg = DataConfig(source=data, max_tokens=at_most)
     corpus = load_corpus(cfg, cache_root(cfg) / "hf-datasets")
     eot = [] if tokenizer.eot_id is None else [tokenizer.eot_id]
     parts: list[np.ndarray] = []
@@ -270,15 +280,12 @@ def token_batches(
         for ids in tokenizer.encode_batch(corpus.docs[start : start + DOCS_PER_ENCODE]):
             parts += [np.asarray(ids, dtype=np.int64), np.asarray(eot, dtype=np.int64)]
             have += len(ids) + len(eot)
-        if have >= need:
+        if have >= at_most:
             break
     if have < need:
-        raise UserError(
-            f"data {data!r} gives {have} tokens, {need} needed ({n_batches} batches of "
-            f"{batch_size} x {seq_len}); use more text or fewer --tokens"
-        )
-    stream = torch.from_numpy(np.concatenate(parts)[:need])
-    return stream.view(n_batches, batch_size, seq_len), corpus
+        raise UserError(f"data {data!r} gives {have} tokens, {need} needed; use more text or "
+                        "fewer --tokens")  # fmt: skip
+    return torch.from_numpy(np.concatenate(parts)[:at_most]), corpus
 
 
 def slug(model: str) -> str:

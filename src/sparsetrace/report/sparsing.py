@@ -35,6 +35,7 @@ from sparsetrace.sparsing.laws import (
     fit_bottleneck,
     fit_law,
     law_form,
+    run_activation,
     warmup_points,
 )
 from sparsetrace.sparsing.over_training import ratio_or_nan, replicates_text
@@ -586,8 +587,8 @@ def uncertainty_text(summary: dict, final: dict) -> str:
         f"({ratio_or_nan(se_search, ratio):.1%} relative; c 95 % interval {lo:.3g}-{hi:.3g}"
         + (f"; {clipped:.1%} of resamples outside the evaluated c" if clipped else "")
         + "). On the `cpu` model the spread over disjoint random token sets was about 2/3 of "
-        "this SE: it errs on the safe side (docs/sparsing-law.md, Precision; `--replicates K` "
-        "measures that spread for this run)."
+        "this SE: it errs on the safe side (results/sparsing-law-token-spread-cpu.md; "
+        "`--replicates K` measures that spread for this run)."
     )
 
 
@@ -619,7 +620,7 @@ def _over_training_blocks(label: str, summary: dict, run) -> tuple[list, Curve |
                        "checkpoints; ± SE with search: the search for c redone on each resample "
                        "(the checkpoints c was searched on), the uncertainty of a ratio on its "
                        "own.", frame, formats=formats)]  # fmt: skip
-    activation = (run.config.get("model") or {}).get("activation", "")
+    activation = run_activation(run.path) or ""
     try:
         form = law_form(activation)
     except UserError as err:

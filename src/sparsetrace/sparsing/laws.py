@@ -15,10 +15,10 @@ unbounded (Levenberg-Marquardt), which on their own 0.4B ReLU curve returns A0 <
 ``skip_first`` drops early checkpoints. The rule for choosing it (the authors' stated one, their
 Appendix E): drop the checkpoints taken during warm-up, and no more.
 Their published parameters for some models need further drops chosen by hand (1.2B ReLU: the
-first 6; docs/sparsing-law.md lists what reproduces each); when a fit's limit sits on its bound
-beyond the data (ReLU 0, SiLU 1), the curve does not determine the limit, and the fit says so
-rather than dropping points until it moves (on the bound at the data, the curve has flattened:
-:attr:`LawFit.limit_flat`).
+first 6; results/sparsing-law-published-curves.md lists what reproduces each); when a fit's limit
+sits on its bound beyond the data (ReLU 0, SiLU 1), the curve does not determine the limit, and
+the fit says so rather than dropping points until it moves (on the bound at the data, the curve
+has flattened: :attr:`LawFit.limit_flat`).
 
 Fitting: for fixed alpha (and A0 for ReLU) each form is linear in its remaining parameters, so a
 grid over the nonlinear ones with a linear least-squares solve at each point gives robust starts;
@@ -463,15 +463,25 @@ def _run_config(run: Path) -> dict:
     return config if isinstance(config, dict) else {}
 
 
+def run_activation(run: Path) -> str | None:
+    """A run directory's MLP activation: ``model.activation`` of its ``config.yaml``, else of its
+    ``meta.json`` (an ``analyze`` or Hugging Face ``sparsing-law`` directory); None when neither
+    names one."""
+    for name, parse in (("config.yaml", yaml.safe_load), ("meta.json", json.loads)):
+        try:
+            activation = parse((Path(run) / name).read_text())["model"]["activation"]
+        except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+            continue
+        if isinstance(activation, str):
+            return activation
+    return None
+
+
 def run_law_form(run: Path) -> str | None:
-    """:func:`law_form` of a run directory's activation (its ``config.yaml``); None when the
-    config is missing, unreadable or names no activation; UserError for an activation without a
-    Sparsing Law form."""
-    try:
-        activation = _run_config(run)["model"]["activation"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError):
-        return None
-    return law_form(activation)
+    """:func:`law_form` of a run directory's activation (:func:`run_activation`); None when it
+    names none; UserError for an activation without a Sparsing Law form."""
+    activation = run_activation(run)
+    return None if activation is None else law_form(activation)
 
 
 def run_warmup_points(run: Path) -> int | None:

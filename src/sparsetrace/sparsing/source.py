@@ -6,7 +6,8 @@ MODEL is anything :func:`sparsetrace.series.resolve` takes:
   (its ``seq_len``), tokens seen = step x the run's tokens per step; results go into the run;
 - a Hugging Face model directory, a directory of them (a checkpoint series) or a hub id with
   revisions: loaded as causal language models, one revision at a time; the evaluation windows are
-  cut from ``data`` (any source ``analyze`` takes) with the model's tokenizer; tokens seen are
+  a seeded random sample of the windows of up to ``SAMPLE_FROM`` times the tokens needed of
+  ``data`` (any source ``analyze`` takes), read with the model's tokenizer; tokens seen are
   known only when ``tokens_per_step`` is given (Pythia: 2,097,152); results go into ``out``.
 """
 
@@ -28,10 +29,14 @@ import sparsetrace
 from sparsetrace.device import evaluation_device, resolve_device
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
-from sparsetrace.series import ModelSeries, Revision, resolve, slug, token_batches
+from sparsetrace.series import ModelSeries, Revision, resolve, slug, token_stream
 from sparsetrace.sites import MlpSites, activation_name, embedding, mlp_sites
 
 HF_SEQ_LEN = 512  # evaluation window of a Hugging Face model (capped by its context)
+# A Hugging Face model's windows are a random sample of up to this many times the tokens needed
+# (as a run's are of its validation split): neighbouring windows share documents, and the
+# bootstrap over sequences treats the windows as drawn independently.
+SAMPLE_FROM = 4
 
 
 @dataclass(frozen=True)
@@ -128,11 +133,12 @@ def open_source(model: str, options: ModelOptions, stream_tokens: int = 0) -> La
     seq_len = seq_len or min(HF_SEQ_LEN, context or HF_SEQ_LEN)
     if context is not None and seq_len > context:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context of {context}")
-    ids, _ = token_batches(o.data, series.tokenizer, 1, 1, max(stream_tokens, seq_len + 1))
+    need = max(stream_tokens, seq_len + 1)
+    ids, _ = token_stream(o.data, series.tokenizer, need, SAMPLE_FROM * need)
     out = Path(o.out) if o.out is not None else Path("runs") / f"sparsing-{slug(model)}"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    return LawSource(model, series, ids.reshape(-1).numpy(), seq_len, out, where, o.device_map,
+    return LawSource(model, series, ids.numpy(), seq_len, out, where, o.device_map,
                      tokens_per_step or series.tokens_per_step, False, o.data, o.modules,
                      preloaded)  # fmt: skip
 

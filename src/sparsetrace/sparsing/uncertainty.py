@@ -9,8 +9,8 @@ set's sequences (1,000, fixed seed):
   ``PPL ratio(c) = 1 + p/100`` again, on its own losses, along the c values the search evaluated
   (piecewise linear between them; c = 0 is the dense model, PPL ratio 1), and takes the ratio at
   its own c. Measured on the ``cpu`` model: the whole measurement repeated on 12 disjoint random
-  token sets spread 0.67x this SE (conservative) and 4x the fixed-c SE (docs/sparsing-law.md,
-  "Precision"). It keeps the per-layer thresholds' family along c as measured on these tokens.
+  token sets spread 0.67x this SE (conservative) and 4x the fixed-c SE (results/sparsing-law-token-
+  spread-cpu.md). It keeps the per-layer thresholds' family along c as measured on these tokens.
 
 A resample whose PPL ratio does not reach the target within the evaluated c is clipped to the
 last c and counted in ``clipped``.

@@ -38,7 +38,8 @@ def sparsing_law(
             checkpoint series, step-numbered names) or a hub id
         p: perplexity increase allowed, in percent (paper: 1)
         tokens: evaluation tokens, a random sample of windows (a run: of its validation split;
-            32,768: SE 0.7 % with the search for c on the cpu model; docs/sparsing-law.md)
+            32,768: SE 0.7 % with the search for c on the cpu model;
+            results/sparsing-law-token-spread-cpu.md)
         final_only: the last checkpoint alone (minutes less; no over-training curve)
         replicates: repeat the final checkpoint's whole measurement (search for c included) on
             this many further disjoint token sets: the spread the bootstrap SE leaves out
@@ -114,12 +115,18 @@ def _fit_over_training(directory: Path, summary: dict) -> str:
 
     if len(summary["checkpoints"]) < laws.MIN_POINTS:
         return ""
-    form = laws.run_law_form(directory) or "relu"
+    try:
+        form = laws.run_law_form(directory)
+    except UserError as err:  # an activation the laws do not cover
+        return f"law fit: none ({err})"
+    if form is None:
+        return ("law fit: none (the activation is unknown; `sparsetrace fit-law DIR --form relu` "
+                "or `--form silu` fits one)")  # fmt: skip
     skip = laws.run_warmup_points(directory) or 0
     tokens, ratio = laws.read_law_data(directory)
     try:
         fit = laws.fit_law(tokens, ratio, form, min(skip, len(tokens) - laws.MIN_POINTS))
-    except (ValueError, UserError) as err:
+    except ValueError as err:  # e.g. a constant curve
         return f"law fit: none ({err})"
     png = plot_law_fit(tokens, ratio, fit, directory / f"sparsing_law_fit_{form}.png")
     lo, hi = fit.a0_low_high
