@@ -188,8 +188,16 @@ def _runs_section(runs: list[RunData]) -> Section:
     return Section("runs", "Runs", blocks)
 
 
+def _sparsing_only(rd: RunData) -> bool:
+    """A directory of ``sparsetrace sparsing-law`` on a Hugging Face model: no use metrics by
+    design (``analyze`` measures those)."""
+    return rd.run.meta.get("kind") == "sparsing-law"
+
+
 def _warnings(rd: RunData) -> list[str]:
     state, where = status(rd), progress(rd)
+    if _sparsing_only(rd):
+        return []
     if not rd.has_metrics:
         missing = ", ".join(rd.run.missing) or "none"
         doing = "is still training" if state == "running" else f"is {state}"
@@ -472,12 +480,14 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
     # Runs without any measurement yet appear in the header only (with a warning).
     measured = [rd for rd in runs if rd.has_metrics]
     with figures.style():
-        sections = [
-            _runs_section(runs),
-            _findings_section(measured),
-            *_table_sections(measured),
-            *_figure_sections(measured, fig_dir),
-        ]
+        sections = [_runs_section(runs)]
+        law_only = not measured and any(_sparsing_only(rd) for rd in runs)
+        if not law_only:
+            sections += [
+                _findings_section(measured),
+                *_table_sections(measured),
+                *_figure_sections(measured, fig_dir),
+            ]
         law = sparsing_run_section(runs, fig_dir)  # a model measured by sparsing-law alone too
         if law is not None:
             sections.append(law)
@@ -488,10 +498,11 @@ def build_report(run_dirs: list[Path], out_dir: Path) -> Path:
     names = ", ".join(rd.label for rd in runs)
     title = f"sparsetrace report: {names}"
     subtitle = (
-        "Layer-dependent activation sparsity, compared with Wild & Anderson, “Uncovering "
+        "PPL-p% sparsity (Sparsing Law, Luo et al.) of: "
+        if law_only
+        else "Layer-dependent activation sparsity, compared with Wild & Anderson, “Uncovering "
         "Layer-Dependent Activation Sparsity Patterns in ReLU Transformers”. Runs: "
-        + "; ".join(f"{rd.label} ({status(rd)}, {progress(rd)})" for rd in runs)
-    )
+    ) + "; ".join(f"{rd.label} ({status(rd)}, {progress(rd)})" for rd in runs)
     footer = (
         f"Generated {dt.datetime.now().isoformat(timespec='seconds')} by sparsetrace "
         f"{__version__} from " + ", ".join(str(rd.run.path) for rd in runs)

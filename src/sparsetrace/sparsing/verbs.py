@@ -137,8 +137,13 @@ def _fit_over_training(directory: Path, summary: dict) -> str:
             " (over steps: the tokens per step are unknown; A0 and alpha do not depend on the unit)"
         )
     )
+    caveat = ""
+    if fit.limit_undetermined:
+        caveat = f" — {fit.limit_undetermined}: the curve does not determine the limit"
+    elif fit.limit_flat:
+        caveat = " — the curve has flattened: A0 is its extreme measured value, one-sided"
     return (f"{form} law over {len(tokens) - fit.skip} checkpoints{unit}: limit A0 = "
-            f"{fit.limit:.4g} [{lo:.4g}, {hi:.4g}], MSE {fit.mse:.2e}; {png}")  # fmt: skip
+            f"{fit.limit:.4g} [{lo:.4g}, {hi:.4g}], MSE {fit.mse:.2e}{caveat}; {png}")  # fmt: skip
 
 
 def sparsing_baselines(
