@@ -63,15 +63,15 @@ def test_shape_for_ratio_keeps_the_budget() -> None:
     # d_model = (3,540,608 * 50 / 11.5) ** (1/3) = 249 -> 256 (8 heads), d_ff 640;
     # a block: 4*256^2 + 256*1280 + 640*256 + 2*256 = 754,176 -> 4.69 -> 5 layers
     shape = width_depth.shape_for_ratio(base, budget, 50, "swiglu")
-    assert shape == width_depth.Shape(d_model=256, n_layers=5, n_heads=8, d_ff=640)
+    assert shape == width_depth.ArmShape(d_model=256, n_layers=5, n_heads=8, d_ff=640)
     assert shape.ratio == 51.2
     # ratio 8: d_model 135 -> 128, block 188,672 (4*128^2 + 128*640 + 320*128 + 2*128)
     # -> 18.77 -> 19 layers
-    assert width_depth.shape_for_ratio(base, budget, 8, "swiglu") == width_depth.Shape(
+    assert width_depth.shape_for_ratio(base, budget, 8, "swiglu") == width_depth.ArmShape(
         128, 19, 4, 320
     )
     # one layer is the widest the budget holds: sqrt(3,540,608 / 11.5) = 555 -> 544 x 1
-    widest = width_depth.Shape(544, 1, 17, 1360)
+    widest = width_depth.ArmShape(544, 1, 17, 1360)
     assert width_depth.shape_for_ratio(base, budget, 512, "reglu") == widest
     assert width_depth.shape_for_ratio(base, budget, 5000, "reglu") == widest
     with pytest.raises(UserError, match="positive"):

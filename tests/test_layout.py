@@ -53,7 +53,7 @@ def test_claims_do_not_depend_on_reports_or_training() -> None:
 # The packages and top-level modules in layers, lowest first: a module imports only from layers
 # below its own (its own package aside), so no import circle can form between packages.
 LAYERS = [
-    {"errors", "paper", "presets"},
+    {"errors", "paper", "presets", "budgets"},
     {"metrics", "tracking", "io", "data", "model"},
     {"config", "rundir"},
     {"device", "checkpoint", "sites"},
@@ -86,3 +86,14 @@ def test_every_import_goes_down_the_declared_layers() -> None:
                 continue  # its own package, or a name (not a module) of the package
             assert layer[target] < layer[home], f"{rel} imports {module}: not below {home}"
     assert seen == set(layer), f"declared but absent: {set(layer) - seen}"
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`sparsetrace VERB --help` and bad arguments answer at once: building the parser (every
+    verb's signature and defaults) must not import torch, which takes a second or more."""
+    import subprocess
+    import sys
+
+    code = "import sys, sparsetrace.cli as c; c._build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

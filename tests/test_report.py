@@ -28,8 +28,8 @@ from sparsetrace import paper as published
 from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE, NA, NO_DATA
 from sparsetrace.errors import UserError
 from sparsetrace.report import text_summary, write_report
-from sparsetrace.report.analysis import RunData, prepare
 from sparsetrace.report.findings import FINDINGS, evaluate, halfway_drop_steps
+from sparsetrace.report.rundata import RunData, prepare
 from sparsetrace.rundir import load_run
 
 PAPER = published.LABEL

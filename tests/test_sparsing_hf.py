@@ -356,3 +356,23 @@ def test_baselines_on_a_model_directory(
     target = summary["target_ppl_ratio"]
     for m in summary["methods"]:
         assert abs(m["ppl_ratio"] - target) <= 0.05 * (target - 1) + 1e-3
+
+
+@pytest.mark.slow
+def test_a_model_placed_by_device_map_gives_the_same_measurement(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """accelerate's device_map path (the model stays where it put it; the tokens go to its
+    embedding's device) measures what the plain path does."""
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(series.parent / "cache"))
+    found = []
+    for name, device_map in (("plain", ""), ("placed", "cpu")):
+        options = ModelOptions(seq_len=32, device_map=device_map, out=tmp_path / name)
+        csv = sparsing_law(str(series / "step20"), 1.0, 1024, options=options)
+        found.append(json.loads((csv.parent / "sparsing_law.json").read_text()))
+    plain, placed = found
+    assert placed["cett"] == plain["cett"]
+    assert (
+        placed["checkpoints"][0]["activation_ratio"] == plain["checkpoints"][0]["activation_ratio"]
+    )
+    assert "device_map: cpu" in (tmp_path / "placed" / "config.yaml").read_text()

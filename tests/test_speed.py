@@ -218,7 +218,7 @@ def test_hf_opt_sparse_decoding_equals_dense() -> None:
 
 
 def test_transplant_hits_the_measured_fractions() -> None:
-    shape = dec.Shape(64, 4, 4, 256, 100, 64)
+    shape = dec.DecoderShape(64, 4, 4, 256, 100, 64)
     model = dec.transplant(shape, [0.2, 0.05])
     seen = []
     for block in model.blocks:
@@ -233,7 +233,7 @@ def test_transplant_hits_the_measured_fractions() -> None:
 
 def test_transplanted_patterns_keep_each_tokens_fraction() -> None:
     small = [torch.rand(10, 64) < 0.1, torch.rand(10, 64) < 0.3]
-    wide = dec.transplant_patterns(small, dec.Shape(32, 4, 2, 128, 10, 16))
+    wide = dec.transplant_patterns(small, dec.DecoderShape(32, 4, 2, 128, 10, 16))
     assert len(wide) == 4 and wide[0].shape == (10, 128)
     for layer, src in ((0, 0), (1, 0), (2, 1), (3, 1)):
         assert torch.equal(wide[layer].sum(1), 2 * small[src].sum(1))  # 128 = 2 x 64, tiled
@@ -299,7 +299,7 @@ def test_speed_non_relu_without_thresholds(runs: dict[str, Path]) -> None:
 
 
 def test_prune_dead_removes_exactly_the_rarely_active_units(runs: dict[str, Path]) -> None:
-    from sparsetrace.speed.verbs import DEAD_TOKENS, _prune_dead
+    from sparsetrace.speed.run import DEAD_TOKENS, _prune_dead
 
     model, cfg = load_trained_model(runs["relu"])
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, DEAD_TOKENS)
@@ -375,7 +375,7 @@ def test_speed_verb_on_a_hugging_face_model(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_decode_bytes_count_one_row_of_untied_tables(tied: bool) -> None:
-    from sparsetrace.speed.verbs import Variant, _bytes
+    from sparsetrace.speed.run import Variant, _bytes
 
     cfg = ModelConfig(n_layers=2, d_model=16, n_heads=2, d_ff=64, style="gpt2", vocab_size=50,
                       seq_len=32, tie_embeddings=tied)  # fmt: skip
@@ -394,7 +394,7 @@ def test_decode_bytes_count_one_row_of_untied_tables(tied: bool) -> None:
 
 
 def test_block_sweep_takes_each_layers_width() -> None:
-    from sparsetrace.speed.verbs import _sweep
+    from sparsetrace.speed.run import _sweep
 
     gen = torch.Generator().manual_seed(8)
     layers = [ms.MlpLayer.of(torch.randn(w, 16, generator=gen), torch.randn(16, w, generator=gen))
@@ -406,7 +406,7 @@ def test_block_sweep_takes_each_layers_width() -> None:
 def test_thresholds_must_belong_to_the_loaded_checkpoint(runs: dict[str, Path], tmp_path) -> None:
     import shutil
 
-    from sparsetrace.speed.verbs import _taus
+    from sparsetrace.speed.run import _taus
 
     run = tmp_path / "silu"
     shutil.copytree(runs["silu"], run)

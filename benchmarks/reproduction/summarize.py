@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE
-from sparsetrace.report.analysis import prepare
+from sparsetrace.report.rundata import prepare
 from sparsetrace.report.findings import FINDINGS, evaluate
 from sparsetrace.rundir import load_run
 

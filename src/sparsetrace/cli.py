@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from sparsetrace.budgets import SPARSING_TOKENS
 from sparsetrace.errors import UserError
 
 
@@ -76,7 +77,9 @@ def report(runs: list[Path], out: Path | None = None) -> None:
 
 
 def run(
-    preset: str = "cpu", sparsing_tokens: int = 4096, overrides: list[str] | None = None
+    preset: str = "cpu",
+    sparsing_tokens: int = SPARSING_TOKENS.run,
+    overrides: list[str] | None = None,
 ) -> None:
     """The main job: train the preset on its corpus, write the report, print a summary.
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from sparsetrace.budgets import SPARSING_TOKENS
 from sparsetrace.data import DataConfig
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import ModelConfig
@@ -62,7 +63,7 @@ class TraceConfig:
     sparsing_every: int = 0
     sparsing_cett: float = 0.0
     sparsing_p: float = 1.0
-    sparsing_tokens: int = 8192
+    sparsing_tokens: int = SPARSING_TOKENS.training
 
 
 @dataclass

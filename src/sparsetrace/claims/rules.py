@@ -37,7 +37,9 @@ from sparsetrace.sparsing.laws import Bottleneck
 PRINT_PRECISION = 0.1  # percentage points: the paper prints its tables to 0.1 pp
 END_WINDOW = 0.1  # end-of-training estimates: measurements in the last 10 % of the run...
 END_MEASUREMENTS = 3  # ...and at least the last 3
-ORDER_SCORE = 0.6  # "(nearly) monotone": at least 80 % of the decided pairs in the claimed order
+# "(nearly) monotone": score = (for - against) / all pairs >= 0.6, i.e. without ties at least 80 %
+# of the pairs in the claimed order
+ORDER_SCORE = 0.6
 DROP_FRACTION = 0.1  # a layer "drops" when its end value is at least 10 % below its first
 ABOUT = 0.5  # "about X": within half of X either way
 HIGH_LR_WARMUPS = 8000 / 5000  # the paper's high-LR phase: its first 8000 steps, warm-up 5000

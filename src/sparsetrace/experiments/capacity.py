@@ -32,8 +32,8 @@ from sparsetrace.experiments.runs import (
 )
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import write_report as write_runs_report
-from sparsetrace.report.analysis import prepare
 from sparsetrace.report.document import Section, Table
+from sparsetrace.report.rundata import prepare
 from sparsetrace.rundir import load_run
 
 

@@ -35,9 +35,9 @@ from sparsetrace.experiments.runs import (
 )
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import write_report as write_runs_report
-from sparsetrace.report.analysis import prepare
 from sparsetrace.report.document import Section, Table
 from sparsetrace.report.findings import end_estimates, end_total
+from sparsetrace.report.rundata import prepare
 from sparsetrace.rundir import load_run
 
 LR_FACTORS = (1 / 3, 2 / 3, 1.0, 5 / 3)  # the paper's 1e-3, 2e-3, 3e-3, 5e-3 over 3e-3

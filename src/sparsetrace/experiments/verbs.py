@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparsetrace.budgets import SPARSING_TOKENS
+
 
 def experiment_mask(
     preset: str = "cpu",
@@ -109,7 +111,7 @@ def experiment_activations(
     preset: str = "cpu",
     activations: str = "reglu,swiglu",
     p: float = 1.0,
-    tokens: int = 16384,
+    tokens: int = SPARSING_TOKENS.experiments,
     quick: bool = False,
     out: Path | None = None,
     overrides: list[str] | None = None,
@@ -136,7 +138,7 @@ def experiment_width_depth(
     ratios: str = "",
     activation: str = "reglu",
     p: float = 1.0,
-    tokens: int = 16384,
+    tokens: int = SPARSING_TOKENS.experiments,
     quick: bool = False,
     out: Path | None = None,
     overrides: list[str] | None = None,

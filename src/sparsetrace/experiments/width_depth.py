@@ -37,7 +37,7 @@ from sparsetrace.experiments.runs import (
 from sparsetrace.experiments.sweep import Arm, split_values
 from sparsetrace.model.transformer import GATED, ModelConfig
 from sparsetrace.report import experiments as rx
-from sparsetrace.report.analysis import prepare
+from sparsetrace.report.rundata import prepare
 from sparsetrace.report.sparsing import write_width_depth_report
 from sparsetrace.rundir import Run, load_run
 from sparsetrace.sparsing.laws import MIN_POINTS, LossFit, fit_loss_law, law_form
@@ -49,7 +49,7 @@ DEFAULT_RATIOS = "3,6,12,24,48,96,192,512"
 
 
 @dataclass(frozen=True)
-class Shape:
+class ArmShape:
     """One arm's model shape."""
 
     d_model: int
@@ -90,7 +90,7 @@ def non_embedding_params(m: ModelConfig) -> int:
     return sum(block_params(m, w) for w in m.widths) + _norm_params(m)
 
 
-def shape_for_ratio(base: ModelConfig, budget: int, ratio: float, activation: str) -> Shape:
+def shape_for_ratio(base: ModelConfig, budget: int, ratio: float, activation: str) -> ArmShape:
     """The gated-MLP shape of width-depth ratio near ``ratio`` with ``budget`` non-embedding
     parameters, at ``base``'s head dimension and conventions (bias, norm)."""
     head_dim = base.d_model // base.n_heads
@@ -102,7 +102,7 @@ def shape_for_ratio(base: ModelConfig, budget: int, ratio: float, activation: st
     m = replace(base, d_model=d_model, n_heads=d_model // head_dim, d_ff=d_ff, n_layers=1,
                 d_ff_per_layer=None, activation=activation)  # fmt: skip
     n_layers = max(1, round((budget - _norm_params(m)) / block_params(m, d_ff)))
-    return Shape(d_model, n_layers, m.n_heads, d_ff)
+    return ArmShape(d_model, n_layers, m.n_heads, d_ff)
 
 
 def parse_ratios(text: str) -> list[float]:
@@ -116,7 +116,7 @@ def parse_ratios(text: str) -> list[float]:
 
 
 def build_arms(
-    preset: str, shared: list[str], shapes: list[Shape], activation: str, out: Path
+    preset: str, shared: list[str], shapes: list[ArmShape], activation: str, out: Path
 ) -> list[Arm]:
     """One arm per distinct shape (ratios giving the same shape share it), typed by the config."""
     arms: list[Arm] = []

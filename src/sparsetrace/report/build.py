@@ -14,18 +14,6 @@ from sparsetrace import __version__, paper
 from sparsetrace.claims import HOLDS
 from sparsetrace.errors import UserError
 from sparsetrace.report import figures
-from sparsetrace.report.analysis import (
-    EARLY_FRACTION,
-    EARLY_WARMUPS,
-    LIFECYCLE_COLUMNS,
-    RATIO_COLUMNS,
-    SCOPE,
-    USE_COLUMNS,
-    RunData,
-    lookup,
-    percentile_columns,
-    prepare,
-)
 from sparsetrace.report.document import (
     Figure,
     Section,
@@ -38,6 +26,18 @@ from sparsetrace.report.document import (
     write_csv,
 )
 from sparsetrace.report.findings import FINDINGS, evaluate, token_batch_correlation
+from sparsetrace.report.rundata import (
+    EARLY_FRACTION,
+    EARLY_WARMUPS,
+    LIFECYCLE_COLUMNS,
+    RATIO_COLUMNS,
+    SCOPE,
+    USE_COLUMNS,
+    RunData,
+    lookup,
+    percentile_columns,
+    prepare,
+)
 from sparsetrace.report.sparsing import run_section as sparsing_run_section
 from sparsetrace.rundir import load_run
 
@@ -357,27 +357,16 @@ def _findings_section(runs: list[RunData]) -> Section:
     return Section("findings", title, [intro, Text(_scale_note(runs)), table])
 
 
-# Measured on this project's 2-core machine, one seed each (docs/reproduction.md sections 2-3).
-PRESETS_MEASURED = (
-    "Measured with the shipped presets (one seed each; docs/reproduction.md): `cpu` (1,000 "
-    "steps, 2M tokens): 4 to 7 of 11 findings hold depending on the CPU's arithmetic (which "
-    "of layers 0 and 2 ends lowest is decided by a point), layer 0 loses "
-    "the most units (38-42 % turned off, paper 84 %); `cpu-long` (3,000 steps): 5 of 11, "
-    "layer 0 keeps falling (42 % of its units per batch, paper 13 %) but layer 1 falls faster "
-    "(32 %), so 'layer 0 uses the fewest' does not hold; `cpu-gpt2` (GPT-2 conventions): 2 of "
-    "11, layer 0 loses no unit."
-)
-
-
 def _scale_note(runs: list[RunData]) -> str:
-    """How far these runs are from the paper's scale, and what the shipped presets showed."""
+    """How far these runs are from the paper's scale (what the shipped presets showed at theirs:
+    docs/reproduction.md, not repeated in a user's report)."""
     seen = [f"{rd.label}: {_count(rd.series['tokens'].max())}" for rd in runs
             if "tokens" in rd.series and not rd.series.empty]  # fmt: skip
     return (
         "Scale decides several of these verdicts. The paper's layer 0 collapses after ~8,000 "
         "steps of 8,192-token batches per device (65M tokens per device; ~2B if its batch was "
         f"data-parallel over 32 cores); training tokens seen here: {', '.join(seen) or 'unknown'}. "
-        + PRESETS_MEASURED
+        "What the shipped presets show at their scale: docs/reproduction.md."
     )
 
 

@@ -18,7 +18,6 @@ from matplotlib.figure import Figure as MplFigure
 
 from sparsetrace import __version__
 from sparsetrace.report import figures
-from sparsetrace.report.analysis import RunData
 from sparsetrace.report.document import (
     Figure,
     Section,
@@ -28,6 +27,7 @@ from sparsetrace.report.document import (
     render_markdown,
     write_csv,
 )
+from sparsetrace.report.rundata import RunData
 
 
 def write_document(out_dir: Path, title: str, subtitle: str, sections: list[Section]) -> Path:

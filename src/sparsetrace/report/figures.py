@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from sparsetrace.report.analysis import RunData
+from sparsetrace.report.rundata import RunData
 
 DPI = 130
 SINGLE = (6.5, 4.0)  # inches, one panel

@@ -19,7 +19,7 @@ from sparsetrace import paper
 from sparsetrace.claims import NA, RULES, Rule, Verdict
 from sparsetrace.claims import rules as r
 from sparsetrace.claims.stats import Estimate, binomial_se_pct, window_estimate
-from sparsetrace.report.analysis import RunData
+from sparsetrace.report.rundata import RunData
 
 Layers = dict[int, Estimate]
 

@@ -1,9 +1,9 @@
 """The baselines the Sparsing Law compares PPL-p% sparsity with: Top-k and FAT-ε.
 
-Both are truncation rules (:class:`~sparsetrace.sparsing.truncation.Rule`) evaluated exactly like
-the CETT thresholds (same passes, activation ratio and PPL ratio), so a report can put the three
-side by side, at a given parameter or at the same PPL ratio (:func:`match_ppl`), each with the
-uncertainty of its activation ratio with its own search redone on bootstrap resamples of the
+Both are truncation rules (:class:`~sparsetrace.sparsing.truncation.TruncationRule`) evaluated
+exactly like the CETT thresholds (same passes, activation ratio and PPL ratio), so a report can put
+the three side by side, at a given parameter or at the same PPL ratio (:func:`match_ppl`), each with
+the uncertainty of its activation ratio with its own search redone on bootstrap resamples of the
 sequences (the resamples are the same for every method, so differences are paired).
 
 Two definitions (``definition``):
@@ -35,7 +35,7 @@ from sparsetrace.sparsing.search import (
     bisect,
     target_ratio,
 )
-from sparsetrace.sparsing.truncation import Rule
+from sparsetrace.sparsing.truncation import TruncationRule
 from sparsetrace.sparsing.uncertainty import SearchBootstrap, search_bootstrap
 
 Baseline = Literal["topk", "fat"]
@@ -101,7 +101,7 @@ class BaselinePoint:
 
 def baseline_rules(
     subject: Subject, baseline: Baseline, param: float, definition: Definition = "reference"
-) -> dict[str, Rule]:
+) -> dict[str, TruncationRule]:
     """Per-layer rules: ``topk`` keeps the fraction ``param`` (reference: of the batch's gate
     entries; ours: ``round(param * d_ff)`` units per token), ``fat`` uses eps = param."""
     if definition not in ("reference", "ours"):

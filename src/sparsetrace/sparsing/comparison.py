@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sparsetrace.budgets import SPARSING_TOKENS
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
 from sparsetrace.sparsing.baselines import Definition, match_ppl, strength
@@ -32,7 +33,7 @@ METHOD_NAMES = {"cett": "PPL-{p:g}% (CETT)", "topk": "Top-k", "fat": "FAT-ε"}  
 def compare_baselines(
     model: str | Path,
     p: float = 1.0,
-    tokens: int = 16384,
+    tokens: int = SPARSING_TOKENS.baselines,
     definitions: tuple[str, ...] = ("reference",),
     options: ModelOptions = DEFAULT_OPTIONS,
 ) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from sparsetrace.budgets import SPARSING_TOKENS
 from sparsetrace.data import get_batch
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text, layer_index
@@ -83,7 +84,7 @@ def validation_batches(
 def sparsing_law(
     model: str | Path,
     p: float = 1.0,
-    tokens: int = 32768,
+    tokens: int = SPARSING_TOKENS.law,
     last: int = 5,
     final_only: bool = False,
     replicates: int = 0,

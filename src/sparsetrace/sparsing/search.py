@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from sparsetrace.sites import MlpSites, down_weight, input_device, mlp_sites
 from sparsetrace.sparsing.cett import GRID_SIZE, CettCurve, CettThreshold, ThresholdGrid
-from sparsetrace.sparsing.truncation import Observer, Rule, Threshold, Truncation
+from sparsetrace.sparsing.truncation import Observer, Threshold, Truncation, TruncationRule
 from sparsetrace.sparsing.uncertainty import (
     SearchBootstrap,
     SequenceStats,
@@ -162,7 +162,7 @@ class Subject:
 
     @torch.no_grad()
     def run(
-        self, rules: Mapping[str, Rule] | None = None, observe: Observer | None = None
+        self, rules: Mapping[str, TruncationRule] | None = None, observe: Observer | None = None
     ) -> Evaluation:
         """One pass over the evaluation set with ``rules`` applied (none: dense)."""
         device = input_device(self.model)  # where a device_map put the embedding
@@ -200,7 +200,7 @@ class Subject:
         self.run(observe=lambda name, rows, _: curves[name].update(rows))
         return Reference(dense, curves)
 
-    def evaluate(self, rules: Mapping[str, Rule]) -> Evaluation:
+    def evaluate(self, rules: Mapping[str, TruncationRule]) -> Evaluation:
         """A truncated pass, memoised by the rules (frozen dataclasses)."""
         key = tuple(sorted(rules.items(), key=lambda item: item[0]))
         if key not in self._memo:

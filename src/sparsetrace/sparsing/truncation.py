@@ -27,7 +27,7 @@ from sparsetrace.sparsing.cett import DEAD_FRACTION, is_dead, kept, unit_norms
 Observer = Callable[[str, Tensor, Tensor], None]  # (layer name, valid hidden rows, W_out) -> None
 
 
-class Rule(Protocol):
+class TruncationRule(Protocol):
     """A truncation rule: which entries of a hidden activation (..., d_ff) to keep, given the
     down projection's weight and the layer's gate activation (``h`` itself for a plain MLP)."""
 
@@ -61,7 +61,7 @@ class Truncation(HookContext):
     def __init__(
         self,
         sites: MlpSites,
-        rules: Mapping[str, Rule] | None = None,
+        rules: Mapping[str, TruncationRule] | None = None,
         observe: Observer | None = None,
     ) -> None:
         self.sites, self.rules, self.observe = sites, dict(rules or {}), observe

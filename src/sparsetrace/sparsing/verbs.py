@@ -10,14 +10,14 @@ import json as jsonlib
 import sys
 from pathlib import Path
 
+from sparsetrace.budgets import SPARSING_TOKENS
 from sparsetrace.errors import UserError
-from sparsetrace.sparsing.source import ModelOptions
 
 
 def sparsing_law(
     model: str,
     p: float = 1.0,
-    tokens: int = 32768,
+    tokens: int = SPARSING_TOKENS.law,
     final_only: bool = False,
     replicates: int = 0,
     revisions: str = "",
@@ -63,6 +63,7 @@ def sparsing_law(
     from sparsetrace.sparsing.figures import plot_activation_ratio
     from sparsetrace.sparsing.over_training import JSON_NAME, PNG_NAME, replicates_text
     from sparsetrace.sparsing.over_training import sparsing_law as measure
+    from sparsetrace.sparsing.source import ModelOptions
 
     options = ModelOptions(_names(revisions), data, seq_len, tokens_per_step, device, device_map,
                            out, _names(modules))  # fmt: skip
@@ -147,7 +148,8 @@ def _fit_over_training(directory: Path, summary: dict) -> str:
 
 
 def sparsing_baselines(
-    model: str, p: float = 1.0, tokens: int = 16384, definition: str = "reference",
+    model: str, p: float = 1.0, tokens: int = SPARSING_TOKENS.baselines,
+    definition: str = "reference",
     data: str = "embedded", seq_len: int = 0, device: str = "", device_map: str = "",
     out: Path | None = None, modules: str = "", json: bool = False,
 ) -> None:  # fmt: skip
@@ -176,6 +178,7 @@ def sparsing_baselines(
         METHOD_NAMES,
         compare_baselines,
     )
+    from sparsetrace.sparsing.source import ModelOptions
 
     if definition not in (*DEFINITIONS, "both"):
         raise UserError(f"--definition must be {', '.join(DEFINITIONS)} or both; "

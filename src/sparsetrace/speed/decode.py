@@ -33,7 +33,7 @@ RELU = ("relu", "relu2", "reglu")  # exact zeros: no threshold needed
 
 
 @dataclass(frozen=True)
-class Shape:
+class DecoderShape:
     """A decoder's size: what sets the bytes read per token."""
 
     d_model: int
@@ -45,13 +45,13 @@ class Shape:
 
 
 SHAPES = {  # published configurations (config.json of each model on the Hugging Face hub)
-    "gpt2-medium": Shape(1024, 24, 16, 4096, 50257, 1024),
-    "opt-350m": Shape(1024, 24, 16, 4096, 50272, 2048),  # OPT-350m's decoder MLP (ReLU) shape
-    "gpt2-large": Shape(1280, 36, 20, 5120, 50257, 1024),
+    "gpt2-medium": DecoderShape(1024, 24, 16, 4096, 50257, 1024),
+    "opt-350m": DecoderShape(1024, 24, 16, 4096, 50272, 2048),  # its decoder MLP is ReLU
+    "gpt2-large": DecoderShape(1280, 36, 20, 5120, 50257, 1024),
 }
 
 
-def parse_shape(text: str) -> Shape:
+def parse_shape(text: str) -> DecoderShape:
     """A named shape or ``d_model,n_layers,n_heads,d_ff[,vocab]``."""
     if text in SHAPES:
         return SHAPES[text]
@@ -65,7 +65,7 @@ def parse_shape(text: str) -> Shape:
     d, n, h, ff, *vocab = values
     if d % h:
         raise UserError(f"--shape: d_model {d} is not divisible by n_heads {h}")
-    return Shape(d, n, h, ff, vocab[0] if vocab else 50257, 1024)
+    return DecoderShape(d, n, h, ff, vocab[0] if vocab else 50257, 1024)
 
 
 def activation_of(model: nn.Module) -> str:
@@ -221,7 +221,9 @@ def active_patterns(
     return mlp_inputs, [torch.cat(active[i]) for i in sorted(active)]
 
 
-def transplant_patterns(patterns: Sequence[Tensor], shape: Shape, seed: int = 0) -> list[Tensor]:
+def transplant_patterns(
+    patterns: Sequence[Tensor], shape: DecoderShape, seed: int = 0
+) -> list[Tensor]:
     """Active-unit patterns for a wider, deeper model: layer l takes the trained layer at the
     same relative depth, each wide unit a fixed random trained unit (a permutation tiled over
     the width), so every token keeps its measured active fraction and co-activation structure."""
@@ -238,7 +240,7 @@ def transplant_patterns(patterns: Sequence[Tensor], shape: Shape, seed: int = 0)
 
 
 @torch.no_grad()
-def transplant(shape: Shape, active: Sequence[float], seed: int = 0) -> Transformer:
+def transplant(shape: DecoderShape, active: Sequence[float], seed: int = 0) -> Transformer:
     """Our Transformer at ``shape`` (GPT-2 conventions, ReLU, random weights) whose layer l has
     its units active for ``active[l * len(active) // n_layers]`` of the tokens: each up
     projection's bias is shifted, layer by layer in one pass over random tokens, to that

@@ -1,0 +1,307 @@
+"""The ``sparsetrace speed`` measurement: how much faster a model's MLP sparsity makes batch-1
+decoding here, against the memory-bandwidth bound measured in the same run (docs/speed.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sparsetrace.errors import UserError
+from sparsetrace.model.transformer import GATED
+from sparsetrace.sites import locate
+from sparsetrace.speed import decode as dec
+from sparsetrace.speed import measure as ms
+
+DEAD_TOKENS = 8192  # validation tokens that decide which units are dead (alive: >= 9 of them)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--fractions: numbers in (0, 1] like 0.1,0.05; got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise UserError(f"--fractions: numbers in (0, 1] like 0.1,0.05; got {text!r}")
+    return values
+
+
+def _taus(run: Path, activation: str, step: int) -> list[float] | None:
+    """Each layer's CETT threshold from the run's PPL-p% measurement of checkpoint ``step`` (the
+    one loaded); None for ReLU-like activations (exact zeros)."""
+    if activation in dec.RELU:
+        return None
+    summary = run / "sparsing_law.json"
+    how = f"run `sparsetrace sparsing-law {run} --final-only` first"
+    if not summary.is_file():
+        raise UserError(f"{run}: the {activation} MLP's sparse path needs CETT thresholds; {how}")
+    try:
+        last = json.loads(summary.read_text())["checkpoints"][-1]
+        taus = [float(last["layers"][k]["tau"]) for k in sorted(last["layers"], key=int)]
+        measured = int(last["step"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise UserError(f"{summary}: not a sparsing-law summary with thresholds; {how}") from None
+    if measured != step:
+        raise UserError(f"{summary}: thresholds of step {measured}, but the latest checkpoint is "
+                        f"step {step}; {how}")  # fmt: skip
+    return taus
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decoding step reads: every parameter once (a tied head once: it is
+    read in full for the logits), but one row of each embedding table that no linear layer
+    shares (untied token embeddings, position tables). KV-cache reads are not counted."""
+    shared = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, torch.nn.Embedding) and id(m.weight) not in shared:
+            w = m.weight
+            total -= (w.shape[0] - 1) * w.shape[1] * w.element_size()
+    return total
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model to decode sparse: its label, its dense/sparse swap, the bytes a dense step reads
+    and each layer's W_out bytes (the part the sparse path reads only for active units)."""
+
+    label: str
+    swap: dec.Swap
+    nbytes: int
+    down_bytes: list[int]
+
+    @classmethod
+    def of(cls, label: str, model: torch.nn.Module, taus: list[float] | None,
+           kernel: str) -> Variant:  # fmt: skip
+        nbytes = _bytes(model)  # with the dense modules in place
+        downs = [site.module.weight for site in locate(model)[1]]
+        return cls(label, dec.Swap(model, taus, kernel), nbytes,
+                   [w.numel() * w.element_size() for w in downs])  # fmt: skip
+
+    def sparse_bytes(self) -> float:
+        """Bytes a sparse step reads at the fractions its SparseDowns counted."""
+        fractions = [down.read_fraction for down in self.swap.sparse]
+        return self.nbytes - sum((1 - a) * b for a, b in zip(fractions, self.down_bytes,
+                                                                strict=True))  # fmt: skip
+
+
+def _decode_rows(
+    variants: list[Variant], prompt: torch.Tensor, new_tokens: int, repeats: int,
+    bandwidth: float,
+) -> list[dict]:  # fmt: skip
+    """Decoding speed of each sparse variant against the dense reference (the first variant's
+    model with its dense projections), timed interleaved, and both against their bounds. The
+    units read per token are counted in an untimed sparse run first, on the same tokens."""
+    reference = variants[0].swap
+    for v in variants:
+        dec.decode(v.swap.use(sparse=True), prompt, new_tokens)  # counts what it reads
+    read = [v.sparse_bytes() for v in variants]
+    runs = {"dense": lambda n: dec.decode(reference.use(sparse=False), prompt, n)}
+    for v in variants:
+        runs[v.label] = lambda n, v=v: dec.decode(v.swap.use(sparse=True), prompt, n)
+    try:
+        seconds = dec.decode_seconds(runs, new_tokens, repeats)
+    finally:
+        for v in variants:
+            v.swap.use(sparse=False)
+    dense, total = seconds["dense"], variants[0].nbytes
+    return [{"model": v.label, "dense tok/s": 1 / dense, "sparse tok/s": 1 / seconds[v.label],
+             "speed-up": dense / seconds[v.label], "bound speed-up": total / r,
+             "dense of bound": total / bandwidth / dense,
+             "sparse of bound": r / bandwidth / seconds[v.label],
+             "active fraction (decode)": sum(d.read_fraction for d in v.swap.sparse)
+             / len(v.swap.sparse),
+             "MB per token (dense)": total / 1e6, "MB per token (sparse)": r / 1e6}
+            for v, r in zip(variants, read, strict=True)]  # fmt: skip
+
+
+def _sweep(
+    layers: list[ms.MlpLayer], inputs: list[torch.Tensor], fractions: list[float],
+    bandwidth: float, repeats: int, label: str, measured: list[torch.Tensor] | None = None,
+) -> list[dict]:  # fmt: skip
+    """MLP-block rows: at the measured patterns (if given), then at each random fraction."""
+    rows = []
+    tokens = inputs[0].shape[0]
+    if measured is not None:
+        t = ms.time_mlp_block(layers, inputs, [m.float() for m in measured], bandwidth, repeats)
+        rows.append({"shape": label, "pattern": "measured", **t.row()})
+    widths = [layer.down.shape[1] for layer in layers]
+    for a in fractions:
+        masks = ms.random_masks(tokens, widths, a)
+        t = ms.time_mlp_block(layers, inputs, masks, bandwidth, repeats)
+        rows.append({"shape": label, "pattern": "random", **t.row()})
+    return rows
+
+
+def _prune_dead(model, cfg, taus: list[float] | None) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``model`` without its dead units (Sparsing Law: active on fewer than 0.1 % of
+    the validation tokens, here DEAD_TOKENS of them) in W_in and W_out, and what it cost:
+    units removed per layer, the pruned model's perplexity over the dense one on those tokens,
+    its active fraction per layer (of its own units) and thresholds."""
+    from sparsetrace.data.prepare import prepare_data
+    from sparsetrace.experiments.prune import prune_model
+    from sparsetrace.sparsing.cett import DEAD_FRACTION
+    from sparsetrace.sparsing.over_training import validation_batches
+
+    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, DEAD_TOKENS)
+    _, active = dec.active_patterns(model, [b.inputs for b in batches], taus)
+    names = list(model.mlps())
+    keep = {name: a.float().mean(0) >= DEAD_FRACTION for name, a in zip(names, active, strict=True)}
+    pruned = prune_model(model, cfg, keep).float().eval()
+    sizes = [b.n_targets for b in batches]
+    with torch.no_grad():
+        dense = sum(float(model(b.inputs, b.targets).loss) * n
+                    for b, n in zip(batches, sizes, strict=True))  # fmt: skip
+        cut = sum(float(pruned(b.inputs, b.targets).loss) * n
+                  for b, n in zip(batches, sizes, strict=True))  # fmt: skip
+    _, after = dec.active_patterns(pruned, [b.inputs for b in batches], taus)
+    return pruned, {
+        "dead_tokens": sum(b.inputs.numel() for b in batches),
+        "removed": [int((~k).sum()) for k in keep.values()],
+        "width": [int(k.numel()) for k in keep.values()],
+        "ppl_ratio": math.exp((cut - dense) / sum(sizes)),
+        "active": [float(a.float().mean()) for a in after], "taus": taus,
+    }  # fmt: skip
+
+
+@dataclass
+class SpeedModel:
+    """The model measured: ours (a run directory) or a Hugging Face causal LM (a model
+    directory), its thresholds (None: exact ReLU zeros), token ids to measure and decode on, and
+    its longest context."""
+
+    model: torch.nn.Module
+    activation: str
+    taus: list[float] | None
+    ids: torch.Tensor  # (1, tokens + 16)
+    context: int
+    cfg: object | None = None  # our RunConfig (dead-unit pruning needs it)
+
+
+def _subject(source: Path, tokens: int, prune_dead: bool) -> SpeedModel:
+    need = tokens + 16
+    if (source / "config.yaml").is_file():
+        from sparsetrace.checkpoint import checkpoint_step, list_checkpoints, load_trained_model
+        from sparsetrace.data.prepare import prepare_data
+
+        model, cfg = load_trained_model(source)
+        step = checkpoint_step(list_checkpoints(source)[-1])
+        if cfg.model.activation in GATED:
+            raise UserError(
+                f"{cfg.model.activation}: the speed measurement covers plain MLPs (relu, gelu, "
+                "silu, relu2); gated MLPs are not supported yet"
+            )
+        val = prepare_data(cfg.data).val[:need].astype("int64")
+        if len(val) < need:
+            raise UserError(f"--tokens {tokens}: the validation split has {len(val)} tokens")
+        return SpeedModel(model.float(), cfg.model.activation,
+                       _taus(source, cfg.model.activation, step), torch.as_tensor(val)[None],
+                       cfg.data.seq_len, cfg)  # fmt: skip
+    if (source / "config.json").is_file():
+        if prune_dead:
+            raise UserError("--prune-dead needs a sparsetrace run (its pruning slices our "
+                            "model's layout); not a Hugging Face model")  # fmt: skip
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from sparsetrace.series import from_pretrained, load_tokenizer, token_batches
+
+        config = from_pretrained("config", AutoConfig, str(source), None, True)
+        activation = dec.config_activation(config)  # checked before the weights are read
+        if activation not in dec.RELU:
+            raise UserError(f"{source}: the MLP activation is {activation}; for Hugging Face "
+                            "models the speed measurement needs a ReLU MLP (OPT, ReLU GPT-2): "
+                            "CETT thresholds are computed for sparsetrace runs only")  # fmt: skip
+        model = from_pretrained("model", AutoModelForCausalLM, str(source), None, True)
+        ids, _ = token_batches("embedded", load_tokenizer(str(source), None, True), 1, 1, need)
+        context = getattr(model.config, "max_position_embeddings", None) or getattr(
+            model.config, "n_positions", need)  # fmt: skip
+        return SpeedModel(model.float().eval(), activation, None, ids[0], int(context))
+    raise UserError(f"{source}: neither a sparsetrace run (config.yaml) nor a Hugging Face model "
+                    "directory (config.json)")  # fmt: skip
+
+
+def run_speed(
+    run: Path, shape: str, fractions: str, tokens: int, new_tokens: int, repeats: int,
+    kernel: str, prune_dead: bool, out: Path | None,
+) -> Path:  # fmt: skip
+    """Measure, print and write speed.json + tables + the report; returns the report's index."""
+    run, big, points = Path(run), dec.parse_shape(shape), _fractions(fractions)
+    if tokens < 1 or new_tokens < 1 or repeats < 1:
+        raise UserError("--tokens, --new-tokens and --repeats must be >= 1")
+    s = _subject(run, tokens, prune_dead)
+    context = min(s.context, big.seq_len)
+    if tokens > s.context:
+        raise UserError(f"--tokens {tokens}: the model reads at most {s.context} positions")
+    if new_tokens + 16 >= context:
+        raise UserError(f"--new-tokens {new_tokens}: with the 16-token prompt it must stay below "
+                        f"{context} positions (the model's and the shape's)")  # fmt: skip
+    model, taus = s.model, s.taus
+    inputs, active = dec.active_patterns(model, [s.ids[:, :tokens]], taus)
+    fraction_by_layer = [float(a.float().mean()) for a in active]
+    bandwidth = ms.read_bandwidth()
+    by_layer = ", ".join(f"{a:.3f}" for a in fraction_by_layer)
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {s.activation} model, units active per "
+          f"token by layer {by_layer}", flush=True)  # fmt: skip
+    block = []
+    if inputs is not None:  # our model: its own MLPs timed too
+        own = [ms.MlpLayer.of(b.mlp.w_in.weight, b.mlp.w_out.weight, kernel)
+               for b in model.blocks]  # fmt: skip
+        block = _sweep(own, inputs, points, bandwidth, repeats, "model", active)
+    prompt = s.ids[:, :16]
+    variants = []
+    if prune_dead:  # first, while the model is dense: the pruned copy takes its weights
+        pruned, pruning = _prune_dead(model, s.cfg, taus)
+        variants.append(Variant.of("model, dead units pruned", pruned, pruning["taus"], kernel))
+    variants.insert(0, Variant.of("model", model, taus, kernel))
+    decode = _decode_rows(variants, prompt, new_tokens, repeats, bandwidth)
+    # The memory-bound shape: random weights, this model's measured patterns and sparsity.
+    wide = dec.transplant_patterns(active, big)
+    gen = torch.Generator().manual_seed(0)
+    big_inputs = [torch.randn(tokens, big.d_model, generator=gen) for _ in range(big.n_layers)]
+    big_layers = ms.random_layers(big.d_model, big.d_ff, big.n_layers, kernel)
+    block += _sweep(big_layers, big_inputs, points, bandwidth, repeats, shape, wide)
+    big_layers.clear()  # free the sweep's weights before the decoding model is built
+    big_model = dec.transplant(big, fraction_by_layer)
+    big_prompt = torch.randint(0, big.vocab_size, (1, 16), generator=gen)
+    big_variant = Variant.of(f"{shape} (random weights, transplanted sparsity)", big_model, None,
+                             kernel)  # fmt: skip
+    decode += _decode_rows([big_variant], big_prompt, new_tokens, repeats, bandwidth)
+    bandwidth_end = ms.read_bandwidth()  # the machine drifts: say by how much
+    from sparsetrace.report.speed import write_speed_report
+
+    out = Path(out) if out else run / "speed"
+    result = {
+        "run": str(run), "machine": _cpu_name(),
+        "threads": torch.get_num_threads(), "bandwidth_GBps": bandwidth / 1e9,
+        "bandwidth_end_GBps": bandwidth_end / 1e9, "kernel": kernel,
+        "activation": s.activation, "thresholds": taus,
+        "active_by_layer": fraction_by_layer, "shape": shape,
+        "pruning": pruning if prune_dead else None,
+        "block": block, "decode": decode,
+    }  # fmt: skip
+    return write_speed_report(out, result)
+
+
+def print_summary(index: Path) -> None:
+    result = json.loads((index.parent.parent / "speed.json").read_text())
+    frame = pd.DataFrame(result["block"])
+    cols = ["shape", "pattern", "active fraction", "dense (us)", "sparse (us)", "speed-up",
+            "bound speed-up", "sparse of bound"]  # fmt: skip
+    print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(pd.DataFrame(result["decode"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
