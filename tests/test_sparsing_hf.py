@@ -34,6 +34,7 @@ from sparsetrace.errors import UserError
 from sparsetrace.export import export_run, to_hf
 from sparsetrace.model.transformer import ModelConfig, Transformer
 from sparsetrace.sparsing import verbs
+from sparsetrace.sparsing.laws import read_law_data
 from sparsetrace.sparsing.over_training import sparsing_law
 from sparsetrace.sparsing.search import C_TOL, PPL_TOL, Subject, TokenBatch, ppl_sparsity
 from sparsetrace.sparsing.source import ModelOptions
@@ -243,8 +244,10 @@ def test_export_writes_a_model_transformers_loads(series: Path) -> None:
     ids = torch.tensor([tok("The quick brown fox jumps over the lazy dog")["input_ids"]])
     assert torch.equal(ours(ids).logits, theirs(ids).logits)
     assert tok.eos_token_id == theirs.config.eos_token_id
-    with pytest.raises(UserError, match="already holds a model"):
+    with pytest.raises(UserError, match="not an empty directory"):
         export_run(run, series / "step20")
+    with pytest.raises(UserError, match="not an empty directory"):
+        export_run(run, run)  # a run directory would turn into a model directory
     with pytest.raises(UserError, match="no checkpoint at step 7"):
         export_run(run, series / "x", 7)
 
@@ -265,8 +268,8 @@ def test_series_one_revision_at_a_time(
     assert [c["tokens"] for c in summary["checkpoints"]] == [s * PER_STEP for s in STEPS]
     assert summary["search"]["revisions"] == ["step20"] and summary["x"] == "tokens"
     assert summary["tokens_evaluated"] == 2048 and summary["seq_len"] == 32
-    # the 64 windows are a random sample of the windows of four times the tokens needed
-    assert summary["windows_from_tokens"] == 4 * (64 * 32 + 1)
+    # the 64 windows are a random sample of a pool of four times as many
+    assert summary["windows_pool"] == 4 * 64
     assert all(c["layers"]["0"]["units"] == 128 for c in summary["checkpoints"])
     frame = pd.read_csv(out / "sparsing_law.csv", dtype={"layer": str})
     assert list(frame[frame.layer == "all"].tokens) == [s * PER_STEP for s in STEPS]
@@ -289,13 +292,12 @@ def test_a_run_and_its_exported_checkpoint_agree(
     """The same weights through both paths (the run's checkpoint and the exported directory,
     each loaded and located by its own path) on the same windows: the same c, thresholds and
     ratios."""
-    from sparsetrace.sparsing.over_training import validation_batches
     from sparsetrace.sparsing.source import open_source
 
     monkeypatch.setenv("SPARSETRACE_CACHE", str(series.parent / "cache"))
-    run = open_source(str(series.parent / "r"), ModelOptions())
-    hf = open_source(str(series / "step20"), ModelOptions(seq_len=32), stream_tokens=1025)
-    batches = validation_batches(run.val, run.seq_len, 1024)
+    run = open_source(str(series.parent / "r"), ModelOptions(), 1024)
+    hf = open_source(str(series / "step20"), ModelOptions(seq_len=32), 1024)
+    batches = run.batches(1024)
     measured = []
     for src in (run, hf):
         model = src.load(src.revisions[-1])
@@ -376,3 +378,115 @@ def test_a_model_placed_by_device_map_gives_the_same_measurement(
         placed["checkpoints"][0]["activation_ratio"] == plain["checkpoints"][0]["activation_ratio"]
     )
     assert "device_map: cpu" in (tmp_path / "placed" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_series_without_tokens_per_step_is_measured_over_steps_with_step_0(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pythia-style revisions including step 0 and no tokens per step: the axis is the step,
+    step 0 is measured but left out of the fit, and the verb finishes (and prints its table)."""
+    import shutil
+
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(series.parent / "cache"))
+    steps = tmp_path / "steps"
+    for name in ("step4", "step8", "step12", "step16", "step20"):
+        shutil.copytree(series / name, steps / name)
+    shutil.copytree(series / "step4", steps / "step0")  # the weights do not matter here
+    verbs.sparsing_law(str(steps), tokens=1024, seq_len=32, search_last=1, out=tmp_path / "o")
+    summary = json.loads((tmp_path / "o" / "sparsing_law.json").read_text())
+    assert summary["x"] == "steps" and summary["tokens_per_step"] is None
+    assert [c["step"] for c in summary["checkpoints"]] == [0, 4, 8, 12, 16, 20]
+    assert all(c["tokens"] is None for c in summary["checkpoints"])
+    tokens, _ = read_law_data(tmp_path / "o")
+    assert list(tokens) == [4, 8, 12, 16, 20]  # over steps, step 0 left out
+    assert list((tmp_path / "o").glob("sparsing_law_fit_*.png"))
+    with pytest.raises(UserError, match="numbered by position"):
+        sparsing_law(str(series / "step20"), 1.0, 1024,
+                     options=ModelOptions(seq_len=32, tokens_per_step=128))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_replicates_on_a_model_directory_leave_the_evaluation_set_alone(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicate sets come from further pools of the text: the evaluation set (and so the main
+    result) is the same with and without them; each set is measured on its own windows."""
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(series.parent / "cache"))
+    found = []
+    for name, replicates in (("alone", 0), ("with", 2)):
+        csv = verbs_measure(series / "step20", tmp_path / name, replicates)
+        found.append(json.loads((csv.parent / "sparsing_law.json").read_text()))
+    alone, with_sets = found
+    assert with_sets["cett"] == alone["cett"]
+    assert (
+        with_sets["checkpoints"][0]["activation_ratio"]
+        == alone["checkpoints"][0]["activation_ratio"]
+    )
+    sets = with_sets["replicates"]["sets"]
+    assert len(sets) == 2 and sets[0]["activation_ratio"] != sets[1]["activation_ratio"]
+
+
+def verbs_measure(model: Path, out: Path, replicates: int) -> Path:
+    options = ModelOptions(seq_len=32, out=out)
+    return sparsing_law(str(model), 1.0, 512, final_only=True, replicates=replicates,
+                        options=options)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_offloaded_mlp_weights_are_refused(
+    series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose MLP weights accelerate offloaded (read only inside its forward) cannot be
+    truncated by hooks: a one-line error, not a traceback from a meta tensor."""
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_state_dict
+    from transformers import AutoModelForCausalLM
+
+    from sparsetrace.sparsing.source import open_source
+
+    monkeypatch.setenv("SPARSETRACE_CACHE", str(series.parent / "cache"))
+    src = open_source(str(series / "step20"), ModelOptions(seq_len=32, device_map="cpu"), 512)
+    model = AutoModelForCausalLM.from_pretrained(series / "step20")
+    offload_state_dict(tmp_path / "off", {k: v for k, v in model.state_dict().items()
+                                          if k.startswith("transformer.h.1.")})  # fmt: skip
+    device_map = dict.fromkeys(["transformer.wte", "transformer.wpe", "transformer.h.0",
+                                "transformer.ln_f", "lm_head"], "cpu")  # fmt: skip
+    device_map["transformer.h.1"] = "disk"
+    placed = dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path / "off"))
+    rev = src.revisions[-1]
+    monkeypatch.setattr(rev, "load", lambda: placed)
+    with pytest.raises(UserError, match="offloaded MLP weights"):
+        src.load(rev)
+
+
+def test_reference_baselines_read_the_llama_gate() -> None:
+    """On a transformers Llama the reference FAT-ε decides on act_fn's output, not on the
+    product the down projection sees: its loss equals our own hooks zeroing the product where
+    |act(gate)| < eps (and differs from deciding on the product)."""
+    from sparsetrace.sparsing.baselines import evaluate_baseline
+
+    torch.manual_seed(0)
+    model = FAMILIES["llama-reglu"]().eval()
+    batches = _batches()
+    subject = Subject(model, batches)
+    assert set(subject.sites.gates) == set(subject.down)
+    eps = 0.05
+    point = evaluate_baseline(subject, "fat", eps, "reference")
+    ours = evaluate_baseline(subject, "fat", eps, "ours")
+    handles = []
+    for layer in model.model.layers:
+        gate: dict[str, Tensor] = {}
+        mlp = layer.mlp
+        handles.append(mlp.act_fn.register_forward_hook(
+            lambda _m, _a, y, gate=gate: gate.update(a=y)))  # fmt: skip
+        handles.append(mlp.up_proj.register_forward_hook(
+            lambda _m, _a, u, gate=gate: u * (gate["a"].abs() >= eps)))  # fmt: skip
+    try:
+        truncated = _mean_loss(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    dense = _mean_loss(model, batches)
+    assert point.ppl_ratio == pytest.approx(math.exp(truncated - dense), rel=1e-6)
+    assert ours.ppl_ratio != pytest.approx(point.ppl_ratio, rel=1e-6)

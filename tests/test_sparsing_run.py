@@ -23,7 +23,7 @@ from sparsetrace.sparsing.baselines import evaluate_baseline, match_ppl
 from sparsetrace.sparsing.cett import cett
 from sparsetrace.sparsing.figures import plot_activation_ratio
 from sparsetrace.sparsing.laws import fit_law
-from sparsetrace.sparsing.over_training import COLUMNS, sparsing_law, validation_batches
+from sparsetrace.sparsing.over_training import COLUMNS, sparsing_law
 from sparsetrace.sparsing.search import (
     PPL_TOL,
     REFINE_QUANTILES,
@@ -32,6 +32,7 @@ from sparsetrace.sparsing.search import (
     ppl_sparsity,
     search_uncertainty,
 )
+from sparsetrace.sparsing.source import validation_batches
 
 TOKENS = 4096  # evaluation tokens: 128 windows of the tiny preset's 32
 
@@ -333,6 +334,7 @@ def test_sparsing_law_verb_errors(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="neither a model directory"):
         verbs.sparsing_law(tmp_path)
     (tmp_path / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    (tmp_path / "checkpoints").mkdir()
     with pytest.raises(UserError, match="no checkpoint"):
         verbs.sparsing_law(tmp_path)
 

@@ -22,8 +22,8 @@ from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
 from sparsetrace.sparsing.cett import kept, unit_norms
-from sparsetrace.sparsing.over_training import validation_batches
 from sparsetrace.sparsing.search import Subject, ppl_sparsity
+from sparsetrace.sparsing.source import validation_batches
 from sparsetrace.speed import decode as dec
 from sparsetrace.speed import measure as ms
 from sparsetrace.speed.sparse_down import KERNELS, SparseDown

@@ -11,8 +11,8 @@ import pytest
 from sparsetrace.checkpoint import checkpoint_path, load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
-from sparsetrace.sparsing.over_training import validation_batches
 from sparsetrace.sparsing.search import Subject
+from sparsetrace.sparsing.source import validation_batches
 from sparsetrace.train.loop import train
 
 

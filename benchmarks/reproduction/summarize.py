@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE
-from sparsetrace.report.rundata import prepare
 from sparsetrace.report.findings import FINDINGS, evaluate
+from sparsetrace.report.rundata import prepare
 from sparsetrace.rundir import load_run
 
 MARK = {HOLDS: "H", FAILS: "-", INCONCLUSIVE: "?"}

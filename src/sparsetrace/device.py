@@ -13,17 +13,17 @@ import torch
 from sparsetrace.errors import UserError
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "train.device") -> torch.device:
+    """The device ``name`` names (auto: CUDA when available); ``option`` is how the user set it,
+    for the error message."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(
-            f"train.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)"
-        ) from None
+        raise UserError(f"{option}: unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA GPU is available")
+        raise UserError(f"{option} is cuda but no CUDA GPU is available")
     return device
 
 

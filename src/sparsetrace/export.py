@@ -26,7 +26,7 @@ HF_ACTIVATION = {"relu": "relu", "gelu": "gelu", "silu": "silu", "relu2": "relu2
 
 def export_run(run: Path, out: Path, step: int | None = None) -> Path:
     """Write checkpoint ``step`` of ``run`` (default: the last) to ``out`` as a Hugging Face model
-    directory with the run's tokenizer; returns ``out``. ``out`` must not hold a model yet."""
+    directory with the run's tokenizer; returns ``out``, which must be new or empty."""
     from transformers import PreTrainedTokenizerFast
 
     from sparsetrace.data import prepare_data
@@ -40,8 +40,8 @@ def export_run(run: Path, out: Path, step: int | None = None) -> Path:
     if chosen is None:
         have = ", ".join(str(checkpoint_step(c)) for c in ckpts)
         raise UserError(f"{run}: no checkpoint at step {step} (have: {have})")
-    if (out / "config.json").exists():
-        raise UserError(f"{out} already holds a model (config.json); choose another directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory; choose another")
     model, cfg = load_trained_model(run, chosen)
     _refuse(model)  # before anything is written
     tokenizer = prepare_data(cfg.data).tokenizer

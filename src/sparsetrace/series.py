@@ -1,6 +1,6 @@
 """A MODEL argument resolved into revisions (one model each, in step order) and one tokenizer.
 
-What ``analyze``, ``sparsing-law``, ``sparsing-baselines`` and ``speed`` take as MODEL:
+What ``analyze``, ``sparsing-law`` and ``sparsing-baselines`` take as MODEL:
 - a sparsetrace run directory (``config.yaml`` + ``checkpoints/``): its checkpoints, the run's
   tokenizer, tokens = step x the run's tokens per step;
 - a directory in the Hugging Face ``from_pretrained`` layout (``config.json``): one revision;
@@ -8,7 +8,9 @@ What ``analyze``, ``sparsing-law``, ``sparsing-baselines`` and ``speed`` take as
   name (``step1000``, ``checkpoint-500``); the tokenizer comes from the directory or the first
   revision;
 - else a hub id, with ``revisions`` naming hub revisions (Pythia: ``step1000,step2000``).
-Each revision loads on demand (``Revision.load``), so a caller can hold one at a time.
+Each revision loads on demand (``Revision.load``), so a caller can hold one at a time; a Hugging
+Face revision's config loads alone (``Revision.config``), to check every revision before any is
+measured.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Revision:
     step: int
     tokens: int  # tokens seen in training: step x tokens per step when known, else the step
     load: Callable[[], nn.Module]
+    config: Callable[[], Any] | None = None  # a transformers revision's config (None: ours)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def resolve(
     loss), else as base models (the MLPs are all that tracing reads)."""
     path = Path(model).expanduser()
     if path.is_dir():
-        if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
             if device_map:
                 raise UserError("--device-map is for Hugging Face models, not sparsetrace runs")
             return _sparsetrace_run(path, revisions)
@@ -124,7 +127,8 @@ def _sparsetrace_run(run: Path, wanted: Sequence[str]) -> ModelSeries:
 
 
 def _model_dir(path: Path, device_map: str, lm_head: bool) -> ModelSeries:
-    rev = Revision(path.name, 0, 0, lambda: load_model(str(path), None, False, device_map, lm_head))
+    rev = Revision(path.name, 0, 0, lambda: load_model(str(path), None, False, device_map, lm_head),
+                   lambda: load_config(str(path)))  # fmt: skip
     tok_dir = _tokenizer_dir([path], path)
     return ModelSeries("model directory", [rev], load_tokenizer(tok_dir), tok_dir, None, "index")
 
@@ -142,7 +146,8 @@ def _series(root: Path, wanted: Sequence[str], device_map: str, lm_head: bool) -
     def loader(d: Path) -> Callable[[], nn.Module]:
         return lambda: load_model(str(d), None, False, device_map, lm_head)
 
-    revs = [_revision(d.name, s, None, loader(d)) for d, s in zip(dirs, steps, strict=True)]
+    revs = [_revision(d.name, s, None, loader(d), lambda d=d: load_config(str(d)))
+            for d, s in zip(dirs, steps, strict=True)]  # fmt: skip
     revs = _pick(sorted(revs, key=lambda r: r.step), wanted, root)
     tok_dir = _tokenizer_dir([root, *dirs], root)
     tokenizer = load_tokenizer(tok_dir)
@@ -152,12 +157,15 @@ def _series(root: Path, wanted: Sequence[str], device_map: str, lm_head: bool) -
 def _hub(model_id: str, wanted: Sequence[str], device_map: str, lm_head: bool) -> ModelSeries:
     local_only = not _hub_reachable()
     names = list(wanted) or ["main"]
+    if len(set(names)) != len(names):
+        raise UserError(f"--revisions names a revision twice: {', '.join(names)}")
     steps, steps_from = _steps(names)
 
     def loader(name: str) -> Callable[[], nn.Module]:
         return lambda: load_model(model_id, name, local_only, device_map, lm_head)
 
-    revs = [_revision(n, s, None, loader(n)) for n, s in zip(names, steps, strict=True)]
+    revs = [_revision(n, s, None, loader(n), lambda n=n: load_config(model_id, n, local_only))
+            for n, s in zip(names, steps, strict=True)]  # fmt: skip
     tokenizer = load_tokenizer(model_id, names[0], local_only)
     revs.sort(key=lambda r: r.step)
     return ModelSeries("hub", revs, tokenizer, model_id, None, steps_from)
@@ -173,9 +181,10 @@ def _tokenizer_dir(candidates: list[Path], where: Path) -> str:
 
 
 def _revision(
-    label: str, step: int, per_step: int | None, load: Callable[[], nn.Module]
-) -> Revision:
-    return Revision(label, step, step * per_step if per_step else step, load)
+    label: str, step: int, per_step: int | None, load: Callable[[], nn.Module],
+    config: Callable[[], Any] | None = None,
+) -> Revision:  # fmt: skip
+    return Revision(label, step, step * per_step if per_step else step, load, config)
 
 
 def _steps(labels: list[str]) -> tuple[list[int], str]:
@@ -193,6 +202,8 @@ def _pick(revs: list[Revision], wanted: Sequence[str], where: Path) -> list[Revi
     """The revisions named in ``wanted`` by name or step number (none: all)."""
     if not wanted:
         return revs
+    if len(set(wanted)) != len(wanted):
+        raise UserError(f"--revisions names a revision twice: {', '.join(wanted)}")
     chosen = [r for r in revs if r.label in wanted or str(r.step) in wanted]
     known = {r.label for r in revs} | {str(r.step) for r in revs}
     unknown = [w for w in wanted if w not in known]
@@ -245,6 +256,13 @@ def load_model(
     model = from_pretrained("model", kind, source, revision, local_only, **placed)
     model.config.use_cache = False
     return model
+
+
+def load_config(source: str, revision: str | None = None, local_only: bool = False) -> Any:
+    """A transformers model's config alone (no weights)."""
+    from transformers import AutoConfig
+
+    return from_pretrained("config", AutoConfig, source, revision, local_only)
 
 
 def load_tokenizer(

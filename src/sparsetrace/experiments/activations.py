@@ -28,7 +28,8 @@ from sparsetrace.experiments.runs import (
 from sparsetrace.experiments.sweep import build_arms, split_values
 from sparsetrace.report.sparsing import Curve, fit_curve, write_activations_report
 from sparsetrace.sparsing.laws import law_form
-from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, WINDOWS, sparsing_law
+from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, sparsing_law
+from sparsetrace.sparsing.source import WINDOWS
 
 CHECKPOINTS = 8  # per run: the ReLU law has 4 parameters, a fit needs MIN_POINTS = 5
 LAST = 5  # final checkpoints the CETT is chosen on (the public scripts' choice)

@@ -83,7 +83,10 @@ def fit_curve(
 ) -> Curve:  # fmt: skip
     """A run's curve (one point per checkpoint, ascending) with the Sparsing Law of ``form``
     fitted to the checkpoints after warm-up (the authors' rule); too few points or a curve the
-    law cannot fit (e.g. constant): no fit, a note."""
+    law cannot fit (e.g. constant): no fit, a note. A checkpoint at step 0 (no training tokens)
+    is not on the law's axis: left out."""
+    trained = np.asarray(tokens, dtype=float) > 0
+    steps, tokens, ratio = steps[trained], tokens[trained], ratio[trained]
     skip = warmup_points(steps, warmup_steps)
     if len(ratio) - skip < MIN_POINTS:
         note = (f"{len(ratio)} checkpoints, {skip} of them during warm-up: fitting needs at "

@@ -190,7 +190,14 @@ class CettCurve:
         self.dropped = torch.zeros(size, dtype=torch.int64, device=self.wt.device)
         self.tokens = 0
 
+    def freeze(self) -> None:
+        """Done streaming: drop the weight and its float32 copy (the curve keeps its
+        ``GRID_SIZE + 1`` numbers per layer), so that a measured model costs no second copy."""
+        self.w_out = self.wt = None
+
     def update(self, a: Tensor, mask: Tensor | None = None) -> None:
+        if self.wt is None:
+            raise RuntimeError("CettCurve.update after freeze()")
         rows = _rows(a, mask).to(self.wt.device)
         for x in rows.split(self.chunk):
             n, order = unit_norms(x, self.w_out).sort(dim=-1)

@@ -1,11 +1,11 @@
 """PPL-p% sparsity against the Sparsing Law's baselines on one checkpoint, at the same PPL.
 
-The paper's argument for PPL-p% sparsity (its Section 3 and Figure 3) is that at the same
-perplexity cost it keeps fewer units than Top-k and FAT-ε. :func:`compare_baselines` measures the
-three on one checkpoint of a run, each matched to PPL ratio ``1 + p/100`` on the same tokens, with
-each activation ratio's SE with its own search (or match) redone on every bootstrap resample.
-The resamples are the same for all methods, so each baseline's difference from PPL-p% has a
-paired SE that includes both searches.
+The paper's argument for PPL-p% sparsity (its Section 3 and Figure 3) is that at the same perplexity
+cost it keeps fewer units than Top-k and FAT-ε. :func:`compare_baselines` measures the three on the
+final checkpoint of a run or a Hugging Face model, each matched to PPL ratio ``1 + p/100`` on the
+same tokens, with each activation ratio's SE with its own search (or match) redone on every
+bootstrap resample. The resamples are the same for all methods, so each baseline's difference from
+PPL-p% has a paired SE that includes both searches.
 """
 
 from __future__ import annotations
@@ -20,9 +20,14 @@ from sparsetrace.budgets import SPARSING_TOKENS
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
 from sparsetrace.sparsing.baselines import Definition, match_ppl, strength
-from sparsetrace.sparsing.over_training import WINDOWS, validation_batches
 from sparsetrace.sparsing.search import Subject, ppl_sparsity, target_ratio
-from sparsetrace.sparsing.source import DEFAULT_OPTIONS, ModelOptions, describe, open_source
+from sparsetrace.sparsing.source import (
+    DEFAULT_OPTIONS,
+    WINDOWS,
+    ModelOptions,
+    describe,
+    open_source,
+)
 
 JSON_NAME = "sparsing_baselines.json"
 DEFINITIONS: tuple[Definition, ...] = ("reference", "ours")
@@ -48,17 +53,14 @@ def compare_baselines(
     if unknown or not definitions:
         raise UserError(f"definitions must be among {', '.join(DEFINITIONS)}; "
                         f"got {', '.join(definitions) or 'none'}")  # fmt: skip
-    src = open_source(str(model), options, options.stream_tokens(tokens))
+    src = open_source(str(model), options, tokens)
     final = src.revisions[-1]
-    batches = validation_batches(src.val, src.seq_len, tokens)
+    batches = src.batches(tokens)
     if sum(len(b.inputs) for b in batches) < 2:
         raise UserError(f"--tokens {tokens} gives one sequence of {src.seq_len} tokens: the "
                         "uncertainties need two or more")  # fmt: skip
     model = src.load(final)
     subject = Subject(model, batches, src.sites(model))
-    describe(src, subject.model, {"p": p, "tokens": tokens, "seq_len": src.seq_len,
-                                  "data": src.data, "revisions": [final.label],
-                                  "device_map": options.device_map or None})  # fmt: skip
     cett = ppl_sparsity(subject, p, search_se=True)
     m, boot = cett.measurement, cett.uncertainty
     methods = [{
@@ -95,6 +97,9 @@ def compare_baselines(
     }  # fmt: skip
     if src.is_run:
         summary["run"] = str(src.out)
+    describe(src, "sparsing_baselines", {"p": p, "tokens": tokens, "seq_len": src.seq_len,
+                                         "data": src.data, "revisions": [final.label],
+                                         "device_map": options.device_map or None})  # fmt: skip
     atomic_write_text(src.out / JSON_NAME, json.dumps(summary, indent=2))
     return summary
 

@@ -491,6 +491,7 @@ def run_warmup_points(run: Path) -> int | None:
         frame = pd.read_csv(Path(run) / "sparsing_law.csv", dtype={"layer": str})
         warmup = int(_run_config(run)["train"]["warmup_steps"])
         steps = frame.loc[frame["layer"] == "all", "step"].sort_values().to_numpy()
+        steps = steps[steps > 0]  # as read_law_data: step 0 is not on the law's axis
     except (OSError, ValueError, KeyError, TypeError, pd.errors.ParserError, yaml.YAMLError):
         return None
     return warmup_points(steps, warmup)
@@ -498,7 +499,8 @@ def run_warmup_points(run: Path) -> int | None:
 
 def read_law_data(path: Path) -> tuple[Array, Array]:
     """(tokens, activation ratio) from a CSV (columns tokens, activation_ratio), a run directory
-    (its sparsing_law.csv, layer 'all'; steps where its tokens are unknown) or the authors' JSON
+    (its sparsing_law.csv, layer 'all'; steps where its tokens are unknown; step 0 left out) or
+    the authors' JSON
     ({"token_passed", "activation_ratio"}, recognised by its content: their files are named
     .txt). Bad input: UserError."""
     path = Path(path)
@@ -513,6 +515,8 @@ def read_law_data(path: Path) -> tuple[Array, Array]:
             # Tokens per step unknown (a Hugging Face series): D in steps. The laws' A0 and
             # alpha do not depend on D's unit (it scales c alone).
             frame = frame.assign(tokens=frame["step"])
+        if "tokens" in frame.columns:  # the untrained model (step 0) has no D on the law's axis
+            frame = frame[pd.to_numeric(frame["tokens"], errors="coerce").fillna(1) > 0]
     elif not path.is_file():
         raise UserError(f"{path}: no such file or directory")
     elif _starts_with_brace(path):

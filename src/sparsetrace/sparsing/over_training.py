@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from sparsetrace.budgets import SPARSING_TOKENS
-from sparsetrace.data import get_batch
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text, layer_index
 from sparsetrace.series import Revision
@@ -34,6 +34,7 @@ from sparsetrace.sparsing.search import (
 )
 from sparsetrace.sparsing.source import (
     DEFAULT_OPTIONS,
+    WINDOWS,
     LawSource,
     ModelOptions,
     describe,
@@ -45,40 +46,6 @@ CSV_NAME = "sparsing_law.csv"
 JSON_NAME = "sparsing_law.json"
 PNG_NAME = "sparsing_law.png"
 COLUMNS = ["step", "tokens", "layer", "activation_ratio", "cett", "ppl_ratio"]
-BATCH_TOKENS = 4096  # tokens per forward pass of the evaluation
-# How the evaluation windows are chosen (recorded in sparsing_law.json; files without it used the
-# first windows in a row): a seeded random sample of the validation split's windows.
-WINDOW_SEED = 0
-WINDOWS = f"random, seed {WINDOW_SEED}"
-
-
-def validation_batches(
-    val: np.ndarray, seq_len: int, tokens: int, token_set: int = 0
-) -> list[TokenBatch]:
-    """``n = ceil(tokens / seq_len)`` validation windows (all of them if fewer), batched: the same
-    fixed token set for every checkpoint and every candidate c. The windows are a random sample of
-    the split's windows (seeded: ``WINDOWS``), not a contiguous run: neighbouring windows share
-    documents, and the bootstrap over sequences that gives the uncertainty treats them as drawn
-    independently. ``token_set`` k > 0 takes the k-th next n windows of the same permutation: a
-    disjoint random sample (for replicates; UserError when the split holds no k-th set)."""
-    available = max(0, (len(val) - 1) // seq_len)
-    n = min(math.ceil(tokens / seq_len), available)
-    if n < 1:
-        raise UserError(f"the validation split holds no window of {seq_len + 1} tokens")
-    sets = available // n
-    if not 0 <= token_set < sets:
-        raise UserError(f"the validation split holds {sets} disjoint sets of {n} "
-                        f"windows of {seq_len} tokens (the evaluation set and at most "
-                        f"{sets - 1} replicates); set {token_set} does not "
-                        "fit")  # fmt: skip
-    order = np.random.default_rng(WINDOW_SEED).permutation(available)
-    windows = np.sort(order[token_set * n : (token_set + 1) * n])
-    per_batch = max(1, BATCH_TOKENS // seq_len)
-    batches = []
-    for start in range(0, n, per_batch):
-        window = get_batch(val, windows[start : start + per_batch], seq_len)
-        batches.append(TokenBatch(window[:, :-1], window[:, 1:]))
-    return batches
 
 
 def sparsing_law(
@@ -110,23 +77,15 @@ def sparsing_law(
         raise UserError(f"tokens and last must be >= 1, replicates 0 or >= 2 (a spread needs "
                         f"two); got tokens={tokens}, last={last}, "
                         f"replicates={replicates}")  # fmt: skip
-    src = open_source(str(model), options, options.stream_tokens(tokens, 1 + replicates))
+    src = open_source(str(model), options, tokens, 1 + replicates)
     revs = src.revisions
-    if not revs:
-        raise UserError(f"{model}: no checkpoint to evaluate")
     if final_only:
         revs, last = revs[-1:], 1
     last = min(last, len(revs))
-    if tokens < src.seq_len:
-        raise UserError(f"--tokens {tokens} is below one window of {src.seq_len} tokens")
-    batches = validation_batches(src.val, src.seq_len, tokens)
+    batches = src.batches(tokens)
     if replicates:  # refuse before the measurement, not after it
-        validation_batches(src.val, src.seq_len, tokens, token_set=replicates)
+        src.batches(tokens, token_set=replicates)
     finals = {rev.label: _subject(src, rev, batches) for rev in revs[-last:]}
-    describe(src, next(iter(finals.values())).model, {
-        "p": p, "tokens": tokens, "last": last, "seq_len": src.seq_len, "data": src.data,
-        "revisions": [r.label for r in revs], "device_map": options.device_map or None,
-    })  # fmt: skip
     search = find_cett(list(finals.values()), p)
     boots = dict(zip(finals, search_uncertainty(list(finals.values()), p), strict=True))
     measured: dict[str, tuple[list[dict[str, Any]], dict[str, Any], int]] = {}
@@ -140,16 +99,20 @@ def sparsing_law(
     # The final revisions first (they are in memory), then the others one at a time.
     for rev in revs[-last:]:
         measure(rev, finals.pop(rev.label))
-    gc.collect()
+    _free(src)
     for rev in revs[:-last]:
         measure(rev, _subject(src, rev, batches))
-        gc.collect()
+        _free(src)
     rows = [row for rev in revs for row in measured[rev.label][0]]
     results = [measured[rev.label][1] for rev in revs]
     passes = sum(measured[rev.label][2] for rev in revs)
     first_boot = next(iter(boots.values()))
     # Measured before either file is written: the CSV and the JSON change together.
     replicated = replicate_final(src, revs[-1], p, tokens, replicates) if replicates else None
+    describe(src, "sparsing_law", {
+        "p": p, "tokens": tokens, "last": last, "seq_len": src.seq_len, "data": src.data,
+        "revisions": [r.label for r in revs], "device_map": options.device_map or None,
+    })  # fmt: skip
     src.out.mkdir(parents=True, exist_ok=True)
     csv = src.out / CSV_NAME
     atomic_write_text(csv, pd.DataFrame(rows, columns=COLUMNS).to_csv(index=False))
@@ -165,7 +128,7 @@ def sparsing_law(
             "c_interval_95": first_boot.c_interval(), "clipped": first_boot.clipped,
         },
         "tokens_requested": tokens, "tokens_evaluated": sum(b.n_targets for b in batches),
-        "windows": WINDOWS, "windows_from_tokens": len(src.val), "seq_len": src.seq_len,
+        "windows": WINDOWS, "windows_pool": src.windows_pool, "seq_len": src.seq_len,
         "data": src.data,
         "tokens_per_step": src.tokens_per_step,
         "x": "tokens" if src.tokens_per_step else "steps",
@@ -185,6 +148,14 @@ def _subject(src: LawSource, rev: Revision, batches: list[TokenBatch]) -> Subjec
     return Subject(model, batches, src.sites(model))
 
 
+def _free(src: LawSource) -> None:
+    """Return a measured revision's memory before the next loads (on a GPU also the allocator's
+    cache: accelerate's device_map sizes placement from the free memory)."""
+    gc.collect()
+    if src.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def replicate_final(
     src: LawSource, rev: Revision, p: float, tokens: int, sets: int
 ) -> dict[str, Any]:
@@ -194,12 +165,12 @@ def replicate_final(
     ratios' mean and SD."""
     if sets < 1:
         raise UserError(f"replicates need at least one token set; got {sets}")
-    validation_batches(src.val, src.seq_len, tokens, token_set=sets)  # refuse before measuring
+    src.batches(tokens, token_set=sets)  # refuse before measuring
     model = src.load(rev)
     sites = src.sites(model)
     rows = []
     for k in range(1, sets + 1):
-        batches = validation_batches(src.val, src.seq_len, tokens, token_set=k)
+        batches = src.batches(tokens, token_set=k)
         s = Subject(model, batches, sites)
         c = find_cett([s], p).x
         m = s.measure(c)

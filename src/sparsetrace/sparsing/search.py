@@ -198,6 +198,8 @@ class Subject:
             for name, g in grids.items()
         }
         self.run(observe=lambda name, rows, _: curves[name].update(rows))
+        for curve in curves.values():
+            curve.freeze()
         return Reference(dense, curves)
 
     def evaluate(self, rules: Mapping[str, TruncationRule]) -> Evaluation:

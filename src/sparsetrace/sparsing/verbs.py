@@ -124,10 +124,10 @@ def _fit_over_training(directory: Path, summary: dict) -> str:
         return ("law fit: none (the activation is unknown; `sparsetrace fit-law DIR --form relu` "
                 "or `--form silu` fits one)")  # fmt: skip
     skip = laws.run_warmup_points(directory) or 0
-    tokens, ratio = laws.read_law_data(directory)
-    try:
+    try:  # step 0 is left out; too few points left or a constant curve: no fit
+        tokens, ratio = laws.read_law_data(directory)
         fit = laws.fit_law(tokens, ratio, form, min(skip, len(tokens) - laws.MIN_POINTS))
-    except ValueError as err:  # e.g. a constant curve
+    except (ValueError, UserError) as err:
         return f"law fit: none ({err})"
     png = plot_law_fit(tokens, ratio, fit, directory / f"sparsing_law_fit_{form}.png")
     lo, hi = fit.a0_low_high

@@ -157,7 +157,7 @@ def _prune_dead(model, cfg, taus: list[float] | None) -> tuple[torch.nn.Module, 
     from sparsetrace.data.prepare import prepare_data
     from sparsetrace.experiments.prune import prune_model
     from sparsetrace.sparsing.cett import DEAD_FRACTION
-    from sparsetrace.sparsing.over_training import validation_batches
+    from sparsetrace.sparsing.source import validation_batches
 
     batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, DEAD_TOKENS)
     _, active = dec.active_patterns(model, [b.inputs for b in batches], taus)

@@ -478,8 +478,9 @@ def _record_sparsity(
 
 def _sparsing_law_rows(session: Session, done: int) -> list[dict[str, Any]]:
     """Sparsing Law PPL-p% activation ratio of the current model (rank 0, on validation tokens)."""
-    from sparsetrace.sparsing.over_training import measurement_rows, validation_batches
+    from sparsetrace.sparsing.over_training import measurement_rows
     from sparsetrace.sparsing.search import Subject, ppl_sparsity
+    from sparsetrace.sparsing.source import validation_batches
 
     tr, model = session.cfg.trace, session.model
     batches = validation_batches(session.data.val, session.cfg.data.seq_len, tr.sparsing_tokens)
