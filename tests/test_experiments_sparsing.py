@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE, NA
+from sparsetrace.claims.sparsing import check_finding, trend
 from sparsetrace.config import load_config
 from sparsetrace.errors import UserError
 from sparsetrace.experiments import activations, runs, width_depth
 from sparsetrace.model.transformer import Transformer
-from sparsetrace.report.sparsing import check_finding, trend
 from sparsetrace.sparsing.laws import law_form
 
 # tiny preset, 16 steps, a checkpoint every 2 (8 points); 1,024 validation tokens measured

@@ -5,7 +5,7 @@ keeps ``CHECKPOINTS`` evenly spaced checkpoints; ``sparsing_law`` measures the P
 ratio at each (one CETT per run, chosen on its last checkpoints), and the Sparsing Law's form is
 fitted to ratio vs tokens: the ReLU law for relu-like activations, the SiLU law for
 silu/gelu-like ones. The report checks the paper's finding on these runs: ReLU's activation ratio
-falls over training, SiLU's rises (:func:`sparsetrace.report.sparsing.check_finding`).
+falls over training, SiLU's rises (:func:`sparsetrace.claims.sparsing.check_finding`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from sparsetrace.checkpoint import list_checkpoints
+from sparsetrace.claims.sparsing import Curve
 from sparsetrace.config import load_config
 from sparsetrace.experiments.runs import (
     base_overrides,
@@ -26,7 +27,7 @@ from sparsetrace.experiments.runs import (
     run_to_end,
 )
 from sparsetrace.experiments.sweep import build_arms, split_values
-from sparsetrace.report.sparsing import Curve, fit_curve, write_activations_report
+from sparsetrace.report.sparsing import fit_curve, write_activations_report
 from sparsetrace.sparsing.laws import law_form
 from sparsetrace.sparsing.over_training import CSV_NAME, JSON_NAME, sparsing_law
 from sparsetrace.sparsing.source import WINDOWS

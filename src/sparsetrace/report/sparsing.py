@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib as mpl
@@ -21,8 +20,9 @@ import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 
-from sparsetrace.claims import FAILS, HOLDS, INCONCLUSIVE, NA, RULES, Verdict
-from sparsetrace.claims.rules import BOTTLENECK_ARMS, bottleneck, direction
+from sparsetrace.claims import RULES, Verdict
+from sparsetrace.claims.rules import BOTTLENECK_ARMS, bottleneck
+from sparsetrace.claims.sparsing import Curve, check_finding, curve_verdict
 from sparsetrace.errors import UserError
 from sparsetrace.report import experiments as rx
 from sparsetrace.report import figures
@@ -31,7 +31,6 @@ from sparsetrace.sparsing.laws import (
     MIN_POINTS,
     TOKENS_PER_UNIT,
     Bottleneck,
-    LawFit,
     fit_bottleneck,
     fit_law,
     law_form,
@@ -40,7 +39,6 @@ from sparsetrace.sparsing.laws import (
 )
 from sparsetrace.sparsing.over_training import ratio_or_nan, replicates_text
 
-EXPECTED = {"relu": "falls", "silu": "rises"}  # Sparsing Law: direction over training, by form
 RATIO_LABEL = "activation ratio (PPL-p%)"
 
 
@@ -64,19 +62,6 @@ def _whole(v: float) -> str:
     return f"{v:,.0f}"
 
 
-@dataclass(frozen=True)
-class Curve:
-    """One run's activation ratio (mean of layers, PPL-p%) against training tokens, and the
-    Sparsing Law form fitted to it (``fit`` None: ``note`` says why)."""
-
-    label: str
-    form: str  # 'relu' or 'silu'
-    tokens: np.ndarray
-    ratio: np.ndarray
-    fit: LawFit | None
-    note: str = ""
-
-
 def fit_curve(
     label: str, form: str, steps: np.ndarray, tokens: np.ndarray, ratio: np.ndarray,
     warmup_steps: int,
@@ -97,72 +82,6 @@ def fit_curve(
     except ValueError as err:
         return Curve(label, form, tokens, ratio, None, f"no law fitted: {err}")
     return Curve(label, form, tokens, ratio, fit)
-
-
-@dataclass(frozen=True)
-class Trend:
-    """Direction of an activation-ratio curve: least-squares slope of the ratio against
-    ln(tokens), and the mean ratio over the first and the last half of the checkpoints (the
-    middle one left out when their number is odd)."""
-
-    slope: float
-    first: float
-    last: float
-
-    @property
-    def direction(self) -> str:
-        """'falls' or 'rises' when the slope and the halves agree, else 'mixed'."""
-        if self.slope < 0 and self.last < self.first:
-            return "falls"
-        if self.slope > 0 and self.last > self.first:
-            return "rises"
-        return "mixed"
-
-    def __str__(self) -> str:
-        return (
-            f"slope {self.slope:+.4f} per ln(tokens), first half {self.first:.4f} -> "
-            f"last half {self.last:.4f}"
-        )
-
-
-def trend(tokens: np.ndarray, ratio: np.ndarray) -> Trend | None:
-    """The :class:`Trend` of a curve; None with fewer than two checkpoints."""
-    order = np.argsort(tokens)
-    x, y = np.log(np.asarray(tokens, float)[order]), np.asarray(ratio, float)[order]
-    if len(y) < 2:
-        return None
-    half = len(y) // 2
-    slope = float(np.polyfit(x, y, 1)[0])
-    return Trend(slope, float(y[:half].mean()), float(y[len(y) - half :].mean()))
-
-
-def curve_verdict(curve: Curve) -> Verdict:
-    """Does this run move the way the Sparsing Law says its activation family does?"""
-    t = trend(curve.tokens, curve.ratio)
-    if t is None:
-        return Verdict(NA, f"{len(curve.ratio)} checkpoint(s): no trend", "two or more checkpoints")
-    expected = EXPECTED[curve.form]
-    outcome = direction(t.slope, t.first, t.last, expected)
-    return Verdict(outcome, f"{t.direction} (expected: {expected}); {t}")
-
-
-def check_finding(curves: list[Curve]) -> Verdict:
-    """Sparsing Law: ReLU's activation ratio falls over training, SiLU's rises (rule
-    ``sparsing_direction``): holds when every run moves as stated and both families ran, does
-    not hold when any run moves the other way, inconclusive otherwise."""
-    verdicts = {c.label: curve_verdict(c) for c in curves}
-    checked = {k: v for k, v in verdicts.items() if v.outcome != NA}
-    if not checked:
-        return Verdict(NA, "no run has two checkpoints", "two or more checkpoints per run")
-    evidence = "; ".join(f"{k}: {v.evidence}" for k, v in checked.items())
-    forms = {c.form for c in curves if c.label in checked}
-    if any(v.outcome == FAILS for v in checked.values()):
-        return Verdict(FAILS, evidence)
-    if forms != set(EXPECTED):
-        return Verdict(INCONCLUSIVE, evidence, "runs of both families (relu-like and silu-like)")
-    if all(v.outcome == HOLDS for v in checked.values()):
-        return Verdict(HOLDS, evidence)
-    return Verdict(INCONCLUSIVE, evidence, "more checkpoints (slope and halves disagree)")
 
 
 def activation_figure(curves: list[Curve]) -> MplFigure | None:
