@@ -5,7 +5,7 @@ per-token / per-sequence / per-batch use and the 50th percentile with the forwar
 under bf16 autocast; prints both and the differences. This isolates the numerical effect of bf16
 on which units are nonzero; it does not measure whether *training* in bf16 drifts to different
 statistics (that needs two full trainings; on a CPU without native bf16 units bf16 training is
-impractically slow, see benchmarks/RESULTS.md).
+impractically slow, see results/bench-bf16.md).
 
     python benchmarks/bf16_stats.py RUN_DIR [--batches 4] [--device cuda] [--json OUT]
 """

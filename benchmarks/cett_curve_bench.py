@@ -3,7 +3,7 @@
 ``CettCurve.update`` accumulates, per token, the prefix sums of the units' contributions sorted by
 unit norm. Zero entries sort first and add nothing, so it accumulates only the last columns of the
 chunk (the most nonzeros of any of its tokens); ``skip_zeros=False`` is the same loop over all
-``d_ff`` columns (the code before 2026-12-01). For each share of nonzeros, one run times both on
+``d_ff`` columns (the earlier implementation). For each share of nonzeros, one run times both on
 the same activations (median of repetitions after a warm-up, interleaved), checks that the two
 curves are identical, and prints the ratio.
 

@@ -496,7 +496,7 @@ def uncertainty_text(summary: dict, final: dict) -> str:
     ratio, se = final["activation_ratio"], final["activation_ratio_se"]
     fixed = (f"± {100 * se:.2f} (bootstrap SE over sequences with c held fixed; "
              f"{ratio_or_nan(se, ratio):.1%} relative).")  # fmt: skip
-    se_search = final.get("activation_ratio_se_search")  # absent in files before 2026-12-02
+    se_search = final.get("activation_ratio_se_search")  # absent in files of older versions
     if se_search is None or not math.isfinite(se_search):
         return (
             fixed + " c is searched on the same tokens, so the whole measurement varies "

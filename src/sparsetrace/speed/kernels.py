@@ -3,7 +3,7 @@
 ``sparse_rows_matvec``: ``out[r] = sum over active i of h[r, i] * W_t[i]`` with ``W_t``
 unit-major (d_ff, d_model), one pass over ``h`` finding the active units and adding their rows
 (vectorised: ymm FMAs). Single-threaded: numba's parallel loops next to torch's own thread pool
-ran 2-5x slower than one thread here (default and omp threading layers, 2026-12-01).
+ran 2-5x slower than one thread here (default and omp threading layers).
 ``bag_indices``: the same activity test, writing ``embedding_bag``'s inputs for a block-major
 table, so that torch sums the rows on all its threads.
 """

@@ -7,7 +7,7 @@ as active: nonzero (ReLU: exact) or, with the layer's CETT threshold ``tau``, th
 rule ``|a| * ||W_out[:, i]|| >= tau`` (the test of :func:`sparsetrace.sparsing.cett.kept`, so the
 truncated model is the one PPL-p% measured).
 
-Two kernels, chosen by measurement (benchmarks/RESULTS.md, "Sparse MLP inference"):
+Two kernels, chosen by measurement (results/bench-sparse-primitives.md):
 
 - ``embedding_bag`` (default): ``F.embedding_bag(mode="sum", per_sample_weights=...)`` sums
   weighted rows without copying them. It parallelises over bags only, so the output columns are
@@ -37,7 +37,7 @@ from sparsetrace.sparsing.cett import kept
 
 MAX_ROWS = 8  # tokens per call up to which the sparse path is used (decode: 1)
 KERNELS = ("embedding_bag", "numba")
-DEFAULT_KERNEL = "embedding_bag"  # the faster at >= 10 % active (benchmarks/RESULTS.md)
+DEFAULT_KERNEL = "embedding_bag"  # faster at >= 10 % active (results/bench-sparse-primitives.md)
 
 
 class SparseDown(nn.Module):

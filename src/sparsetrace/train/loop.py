@@ -187,7 +187,7 @@ def _restore_state(session: Session, state: dict[str, Any]) -> None:
     session.elapsed_s = float(state.get("elapsed_s", 0.0))
 
 
-# Model fields that checkpoints from before 2026-12 lack (their value then was the default).
+# Model fields that checkpoints of older versions lack (their value then was the default).
 NEW_MODEL_FIELDS = ("tied_logit_scale", "emb_init", "emb_init_std", "mlp_init")
 
 
