@@ -558,3 +558,23 @@ def test_a_curve_without_tokens_is_fitted_over_steps(tmp_path: Path) -> None:
     by_tokens = fit_law(tokens * 8e9, ratio, "relu")
     assert by_steps.limit == pytest.approx(by_tokens.limit, abs=1e-6)
     assert by_steps.params["alpha"] == pytest.approx(by_tokens.params["alpha"], rel=1e-4)
+
+
+def test_the_fit_line_says_when_the_limit_is_only_the_last_level(tmp_path: Path) -> None:
+    """A curve still falling by 0.1 point at its end (the README example's ReLU GPT-2 series)
+    puts A0 on its lowest point: the line says so; a curve of the law itself does not."""
+    from sparsetrace.sparsing.verbs import _fit_over_training
+
+    falling = _law_dir(tmp_path / "law", {"model": {"activation": "relu"}})
+    line = _fit_over_training(falling, {"checkpoints": [{}] * 6, "x": "tokens"})
+    assert "flattened" not in line and "does not determine" not in line
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    ratio = [0.2591, 0.2434, 0.2277, 0.2233, 0.2196, 0.2188]
+    rows = [{"step": 50 * (i + 1), "tokens": 25600.0 * (i + 1), "layer": "all",
+             "activation_ratio": r, "cett": 0.2, "ppl_ratio": 1.01}
+            for i, r in enumerate(ratio)]  # fmt: skip
+    pd.DataFrame(rows).to_csv(flat / "sparsing_law.csv", index=False)
+    (flat / "meta.json").write_text(json.dumps({"model": {"activation": "relu"}}))
+    line = _fit_over_training(flat, {"checkpoints": [{}] * 6, "x": "tokens"})
+    assert "A0 = 0.2188" in line and "the curve has flattened" in line
