@@ -11,7 +11,7 @@ import pytest
 from sparsetrace.checkpoint import checkpoint_path, load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
-from sparsetrace.sparsing.search import Subject
+from sparsetrace.sparsing.search import Subject, ppl_sparsity
 from sparsetrace.sparsing.source import validation_batches
 from sparsetrace.train.loop import train
 
@@ -39,7 +39,13 @@ def test_searched_cett_meets_the_ppl_target(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setenv("SPARSETRACE_CACHE", str(tmp_path / "cache"))
     cfg = load_config("tiny", ["--out_dir", str(tmp_path), "--trace.sparsing_every", "20",
                                "--trace.sparsing_tokens", "1024"])  # fmt: skip
-    rows = pd.read_csv(train(cfg) / "sparsing_train.csv")
+    run = train(cfg)
+    rows = pd.read_csv(run / "sparsing_train.csv")
     overall = rows[rows.layer.astype(str) == "all"].iloc[0]
     assert overall.ppl_ratio == pytest.approx(1.01, abs=2e-3)  # PPL-1%: perplexity +1%
-    assert 0 < overall.activation_ratio < 1
+    # the same search, done afterwards on the checkpoint of that step, finds the same ratio
+    model, run_cfg = load_trained_model(run, checkpoint_path(run, 20))
+    batches = validation_batches(prepare_data(run_cfg.data).val, run_cfg.data.seq_len, 1024)
+    again = ppl_sparsity(Subject(model, batches), 1.0).measurement
+    assert overall.activation_ratio == pytest.approx(again.activation_ratio, rel=1e-6)
+    assert overall.ppl_ratio == pytest.approx(again.ppl_ratio, rel=1e-6)
