@@ -136,6 +136,30 @@ def test_use_stats_on_the_device_equal_the_cpus(device) -> None:
     assert torch.equal(dev.batch_used.cpu(), cpu.batch_used)
 
 
+def test_ppl_sparsity_of_a_transformers_model_on_the_device_equals_the_cpus(device) -> None:
+    """The Sparsing Law on a Hugging Face model (hooks on a GPT-2 Conv1D down projection, the
+    CETT curves and the search) on the device: the CPU's c, thresholds and ratio, within fp32
+    reduction-order tolerance."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sparsetrace.sparsing.search import Subject, TokenBatch, ppl_sparsity
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64,
+                                       activation_function="relu", n_positions=64,
+                                       vocab_size=96)).eval()  # fmt: skip
+    gen = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, 96, (4, 17), generator=gen) for _ in range(2)]
+    batches = [TokenBatch(w[:, :-1], w[:, 1:]) for w in windows]
+    cpu = ppl_sparsity(Subject(model, batches), 5.0).measurement
+    on_device = ppl_sparsity(Subject(model.to(device), batches), 5.0).measurement
+    assert on_device.cett == pytest.approx(cpu.cett, rel=1e-4)
+    assert on_device.activation_ratio == pytest.approx(cpu.activation_ratio, abs=1e-3)
+    assert on_device.ppl_ratio == pytest.approx(cpu.ppl_ratio, rel=1e-4)
+    for name, layer in cpu.layers.items():
+        assert on_device.layers[name].tau == pytest.approx(layer.tau, rel=1e-4)
+
+
 def tiny(tmp_path: Path, name: str, device: torch.device, *extra: str):
     return load_config("tiny", ["--out_dir", str(tmp_path), "--run_name", name,
                                 "--train.device", device.type, *extra])  # fmt: skip
