@@ -140,14 +140,14 @@ def test_ppl_sparsity_of_a_transformers_model_on_the_device_equals_the_cpus(devi
     """The Sparsing Law on a Hugging Face model (hooks on a GPT-2 Conv1D down projection, the
     CETT curves and the search) on the device: the CPU's c, thresholds and ratio, within fp32
     reduction-order tolerance."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from sparsetrace.sparsing.search import Subject, TokenBatch, ppl_sparsity
 
+    transformers = pytest.importorskip("transformers")  # a GPU machine may lack it
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64,
-                                       activation_function="relu", n_positions=64,
-                                       vocab_size=96)).eval()  # fmt: skip
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64,
+                                     activation_function="relu", n_positions=64,
+                                     vocab_size=96)  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config).eval()
     gen = torch.Generator().manual_seed(1)
     windows = [torch.randint(0, 96, (4, 17), generator=gen) for _ in range(2)]
     batches = [TokenBatch(w[:, :-1], w[:, 1:]) for w in windows]
