@@ -21,6 +21,7 @@ from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
+from sparsetrace.sites import activation_of
 from sparsetrace.sparsing.cett import kept, unit_norms
 from sparsetrace.sparsing.search import Subject, ppl_sparsity
 from sparsetrace.sparsing.source import validation_batches
@@ -208,7 +209,7 @@ def test_hf_opt_sparse_decoding_equals_dense() -> None:
     model = OPTForCausalLM(cfg).eval()
     prompt = torch.randint(0, 64, (1, 6))
     tokens, logits = dec.decode(model, prompt, 8)
-    assert dec.activation_of(model) == "relu"
+    assert activation_of(model) == "relu"
     downs = dec.sparsify(model)
     assert len(downs) == 2
     sparse_tokens, sparse_logits = dec.decode(model, prompt, 8)

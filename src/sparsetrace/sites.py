@@ -248,14 +248,31 @@ def mlp_sites(model: nn.Module, modules: Sequence[str] | None = None) -> MlpSite
     return MlpSites(architecture, down, gates)
 
 
-def activation_name(model: nn.Module) -> str | None:
-    """The MLP activation a model's config names (ours: ``model.cfg.activation``; transformers:
-    ``hidden_act`` or ``activation_function``); None when it names none."""
-    if isinstance(model, Transformer):
-        return model.cfg.activation
-    config = getattr(model, "config", None)
-    return next((v for k in ("hidden_act", "activation_function")
-                 if isinstance(v := getattr(config, k, None), str)), None)  # fmt: skip
+def activation_of(model: nn.Module) -> str:
+    """The MLP activation's name: ours (also inside a wrapper) from its config, a transformers
+    model from config.json (:func:`config_activation`)."""
+    own = [m for m in model.modules() if isinstance(m, Transformer)]
+    if own:
+        return own[0].cfg.activation
+    return config_activation(getattr(model, "config", None))
+
+
+def config_context(config: object) -> int | None:
+    """The context length a Hugging Face config names (``max_position_embeddings``, GPT-2's
+    ``n_positions``); None when it names none."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def config_activation(config: object) -> str:
+    """The MLP activation named in a Hugging Face config (``activation_function`` in GPT-2 and
+    OPT, ``hidden_act`` in Llama and GPT-NeoX); "unknown" when it names none."""
+    for key in ("activation_function", "hidden_act", "hidden_activation"):
+        if isinstance(getattr(config, key, None), str):
+            return getattr(config, key)
+    return "unknown"
 
 
 def embedding(model: nn.Module) -> nn.Embedding:

@@ -34,7 +34,9 @@ from sparsetrace.rundir import RunWriter, atomic_write_text
 from sparsetrace.series import ModelSeries, resolve, slug, token_batches
 from sparsetrace.sites import (
     LayerSelection,
+    activation_of,
     check_gated,
+    config_context,
     embedding,
     input_device,
     locate,
@@ -152,22 +154,14 @@ def _prepare(
     return model
 
 
-def _config_value(model: nn.Module, *keys: str) -> Any:
-    """The first of ``keys`` set in a transformers model's config."""
-    return next((v for k in keys if (v := getattr(model.config, k, None)) is not None), None)
-
-
 def _context_length(model: nn.Module) -> int | None:
     if isinstance(model, Transformer):  # only learned positions have a length limit
         return model.cfg.seq_len if model.cfg.pos == "learned" else None
-    return _config_value(model, "max_position_embeddings", "n_positions")
+    return config_context(getattr(model, "config", None))
 
 
 def _model_info(model: nn.Module, t: Trace) -> dict[str, Any]:
-    if isinstance(model, Transformer):
-        activation = model.cfg.activation
-    else:
-        activation = _config_value(model, "hidden_act", "activation_function")
+    activation = activation_of(model)
     summary = t.summary(aggregate=True)
     return {
         "architecture": t.architecture,

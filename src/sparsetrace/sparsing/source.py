@@ -33,7 +33,14 @@ from sparsetrace.device import evaluation_device, resolve_device
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
 from sparsetrace.series import ModelSeries, Revision, resolve, slug, token_stream
-from sparsetrace.sites import MlpSites, activation_name, down_weight, embedding, mlp_sites
+from sparsetrace.sites import (
+    MlpSites,
+    activation_of,
+    config_context,
+    down_weight,
+    embedding,
+    mlp_sites,
+)
 from sparsetrace.sparsing.search import TokenBatch
 
 HF_SEQ_LEN = 512  # evaluation window of a Hugging Face model (capped by its context)
@@ -255,8 +262,7 @@ def _check_configs(series: ModelSeries) -> int | None:
             raise UserError(f"{label} is a {other[0]} with a vocabulary of {other[1]}, "
                             f"{series.revisions[-1].label} a {kind[0]} with {kind[1]}: a series "
                             "is one model's revisions")  # fmt: skip
-    return next((v for k in ("max_position_embeddings", "n_positions")
-                 if isinstance(v := getattr(final, k, None), int)), None)  # fmt: skip
+    return config_context(final)
 
 
 def _out_dir(model: str, out: Path | None) -> Path:
@@ -284,7 +290,7 @@ def _facts(model: nn.Module, sites: MlpSites) -> dict[str, Any]:
     """What the report needs to know of a Hugging Face model: its class and MLPs."""
     return {
         "class": type(model).__name__, "architecture": sites.architecture,
-        "activation": activation_name(model), "n_layers": len(sites.down),
+        "activation": activation_of(model), "n_layers": len(sites.down),
         "d_ff": list(sites.widths.values()),
         "gate_tap": bool(sites.gates),  # act(gate) readable: the reference baselines use it
     }  # fmt: skip

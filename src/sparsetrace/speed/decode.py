@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
-from sparsetrace.sites import locate
+from sparsetrace.sites import activation_of, locate
 from sparsetrace.speed.sparse_down import DEFAULT_KERNEL, SparseDown
 
 RELU = ("relu", "relu2", "reglu")  # exact zeros: no threshold needed
@@ -66,23 +66,6 @@ def parse_shape(text: str) -> DecoderShape:
     if d % h:
         raise UserError(f"--shape: d_model {d} is not divisible by n_heads {h}")
     return DecoderShape(d, n, h, ff, vocab[0] if vocab else 50257, 1024)
-
-
-def activation_of(model: nn.Module) -> str:
-    """The MLP activation's name (ours: the config's; Hugging Face: config.json's)."""
-    own = [m for m in model.modules() if isinstance(m, Transformer)]
-    if own:
-        return own[0].cfg.activation
-    return config_activation(getattr(model, "config", None))
-
-
-def config_activation(config: object) -> str:
-    """The MLP activation named in a Hugging Face config (``activation_function`` in GPT-2 and
-    OPT, ``hidden_act`` in Llama and GPT-NeoX)."""
-    for key in ("activation_function", "hidden_act", "hidden_activation"):
-        if isinstance(getattr(config, key, None), str):
-            return getattr(config, key)
-    return "unknown"
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -220,17 +220,17 @@ def _subject(source: Path, tokens: int, prune_dead: bool) -> SpeedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from sparsetrace.series import from_pretrained, load_tokenizer, token_batches
+        from sparsetrace.sites import config_activation, config_context
 
         config = from_pretrained("config", AutoConfig, str(source), None, True)
-        activation = dec.config_activation(config)  # checked before the weights are read
+        activation = config_activation(config)  # checked before the weights are read
         if activation not in dec.RELU:
             raise UserError(f"{source}: the MLP activation is {activation}; for Hugging Face "
                             "models the speed measurement needs a ReLU MLP (OPT, ReLU GPT-2): "
                             "CETT thresholds are computed for sparsetrace runs only")  # fmt: skip
         model = from_pretrained("model", AutoModelForCausalLM, str(source), None, True)
         ids, _ = token_batches("embedded", load_tokenizer(str(source), None, True), 1, 1, need)
-        context = getattr(model.config, "max_position_embeddings", None) or getattr(
-            model.config, "n_positions", need)  # fmt: skip
+        context = config_context(model.config) or need
         return SpeedModel(model.float().eval(), activation, None, ids[0], int(context))
     raise UserError(f"{source}: neither a sparsetrace run (config.yaml) nor a Hugging Face model "
                     "directory (config.json)")  # fmt: skip

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsetrace.sites import down_weight
 from sparsetrace.sparsing.cett import kept
 
 MAX_ROWS = 8  # tokens per call up to which the sparse path is used (decode: 1)
@@ -72,8 +73,7 @@ class SparseDown(nn.Module):
     @classmethod
     def from_module(cls, module: nn.Module, **options) -> SparseDown:
         """From an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight stored (in, out))."""
-        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
-        return cls(weight, getattr(module, "bias", None), **options)
+        return cls(down_weight(module), getattr(module, "bias", None), **options)
 
     def dense_weight(self) -> Tensor:
         """(d_model, d_ff): the weight as given."""
