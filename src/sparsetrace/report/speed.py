@@ -20,26 +20,45 @@ def _three(v: float) -> str:
 
 
 def speed_figure(block: pd.DataFrame) -> MplFigure:
-    """Speed-up of the sparse MLP block against the active fraction: measured points per shape,
-    the memory bound 2 / (1 + a) of a plain MLP, and the oracle-predictor bound 1 / a."""
+    """Speed-up of each sparse MLP path against the active fraction: measured points per shape
+    and path, the bounds of reading W_in in full (plain 2 / (1 + a); gated with a dense gate
+    3 / (1 + 2a)) and the oracle-predictor bound 1 / a."""
     with figures.style():
         fig = MplFigure(figsize=figures.SINGLE, dpi=figures.DPI, layout="constrained")
         ax = fig.add_subplot()
         a = np.geomspace(max(block["active fraction"].min(), 1e-3) * 0.8, 1.0, 100)
         ax.plot(a, 2 / (1 + a), color="black", lw=1, label="bound: read W_in + a·W_out")
+        ax.plot(a, 3 / (1 + 2 * a), color="black", lw=1, ls="--",
+                label="bound, gated: W_gate + a·(W_up + W_out)")  # fmt: skip
+        ax.plot(a, 1 / a, color="grey", lw=1, ls=":", label="oracle predictor: 1 / a")
         colours = {shape: f"C{i}" for i, shape in enumerate(block["shape"].unique())}
-        for (shape, pattern), rows in block.groupby(["shape", "pattern"], sort=False):
+        markers = {path: m for path, m in zip(block["path"].unique(), "osD^v", strict=False)}
+        for (shape, pattern, path), rows in block.groupby(["shape", "pattern", "path"],
+                                                          sort=False):  # fmt: skip
             rows = rows.sort_values("active fraction")
             random = pattern == "random"
-            ax.plot(rows["active fraction"], rows["speed-up"], marker="o" if random else "*",
-                    ms=7 if random else 14, ls="-" if random else "none", color=colours[shape],
-                    label=f"{shape} ({pattern} units)")  # fmt: skip
+            ax.plot(rows["active fraction"], rows["speed-up"], marker=markers.get(path, "o"),
+                    ms=5 if random else 8, ls="-" if random else "none", color=colours[shape],
+                    mfc=colours[shape] if random else "none",
+                    label=f"{shape}: {path} ({pattern})")  # fmt: skip
         ax.axhline(1.0, color="grey", lw=0.5)
         ax.set_xscale("log")
+        ax.set_ylim(0, max(6.0, float(block["speed-up"].max()) * 1.1))
         ax.set_xlabel("active fraction of MLP units per token")
         ax.set_ylabel("MLP block speed-up over dense")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=5)
     return fig
+
+
+def _screen_table(rows: list[dict]) -> Table:
+    return Table(
+        "screen", "The int8 screen as a predictor of the active units",
+        "Per margin on the error bound (1: the whole Cauchy-Schwarz bound, exact; 0: the sign "
+        "of the int8 estimate alone): the fraction of units left as candidates (float32 rows "
+        "read), the recall of the units active in the dense model, and the perplexity of the "
+        "screened model over the dense one, on validation tokens.",
+        pd.DataFrame(rows), {c: (lambda v: f"{v:.4f}") for c in rows[0]},
+    )  # fmt: skip
 
 
 def write_speed_report(out: Path, result: dict) -> Path:
@@ -48,33 +67,41 @@ def write_speed_report(out: Path, result: dict) -> Path:
     atomic_write_text(out / "speed.json", json.dumps(result, indent=2))
     block, decode = pd.DataFrame(result["block"]), pd.DataFrame(result["decode"])
     report = out / "report"
-    fmt = {c: _three for c in block.columns if c not in ("shape", "pattern")}
+    fmt = {c: _three for c in block.columns if c not in ("shape", "pattern", "path")}
     block_table = Table(
         "mlp_block", "MLP block, one token, per layer",
-        "Dense vs sparse time per layer and token; bound = bytes of W_in plus the active rows of "
-        "W_out over the read bandwidth measured in this run; 'of bound' = bound time / "
-        "measured time. 'measured' rows use the trained model's own active units per token "
-        "(transplanted: tiled onto the wider layer); 'random' rows exactly a·d_ff random units.",
+        "Dense vs sparse time per layer and token. Paths: 'W_out rows' reads W_in in full and "
+        "the active units' rows of W_out; 'W_up + W_out rows' (gated ReLU) the gate in full and "
+        "the active units' rows of W_up and W_out; 'int8 screen' reads an int8 copy of W_in "
+        "(the gate) in full and float32 rows only of the candidate units it cannot rule out "
+        "(candidate fraction). Bound = the bytes the path read over the read bandwidth measured "
+        "in this run; 'of bound' = bound time / measured time. 'measured' rows use the trained "
+        "model's own activations (for the wide shape: its active units per token tiled onto "
+        "random weights); 'random' rows exactly a·d_ff random units; 'transplanted fraction' "
+        "rows random weights whose biases give each layer the trained layer's active fraction.",
         block, fmt,
     )  # fmt: skip
     decode_table = Table(
         "decode", "Greedy batch-1 decoding with a KV cache",
         "New tokens per second after a 16-token prompt; the bound reads every parameter once per "
-        "token, minus the inactive rows of each W_out at the measured sparsity.",
+        "token, minus what the sparse modules skipped (inactive rows of W_out; of W_up for "
+        "gated ReLU; W_in's rows ruled out by the int8 screen, plus its int8 copy).",
         decode, {c: _three for c in decode.columns if c != "model"},
     )  # fmt: skip
     figure = rx.figure_block(
         report / "figures", "speedup", "MLP block speed-up vs active fraction",
-        "Measured speed-ups and the memory bound. A plain MLP that reads all of W_in to know "
-        "which units are active cannot beat 2 / (1 + a); only a predictor of the active units "
-        "(not built here) could approach 1 / a.",
+        "Measured speed-ups and the memory bounds. A plain MLP that reads all of W_in to know "
+        "which units are active cannot beat 2 / (1 + a) (a gated one 3 / (1 + 2a)); the int8 "
+        "screen, an exact predictor of the active units, can go past that bound (its own, "
+        "2 / (1/4 + c + a), is in the table) towards 1 / a.",
         speed_figure(block),
     )  # fmt: skip
     note = Text(
         f"Machine: {result['machine']}, {result['threads']} threads, read bandwidth "
         f"{result['bandwidth_GBps']:.1f} GB/s at the start and "
-        f"{result['bandwidth_end_GBps']:.1f} GB/s at the end (the faster of a sum and a GEMV "
-        f"over 1 GiB; the bound uses the first). Kernel: {result['kernel']}. Model activation: "
+        f"{result['bandwidth_end_GBps']:.1f} GB/s at the end (the fastest of a sum, torch's "
+        "GEMV and the numba GEMV over 1 GiB; the bounds use the higher of the two). Kernel: "
+        f"{result['kernel']}. Model activation: "
         f"{result['activation']}"
         + ("" if result["thresholds"] is None else " with PPL-p% CETT thresholds")
         + f". The {result['shape']} rows use random weights with this model's measured "
@@ -94,4 +121,7 @@ def write_speed_report(out: Path, result: dict) -> Path:
         Section("block", "MLP block", [figure, block_table]),
         Section("decode", "Decoding", [decode_table]),
     ]
+    if result.get("screen"):
+        sections.append(Section("screen", "Predicting the active units", [_screen_table(
+            result["screen"])]))  # fmt: skip
     return rx.write_document(report, "Sparse MLP inference speed", str(result["run"]), sections)

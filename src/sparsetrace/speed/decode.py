@@ -2,7 +2,8 @@
 KV cache, activation patterns, and larger shapes with a measured sparsity transplanted.
 
 :func:`sparsify` replaces every MLP down projection that :func:`sparsetrace.sites.locate`
-finds (ours, GPT-2, OPT, GPT-NeoX, Llama families) by a :class:`SparseDown`; the model's own
+finds (ours, GPT-2, OPT, GPT-NeoX, Llama families) by a :class:`SparseDown`, and up projections
+by a :class:`SparseUp` where one pays (gated ReLU; the int8 screen on request); the model's own
 forward then runs the sparse path. :func:`decode_seconds` times greedy decoding of new tokens,
 one at a time, after a prompt (prefill not timed), for our Transformer (its ``KVCache``) and for
 Hugging Face causal LMs (``past_key_values``).
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
 from sparsetrace.sites import activation_of, locate
+from sparsetrace.speed.dense_gemv import DenseGemv
 from sparsetrace.speed.sparse_down import DEFAULT_KERNEL, SparseDown
+from sparsetrace.speed.sparse_up import SparseGatedMlp, SparseUp
 
 RELU = ("relu", "relu2", "reglu")  # exact zeros: no threshold needed
 
@@ -73,13 +76,22 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+UP_PATHS = ("dense", "screen")  # the up projection: read in full, or int8-screened (exact)
+
+
 def sparsify(
     model: nn.Module, taus: Sequence[float] | None = None, kernel: str = DEFAULT_KERNEL,
-    max_rows: int | None = None,
+    max_rows: int | None = None, up: str = "dense", margin: float = 1.0,
 ) -> list[SparseDown]:  # fmt: skip
-    """Swap every down projection for a SparseDown, in place; returns them in layer order.
+    """Swap the model's MLP projections for sparse ones, in place; returns the SparseDowns in
+    layer order (every down projection becomes one).
 
-    ``taus``: each layer's CETT threshold; required unless the activation is ReLU (exact)."""
+    ``taus``: each layer's CETT threshold; required unless the activation is ReLU (exact). Up
+    projections: our ReGLU models' become gate-sparse :class:`SparseUp`s, as do the gate and up
+    projections of Llama-family models with a ReLU gate (their MLPs become
+    :class:`SparseGatedMlp`s); our plain models' are read in full by a :class:`DenseGemv`, the
+    sparse paths' kernel family. ``up="screen"`` screens our ReLU-family models' (gate)
+    pre-activations with the int8 bound first (``margin`` < 1: inexact)."""
     activation = activation_of(model)
     if taus is None and activation not in RELU:
         raise UserError(
@@ -87,17 +99,62 @@ def sparsify(
             "CETT threshold; compute them with `sparsetrace sparsing-law RUN --final-only` "
             "(PPL-p% sparsity) and pass the run, or use a ReLU model"
         )
+    if up not in UP_PATHS:
+        raise UserError(f"up must be one of {', '.join(UP_PATHS)}; got {up!r}")
+    if not 0 <= margin <= 1 or (up != "screen" and margin != 1):
+        raise UserError(f"margin: a number in [0, 1] for up='screen' (1: exact); got {margin}")
+    if up == "screen" and not (_is_ours(model) and activation in RELU):
+        raise UserError(f"the int8 screen needs a sparsetrace model with a ReLU-family MLP "
+                        f"(relu, relu2, reglu); this one is {activation}")  # fmt: skip
     _, sites = locate(model)
     if taus is not None and len(taus) != len(sites):
         raise UserError(f"{len(taus)} thresholds for {len(sites)} MLP layers")
     options = {} if max_rows is None else {"max_rows": max_rows}
     swapped = []
+    llama_relu = _llama_relu(model)
     for site in sites:
         tau = None if taus is None else float(taus[site.layer])
         down = SparseDown.from_module(site.module, tau=tau, kernel=kernel, **options)
-        _set_module(model, site.path, down)
+        if llama_relu:  # the whole MLP: its up projection is skipped by the gate too
+            path = site.path.rpartition(".")[0]
+            _set_module(model, path, SparseGatedMlp(model.get_submodule(path), down, **options))
+        else:
+            _set_module(model, site.path, down)
         swapped.append(down)
+    gated = activation == "reglu"
+    if _is_ours(model):
+        for block in model.blocks:
+            if gated or up == "screen":
+                block.mlp.w_in = SparseUp.from_module(block.mlp.w_in, gated=gated,
+                                                      screen=up == "screen", margin=margin,
+                                                      **options)  # fmt: skip
+            else:  # read in full, on the sparse paths' kernel family (DenseGemv's why)
+                block.mlp.w_in = DenseGemv.from_module(block.mlp.w_in, **options)
     return swapped
+
+
+def sparse_ups(model: nn.Module) -> list[SparseUp]:
+    """The model's SparseUps in layer order (none: its up projections are dense)."""
+    return [m for m in model.modules() if isinstance(m, SparseUp)]
+
+
+def _llama_relu(model: nn.Module) -> bool:
+    """A transformers model whose MLPs are Llama's gated form with a ReLU gate."""
+    architecture, sites = locate(model)
+    if architecture != "llama" or activation_of(model) != "relu":
+        return False
+    return hasattr(model.get_submodule(sites[0].path.rpartition(".")[0]), "up_proj")
+
+
+def mlp_paths(model: nn.Module) -> list[str]:
+    """The modules :func:`sparsify` may swap: down projections, and our models' up
+    projections (Llama-family ReLU models: the whole MLPs)."""
+    paths = [site.path for site in locate(model)[1]]
+    if _llama_relu(model):
+        return [path.rpartition(".")[0] for path in paths]
+    if _is_ours(model):
+        paths += [f"blocks.{i}.mlp.w_in" for i in range(len(model.blocks))]
+    return paths
 
 
 def _is_ours(model: nn.Module) -> bool:
@@ -153,17 +210,38 @@ def decode_seconds(
 
 
 class Swap:
-    """A model whose down projections switch between the dense modules and SparseDowns."""
+    """A model whose MLP projections switch between the dense modules and the sparse ones made
+    by :func:`sparsify` (``downs``; ``ups``: SparseUps, where it made any)."""
 
-    def __init__(self, model: nn.Module, taus: Sequence[float] | None, kernel: str) -> None:
+    def __init__(
+        self, model: nn.Module, taus: Sequence[float] | None, kernel: str, up: str = "dense",
+        margin: float = 1.0, max_rows: int | None = None,
+    ) -> None:  # fmt: skip
         self.model = model
-        self.paths = [site.path for site in locate(model)[1]]
+        self.paths = mlp_paths(model)
         self.dense = [model.get_submodule(path) for path in self.paths]
-        self.sparse = sparsify(model, taus, kernel)
+        self.downs = sparsify(model, taus, kernel, max_rows, up, margin)
+        self.ups = sparse_ups(model)
+        self.modules = [model.get_submodule(path) for path in self.paths]
         self.use(sparse=False)
 
+    @classmethod
+    def gemv(cls, model: Transformer, everywhere: bool = False) -> Swap:
+        """Our model with every MLP projection (``everywhere``: every linear layer) on the dense
+        numba GEMV (:class:`DenseGemv`) when "sparse": the baseline that shares the sparse
+        paths' kernel family."""
+        paths = mlp_paths(model)
+        if everywhere:
+            paths += [name for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and name not in paths]  # fmt: skip
+        swap = cls.__new__(cls)
+        swap.model, swap.paths, swap.downs, swap.ups = model, paths, [], []
+        swap.dense = [model.get_submodule(path) for path in swap.paths]
+        swap.modules = [DenseGemv.from_module(module) for module in swap.dense]
+        return swap
+
     def use(self, sparse: bool) -> nn.Module:
-        for path, module in zip(self.paths, self.sparse if sparse else self.dense, strict=True):
+        for path, module in zip(self.paths, self.modules if sparse else self.dense, strict=True):
             _set_module(self.model, path, module)
         return self.model
 
@@ -223,13 +301,15 @@ def transplant_patterns(
 
 
 @torch.no_grad()
-def transplant(shape: DecoderShape, active: Sequence[float], seed: int = 0) -> Transformer:
-    """Our Transformer at ``shape`` (GPT-2 conventions, ReLU, random weights) whose layer l has
-    its units active for ``active[l * len(active) // n_layers]`` of the tokens: each up
-    projection's bias is shifted, layer by layer in one pass over random tokens, to that
-    quantile of its pre-activations."""
+def transplant(
+    shape: DecoderShape, active: Sequence[float], seed: int = 0, activation: str = "relu"
+) -> Transformer:
+    """Our Transformer at ``shape`` (GPT-2 conventions, ``activation`` relu or reglu, random
+    weights) whose layer l has its units active for ``active[l * len(active) // n_layers]`` of
+    the tokens: each up projection's (gate's) bias is shifted, layer by layer in one pass over
+    random tokens, to that quantile of its pre-activations."""
     cfg = ModelConfig(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
-                      d_ff=shape.d_ff, activation="relu", style="gpt2",
+                      d_ff=shape.d_ff, activation=activation, style="gpt2",
                       vocab_size=shape.vocab_size, seq_len=shape.seq_len)  # fmt: skip
     with torch.random.fork_rng():  # the caller's random state stays as it was
         torch.manual_seed(seed)
@@ -239,8 +319,9 @@ def transplant(shape: DecoderShape, active: Sequence[float], seed: int = 0) -> T
     for layer, block in enumerate(model.blocks):
         target = active[layer * len(active) // shape.n_layers]
         x = x + block.attn(block.ln_attn(x), None, None)
-        pre = block.mlp.w_in(block.ln_mlp(x)).flatten()
-        block.mlp.w_in.bias -= torch.quantile(pre[:: max(1, pre.numel() // 1_000_000)],
-                                              1.0 - target)  # fmt: skip
+        pre = block.mlp.w_in(block.ln_mlp(x))[..., : shape.d_ff].flatten()  # (the gate)
+        block.mlp.w_in.bias[: shape.d_ff] -= torch.quantile(
+            pre[:: max(1, pre.numel() // 1_000_000)], 1.0 - target
+        )
         x = x + block.mlp(block.ln_mlp(x), False)[0]
     return model

@@ -1,11 +1,11 @@
-"""The sparse down projection's compiled loops (numba).
+"""The sparse paths' compiled loops (numba).
 
 ``sparse_rows_matvec``: ``out[r] = sum over active i of h[r, i] * W_t[i]`` with ``W_t``
 unit-major (d_ff, d_model), one pass over ``h`` finding the active units and adding their rows
-(vectorised: ymm FMAs). Single-threaded: numba's parallel loops next to torch's own thread pool
-ran 2-5x slower than one thread here (default and omp threading layers).
-``bag_indices``: the same activity test, writing ``embedding_bag``'s inputs for a block-major
-table, so that torch sums the rows on all its threads.
+(vectorised: ymm FMAs); single-threaded (on an Intel Xeon a parallel version ran 2-5x slower
+than one thread next to torch's pool). ``bag_indices``: the same activity test, writing
+``embedding_bag``'s inputs for a block-major table, so that torch sums the rows on all its
+threads. ``rows_dot`` and ``screen_int8``: parallel over rows, on numba's OpenMP layer (below).
 """
 
 from __future__ import annotations
@@ -81,3 +81,51 @@ def bag_indices(
                     weight[base + b * k + j] = weight[base + j]
         start += k
     return index, weight, offsets
+
+
+# Parallel loops below run on numba's OpenMP layer: next to torch's own OpenMP pool they read
+# scattered rows 1.5x faster than one thread on a 2-core AMD EPYC, where the workqueue layer ran
+# slower than one thread (results/bench-gather-rows.md).
+numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+def rows_dot(
+    weight: np.ndarray, bias: np.ndarray, x: np.ndarray, use: np.ndarray, out: np.ndarray
+) -> int:
+    """``out[r, i] = weight[i] . x[r] + bias[i]`` where ``use[r, i]``; other entries untouched.
+    Each row of ``weight`` that any token uses is read once for all of them (the union of the
+    tokens' units), the rows split over threads. Returns the rows read."""
+    n, d = x.shape
+    read = 0
+    for i in numba.prange(weight.shape[0]):
+        needed = False
+        for r in range(n):
+            needed |= use[r, i]
+        if not needed:
+            continue
+        read += 1
+        for r in range(n):
+            if use[r, i]:
+                acc = np.float32(0.0)
+                for j in range(d):
+                    acc += weight[i, j] * x[r, j]
+                out[r, i] = acc + bias[i]
+    return read
+
+
+@numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
+def screen_int8(
+    q: np.ndarray, scales: np.ndarray, slack: np.ndarray, bias: np.ndarray, x: np.ndarray,
+    x_norm: np.ndarray, margin: float, out: np.ndarray,
+) -> None:  # fmt: skip
+    """``out[r, i] = scales[i] * (q[i] . x[r]) + bias[i] + margin * slack[i] * x_norm[r] >= 0``:
+    the int8 estimate of unit i's pre-activation raised by its error bound (``margin`` = 1: the
+    whole bound)."""
+    n, d = x.shape
+    for i in numba.prange(q.shape[0]):
+        for r in range(n):
+            acc = np.float32(0.0)
+            for j in range(d):
+                acc += np.float32(q[i, j]) * x[r, j]
+            out[r, i] = acc * scales[i] + bias[i] + margin * slack[i] * x_norm[r] >= 0

@@ -7,18 +7,22 @@ import json
 import math
 import platform
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from sparsetrace.errors import UserError
-from sparsetrace.model.transformer import GATED
+from sparsetrace.model.transformer import GATED, Transformer
 from sparsetrace.sites import locate
 from sparsetrace.speed import decode as dec
 from sparsetrace.speed import measure as ms
 
 DEAD_TOKENS = 8192  # validation tokens that decide which units are dead (alive: >= 9 of them)
+SCREEN_TOKENS = 4096  # validation tokens of the int8 screen's recall and perplexity cost
+SCREEN_MARGINS = (1.0, 0.5, 0.25, 0.0)  # 1: the whole error bound (exact); 0: the int8 sign
 
 
 def _fractions(text: str) -> list[float]:
@@ -87,18 +91,20 @@ class Variant:
     down_bytes: list[int]
 
     @classmethod
-    def of(cls, label: str, model: torch.nn.Module, taus: list[float] | None,
-           kernel: str) -> Variant:  # fmt: skip
+    def of(cls, label: str, model: torch.nn.Module, taus: list[float] | None, kernel: str,
+           up: str = "dense") -> Variant:  # fmt: skip
         nbytes = _bytes(model)  # with the dense modules in place
         downs = [site.module.weight for site in locate(model)[1]]
-        return cls(label, dec.Swap(model, taus, kernel), nbytes,
+        return cls(label, dec.Swap(model, taus, kernel, up), nbytes,
                    [w.numel() * w.element_size() for w in downs])  # fmt: skip
 
     def sparse_bytes(self) -> float:
-        """Bytes a sparse step reads at the fractions its SparseDowns counted."""
-        fractions = [down.read_fraction for down in self.swap.sparse]
-        return self.nbytes - sum((1 - a) * b for a, b in zip(fractions, self.down_bytes,
-                                                                strict=True))  # fmt: skip
+        """Bytes a sparse step reads at what its sparse modules counted: the inactive rows of
+        each W_out left out, each SparseUp's reads instead of its whole weight."""
+        fractions = [down.read_fraction for down in self.swap.downs]
+        skipped = sum((1 - a) * b for a, b in zip(fractions, self.down_bytes, strict=True))
+        skipped += sum(u.dense_bytes - u.bytes_per_token for u in self.swap.ups)
+        return self.nbytes - skipped
 
 
 def _decode_rows(
@@ -106,29 +112,56 @@ def _decode_rows(
     bandwidth: float,
 ) -> list[dict]:  # fmt: skip
     """Decoding speed of each sparse variant against the dense reference (the first variant's
-    model with its dense projections), timed interleaved, and both against their bounds. The
+    model with its dense projections; for our models also with its MLP projections on the numba
+    GEMV, and the speed-up is over the faster), timed interleaved, and against the bounds. The
     units read per token are counted in an untimed sparse run first, on the same tokens."""
     reference = variants[0].swap
+    read, active = [], []
+    for v in variants:  # count what one decoding step reads: the prefill runs dense here
+        modules = v.swap.downs + v.swap.ups
+        limits = [module.max_rows for module in modules]
+        for module in modules:
+            module.reset_counts()
+            module.max_rows = 1
+        dec.decode(v.swap.use(sparse=True), prompt, new_tokens)
+        for module, limit in zip(modules, limits, strict=True):
+            module.max_rows = limit
+        read.append(v.sparse_bytes())
+        active.append(sum(d.read_fraction for d in v.swap.downs) / len(v.swap.downs))
+    # Our models: every linear layer on the numba GEMV, for the dense baseline and beneath each
+    # sparse variant's MLPs alike; others: torch's layers beneath both.
+    fast = {id(v.swap.model): dec.Swap.gemv(v.swap.use(sparse=False), everywhere=True)
+            for v in variants if isinstance(v.swap.model, Transformer)}  # fmt: skip
+
+    def decode(swap: dec.Swap, sparse: bool, n: int) -> object:
+        beneath = fast.get(id(swap.model))
+        if beneath is not None:
+            beneath.use(sparse=sparse)
+        if swap is not beneath:
+            swap.use(sparse=sparse)
+        return dec.decode(swap.model, prompt, n)
+
+    runs = {"dense": partial(decode, reference, False)}
+    if id(reference.model) in fast:
+        runs[ms.GEMV] = partial(decode, fast[id(reference.model)], True)
     for v in variants:
-        dec.decode(v.swap.use(sparse=True), prompt, new_tokens)  # counts what it reads
-    read = [v.sparse_bytes() for v in variants]
-    runs = {"dense": lambda n: dec.decode(reference.use(sparse=False), prompt, n)}
-    for v in variants:
-        runs[v.label] = lambda n, v=v: dec.decode(v.swap.use(sparse=True), prompt, n)
+        runs[v.label] = partial(decode, v.swap, True)
     try:
         seconds = dec.decode_seconds(runs, new_tokens, repeats)
     finally:
-        for v in variants:
-            v.swap.use(sparse=False)
+        for swap in [v.swap for v in variants] + list(fast.values()):
+            swap.use(sparse=False)
     dense, total = seconds["dense"], variants[0].nbytes
-    return [{"model": v.label, "dense tok/s": 1 / dense, "sparse tok/s": 1 / seconds[v.label],
-             "speed-up": dense / seconds[v.label], "bound speed-up": total / r,
-             "dense of bound": total / bandwidth / dense,
+    best = min(dense, seconds.get(ms.GEMV, dense))
+    return [{"model": v.label, "dense tok/s": 1 / dense,
+             "dense GEMV tok/s": 1 / seconds[ms.GEMV] if ms.GEMV in seconds else math.nan,
+             "sparse tok/s": 1 / seconds[v.label], "speed-up": best / seconds[v.label],
+             "speed-up vs torch": dense / seconds[v.label], "bound speed-up": total / r,
+             "dense of bound": total / bandwidth / best,
              "sparse of bound": r / bandwidth / seconds[v.label],
-             "active fraction (decode)": sum(d.read_fraction for d in v.swap.sparse)
-             / len(v.swap.sparse),
+             "active fraction (decode)": a,
              "MB per token (dense)": total / 1e6, "MB per token (sparse)": r / 1e6}
-            for v, r in zip(variants, read, strict=True)]  # fmt: skip
+            for v, r, a in zip(variants, read, active, strict=True)]  # fmt: skip
 
 
 def _sweep(
@@ -149,33 +182,64 @@ def _sweep(
     return rows
 
 
+def _mean_loss(model: torch.nn.Module, batches: list) -> float:
+    """Mean cross-entropy per target token of our model over validation batches."""
+    with torch.no_grad():
+        total = sum(float(model(b.inputs, b.targets).loss) * b.n_targets for b in batches)
+    return total / sum(b.n_targets for b in batches)
+
+
+def _validation(cfg, tokens: int) -> list:
+    from sparsetrace.data.prepare import prepare_data
+    from sparsetrace.sparsing.source import validation_batches
+
+    return validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, tokens)
+
+
+def _screen_quality(model: torch.nn.Module, cfg, kernel: str) -> list[dict]:
+    """The int8 screen as a predictor, per margin (1: exact; < 1: the error bound shrunk), on
+    SCREEN_TOKENS validation tokens: the fraction of units it leaves as candidates, its recall
+    of the units active in the dense model (pre-activation, or gate, > 0), and the perplexity of
+    the screened model (every token through the sparse path) over the dense one."""
+    batches = _validation(cfg, SCREEN_TOKENS)
+    inputs, _ = dec.active_patterns(model, [b.inputs for b in batches])
+    dense = _mean_loss(model, batches)
+    rows = []
+    for margin in SCREEN_MARGINS:
+        swap = dec.Swap(model, None, kernel, "screen", margin, max_rows=1 << 30)
+        hit = active = candidates = 0
+        for up, x in zip(swap.ups, inputs, strict=True):
+            on = F.linear(x, up.weight[: up.d_ff], up.bias[: up.d_ff]) > 0
+            kept = up.candidates(x)
+            hit, active = hit + int((kept & on).sum()), active + int(on.sum())
+            candidates += float(kept.float().mean()) / len(swap.ups)
+        loss = _mean_loss(swap.use(sparse=True), batches)
+        swap.use(sparse=False)
+        recall = hit / max(active, 1)
+        rows.append({"margin": margin, "candidate fraction": candidates, "recall": recall,
+                     "ppl ratio": math.exp(loss - dense)})  # fmt: skip
+    return rows
+
+
 def _prune_dead(model, cfg, taus: list[float] | None) -> tuple[torch.nn.Module, dict]:
     """A copy of ``model`` without its dead units (Sparsing Law: active on fewer than 0.1 % of
     the validation tokens, here DEAD_TOKENS of them) in W_in and W_out, and what it cost:
     units removed per layer, the pruned model's perplexity over the dense one on those tokens,
     its active fraction per layer (of its own units) and thresholds."""
-    from sparsetrace.data.prepare import prepare_data
     from sparsetrace.experiments.prune import prune_model
     from sparsetrace.sparsing.cett import DEAD_FRACTION
-    from sparsetrace.sparsing.source import validation_batches
 
-    batches = validation_batches(prepare_data(cfg.data).val, cfg.data.seq_len, DEAD_TOKENS)
+    batches = _validation(cfg, DEAD_TOKENS)
     _, active = dec.active_patterns(model, [b.inputs for b in batches], taus)
     names = list(model.mlps())
     keep = {name: a.float().mean(0) >= DEAD_FRACTION for name, a in zip(names, active, strict=True)}
     pruned = prune_model(model, cfg, keep).float().eval()
-    sizes = [b.n_targets for b in batches]
-    with torch.no_grad():
-        dense = sum(float(model(b.inputs, b.targets).loss) * n
-                    for b, n in zip(batches, sizes, strict=True))  # fmt: skip
-        cut = sum(float(pruned(b.inputs, b.targets).loss) * n
-                  for b, n in zip(batches, sizes, strict=True))  # fmt: skip
     _, after = dec.active_patterns(pruned, [b.inputs for b in batches], taus)
     return pruned, {
         "dead_tokens": sum(b.inputs.numel() for b in batches),
         "removed": [int((~k).sum()) for k in keep.values()],
         "width": [int(k.numel()) for k in keep.values()],
-        "ppl_ratio": math.exp((cut - dense) / sum(sizes)),
+        "ppl_ratio": math.exp(_mean_loss(pruned, batches) - _mean_loss(model, batches)),
         "active": [float(a.float().mean()) for a in after], "taus": taus,
     }  # fmt: skip
 
@@ -202,10 +266,10 @@ def _subject(source: Path, tokens: int, prune_dead: bool) -> SpeedModel:
 
         model, cfg = load_trained_model(source)
         step = checkpoint_step(list_checkpoints(source)[-1])
-        if cfg.model.activation in GATED:
+        if cfg.model.activation in GATED and cfg.model.activation not in dec.RELU:
             raise UserError(
                 f"{cfg.model.activation}: the speed measurement covers plain MLPs (relu, gelu, "
-                "silu, relu2); gated MLPs are not supported yet"
+                "silu, relu2) and ReGLU; other gated MLPs are not supported yet"
             )
         val = prepare_data(cfg.data).val[:need].astype("int64")
         if len(val) < need:
@@ -236,6 +300,52 @@ def _subject(source: Path, tokens: int, prune_dead: bool) -> SpeedModel:
                     "directory (config.json)")  # fmt: skip
 
 
+def _ups(activation: str) -> list[str]:
+    """The up-projection paths measured: ``dense`` (read in full; gate-sparse for ReGLU) and,
+    for ReLU-family MLPs, the exact int8 ``screen``."""
+    return list(dec.UP_PATHS) if activation in dec.RELU else ["dense"]
+
+
+def _path(activation: str, up: str) -> str:
+    rows = "W_up + W_out rows" if activation == "reglu" else "W_out rows"
+    return f"int8 screen, {rows}" if up == "screen" else rows
+
+
+def _variants(label: str, model: torch.nn.Module, taus: list[float] | None, kernel: str,
+              activation: str) -> list[Variant]:  # fmt: skip
+    return [Variant.of(label if up == "dense" else f"{label}, int8 screen", model, taus, kernel,
+                       up) for up in _ups(activation)]  # fmt: skip
+
+
+def _path_rows(
+    label: str, pattern: str, model: torch.nn.Module, variants: list[Variant], activation: str,
+    inputs: list[torch.Tensor], bandwidth: float, repeats: int,
+) -> list[dict]:  # fmt: skip
+    """MLP-block rows of each variant's sparse modules on our model's real MLPs."""
+    swaps = {_path(activation, up): v.swap
+             for up, v in zip(_ups(activation), variants, strict=True)}  # fmt: skip
+    timings = ms.time_mlp_paths(model, inputs, swaps, bandwidth, repeats)
+    return [{"shape": label, "pattern": pattern, **t.row()} for t in timings]
+
+
+def _big_shape(
+    shape: str, big: dec.DecoderShape, activation: str, fractions: list[float], tokens: int,
+    new_tokens: int, repeats: int, kernel: str, bandwidth: float,
+) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Block and decoding rows of random weights at ``big`` with ``fractions`` transplanted."""
+    model = dec.transplant(big, fractions, activation=activation)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, big.vocab_size, (1, max(tokens, 16)), generator=gen)
+    label = f"{shape} {activation}"
+    variants = _variants(f"{label} (random weights, transplanted sparsity)", model, None, kernel,
+                         activation)  # fmt: skip
+    inputs, _ = dec.active_patterns(model, [ids[:, :tokens]])
+    block = _path_rows(label, "transplanted fraction", model, variants, activation, inputs,
+                       bandwidth, repeats)  # fmt: skip
+    decode = _decode_rows(variants, ids[:, :16], new_tokens, repeats, bandwidth)
+    return block, decode
+
+
 def run_speed(
     run: Path, shape: str, fractions: str, tokens: int, new_tokens: int, repeats: int,
     kernel: str, prune_dead: bool, out: Path | None,
@@ -258,31 +368,43 @@ def run_speed(
     by_layer = ", ".join(f"{a:.3f}" for a in fraction_by_layer)
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s; {s.activation} model, units active per "
           f"token by layer {by_layer}", flush=True)  # fmt: skip
+    ours = inputs is not None  # our model: its own MLPs timed too
+    screen = ours and s.activation in dec.RELU  # the int8 screen: our ReLU-family models
+    quality = _screen_quality(model, s.cfg, kernel) if screen else None
     block = []
-    if inputs is not None:  # our model: its own MLPs timed too
+    if ours and s.activation not in GATED:  # W_out rows at exact random fractions
         own = [ms.MlpLayer.of(b.mlp.w_in.weight, b.mlp.w_out.weight, kernel)
                for b in model.blocks]  # fmt: skip
-        block = _sweep(own, inputs, points, bandwidth, repeats, "model", active)
+        block = _sweep(own, inputs, points, bandwidth, repeats, "model")
     prompt = s.ids[:, :16]
-    variants = []
+    extra = []
     if prune_dead:  # first, while the model is dense: the pruned copy takes its weights
         pruned, pruning = _prune_dead(model, s.cfg, taus)
-        variants.append(Variant.of("model, dead units pruned", pruned, pruning["taus"], kernel))
-    variants.insert(0, Variant.of("model", model, taus, kernel))
-    decode = _decode_rows(variants, prompt, new_tokens, repeats, bandwidth)
+        extra.append(Variant.of("model, dead units pruned", pruned, pruning["taus"], kernel))
+    variants = (_variants("model", model, taus, kernel, s.activation) if ours
+                else [Variant.of("model", model, taus, kernel)])  # fmt: skip
+    if ours:
+        block = _path_rows("model", "measured", model, variants, s.activation, inputs,
+                           bandwidth, repeats) + block  # fmt: skip
+    decode = _decode_rows(variants + extra, prompt, new_tokens, repeats, bandwidth)
+    del variants, extra
     # The memory-bound shape: random weights, this model's measured patterns and sparsity.
     wide = dec.transplant_patterns(active, big)
     gen = torch.Generator().manual_seed(0)
     big_inputs = [torch.randn(tokens, big.d_model, generator=gen) for _ in range(big.n_layers)]
     big_layers = ms.random_layers(big.d_model, big.d_ff, big.n_layers, kernel)
     block += _sweep(big_layers, big_inputs, points, bandwidth, repeats, shape, wide)
-    big_layers.clear()  # free the sweep's weights before the decoding model is built
-    big_model = dec.transplant(big, fraction_by_layer)
-    big_prompt = torch.randint(0, big.vocab_size, (1, 16), generator=gen)
-    big_variant = Variant.of(f"{shape} (random weights, transplanted sparsity)", big_model, None,
-                             kernel)  # fmt: skip
-    decode += _decode_rows([big_variant], big_prompt, new_tokens, repeats, bandwidth)
+    big_layers.clear()  # free the sweep's weights before the decoding models are built
+    for activation in ("relu", "reglu"):  # a plain and a gated ReLU MLP at the shape
+        rows, decoded = _big_shape(shape, big, activation, fraction_by_layer, tokens, new_tokens,
+                                   repeats, kernel, bandwidth)  # fmt: skip
+        block += rows
+        decode += decoded
     bandwidth_end = ms.read_bandwidth()  # the machine drifts: say by how much
+    if bandwidth_end > bandwidth:  # a bound takes the faster read seen: rescale "of bound"
+        for row in block + decode:
+            for key in ("sparse of bound", "dense of bound"):
+                row[key] *= bandwidth / bandwidth_end
     from sparsetrace.report.speed import write_speed_report
 
     out = Path(out) if out else run / "speed"
@@ -292,7 +414,7 @@ def run_speed(
         "bandwidth_end_GBps": bandwidth_end / 1e9, "kernel": kernel,
         "activation": s.activation, "thresholds": taus,
         "active_by_layer": fraction_by_layer, "shape": shape,
-        "pruning": pruning if prune_dead else None,
+        "pruning": pruning if prune_dead else None, "screen": quality,
         "block": block, "decode": decode,
     }  # fmt: skip
     return write_speed_report(out, result)
@@ -301,7 +423,12 @@ def run_speed(
 def print_summary(index: Path) -> None:
     result = json.loads((index.parent.parent / "speed.json").read_text())
     frame = pd.DataFrame(result["block"])
-    cols = ["shape", "pattern", "active fraction", "dense (us)", "sparse (us)", "speed-up",
-            "bound speed-up", "sparse of bound"]  # fmt: skip
+    cols = ["shape", "pattern", "path", "active fraction", "candidate fraction", "dense (us)",
+            "dense GEMV (us)", "sparse (us)", "speed-up", "speed-up vs torch", "bound speed-up",
+            "sparse of bound"]  # fmt: skip
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if result["screen"]:
+        print(
+            pd.DataFrame(result["screen"]).to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        )
     print(pd.DataFrame(result["decode"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from sparsetrace.sites import down_weight
 from sparsetrace.sparsing.cett import kept
 
-MAX_ROWS = 8  # tokens per call up to which the sparse path is used (decode: 1)
+MAX_ROWS = 16  # tokens per call up to which the sparse path is used: it beat dense up to 16
+# tokens on GPT-2-medium's shape (results/bench-small-batch.md); prefill takes the dense product
 KERNELS = ("embedding_bag", "numba")
 DEFAULT_KERNEL = "embedding_bag"  # faster at >= 10 % active (results/bench-sparse-primitives.md)
 
@@ -66,9 +67,13 @@ class SparseDown(nn.Module):
                              .contiguous())  # fmt: skip
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self.register_buffer("norms", weight.norm(dim=0))  # ||W[:, i]||, as unit_norms has it
-        self.fallbacks = 0
-        # (token, unit) rows read and tokens seen on the sparse path (the decode bound's input)
-        self.units_read = self.tokens_seen = 0
+        self.warned = False  # the dense fallback is announced once per projection
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Zero the dense fallbacks and the (token, unit) rows read and tokens seen on the
+        sparse path (the bound's input)."""
+        self.fallbacks = self.units_read = self.tokens_seen = 0
 
     @classmethod
     def from_module(cls, module: nn.Module, **options) -> SparseDown:
@@ -95,7 +100,8 @@ class SparseDown(nn.Module):
         shape = a.shape
         rows = a.detach().reshape(-1, self.d_ff).float()  # an inference path: no gradient
         if rows.shape[0] > self.max_rows:
-            if not self.fallbacks:  # say so once per projection
+            if not self.warned:
+                self.warned = True
                 warnings.warn(
                     f"SparseDown: {rows.shape[0]} tokens in one call (more than max_rows="
                     f"{self.max_rows}) run as one dense product: per-token gathering does not pay "

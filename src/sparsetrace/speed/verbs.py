@@ -25,8 +25,9 @@ def speed(
     """Measure how much faster the model's MLP sparsity makes batch-1 decoding on this machine.
 
     Args:
-        run: a trained sparsetrace run directory (ReLU: exact; other plain activations use the
-            CETT thresholds of its `sparsing-law` measurement)
+        run: a trained sparsetrace run (ReLU, ReLU squared, ReGLU: exact; other plain
+            activations use the CETT thresholds of its `sparsing-law` measurement) or a Hugging
+            Face model directory with a ReLU MLP
         shape: the memory-bound shape measured with this model's sparsity transplanted onto
             random weights: gpt2-medium, opt-350m, gpt2-large or d_model,n_layers,n_heads,d_ff
         fractions: active fractions of the MLP-block sweep (random units, exact count)

@@ -1,0 +1,298 @@
+"""The up projection's sparse paths (issue 23): the int8 screen's error bound holds, so the
+screen never misses an active unit and the screened MLP equals the dense one; a gated ReLU MLP
+reads only the active units' rows of W_up and W_out; both are exact in a whole model's
+decoding. NaN in every row a path claims not to read proves it does not read it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsetrace.model.transformer import ModelConfig, Transformer
+from sparsetrace.speed import decode as dec
+from sparsetrace.speed import measure as ms
+from sparsetrace.speed.sparse_down import SparseDown
+from sparsetrace.speed.sparse_up import SparseUp, int8_rows
+
+TOL = 1e-5
+
+
+def _layer(d: int, ff: int, active: float, gated: bool = False, seed: int = 0):
+    """Random up-projection weights whose first ``ff`` rows are positive for ~``active`` of
+    standard-normal inputs (a bias shift), and such inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(ff * (2 if gated else 1), d, generator=gen) * d**-0.5
+    bias = 0.1 * torch.randn(weight.shape[0], generator=gen)
+    x = torch.randn(200, d, generator=gen)
+    pre = x @ weight[:ff].t() + bias[:ff]
+    bias[:ff] -= torch.quantile(pre.flatten(), 1 - active)
+    return weight, bias, x
+
+
+def test_int8_bound_holds_for_any_input() -> None:
+    # The bound: |W_i x - s_i fl(q_i x)| <= slack_i ||x||, here against float64, for random,
+    # aligned (x = a row: the largest Cauchy-Schwarz term) and heavy-tailed inputs.
+    weight, _, x = _layer(96, 300, 0.2)
+    weight[0, 5] = 40.0  # an outlier row: a coarse int8 scale
+    q, scales, slack = int8_rows(weight)
+    inputs = torch.cat([x, weight[:50], torch.randn(50, 96).pow(3)])
+    exact = inputs.double() @ weight.double().t()
+    estimate = (inputs.float() @ (q.float() * scales[:, None]).t()).double()
+    error = (exact - estimate).abs()
+    assert (error <= slack.double() * inputs.double().norm(dim=1, keepdim=True)).all()
+    assert (error > 0).any()  # the quantisation is not exact: the bound is doing work
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    # Weights exactly int8 times a power of two: no quantisation error, so what remains is the
+    # float32 rounding of the estimate, which the slack must cover too.
+    gen = torch.Generator().manual_seed(5)
+    ints = torch.randint(-127, 128, (300, 96), generator=gen).float()
+    ints[:, 0] = 127
+    q, scales, slack = int8_rows(ints * 2.0**-7)
+    assert torch.equal(q.float() * scales[:, None], ints * 2.0**-7)  # exact
+    exact = inputs.double() @ (ints.double() * 2.0**-7).t()
+    error = (exact - (inputs @ (q.float() * scales[:, None]).t()).double()).abs()
+    assert (error > 0).any()
+    assert (error <= slack.double() * inputs.double().norm(dim=1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("n", [1, 3, 20])  # 20 > max_rows: the dense fallback
+def test_screen_keeps_every_active_unit_and_equals_dense(n: int) -> None:
+    weight, bias, x = _layer(64, 256, 0.2)
+    up = SparseUp(weight, bias, screen=True)
+    for start in range(0, 200 - n, 37):
+        rows = x[start : start + n]
+        dense = rows @ weight.t() + bias
+        got = up(rows)
+        assert torch.allclose(F.relu(got), F.relu(dense), atol=TOL)
+        if n <= up.max_rows:
+            kept = up.candidates(rows)
+            assert kept[dense > 0].all()  # the screen never misses an active unit
+            assert kept.float().mean() < 0.6  # and rules out most inactive ones
+    assert up.fallbacks == (0 if n <= up.max_rows else len(range(0, 200 - n, 37)))
+
+
+def test_screen_reads_only_candidate_rows() -> None:
+    weight, bias, x = _layer(64, 256, 0.15, seed=1)
+    rows = x[:2]
+    kept = SparseUp(weight, bias, screen=True).candidates(rows)
+    assert 0 < int(kept.any(0).sum()) < 256
+    poisoned = weight.clone()
+    poisoned[~kept.any(0)] = float("nan")  # the float32 rows of units ruled out
+    up = SparseUp(poisoned, bias, screen=True)
+    up.q.copy_(int8_rows(weight)[0])  # the int8 copy is read in full: keep it clean
+    up.scales.copy_(int8_rows(weight)[1])
+    up.slack.copy_(int8_rows(weight)[2])
+    got = F.relu(up(rows))
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, F.relu(rows @ weight.t() + bias), atol=TOL)
+    assert up.first_rows == int(kept.any(0).sum())  # one read per row of the union
+
+
+def test_screen_keeps_units_the_dense_product_rounds_positive() -> None:
+    # The boundary: weights exactly int8 times a power of two (no quantisation error: the
+    # Cauchy-Schwarz term is 0) and biases set so that the dense float32 product is a hair above
+    # zero for every unit. Only the rounding slack keeps them all candidates.
+    gen = torch.Generator().manual_seed(11)
+    ints = torch.randint(-127, 128, (400, 256), generator=gen).float()
+    ints[:, 0] = 127
+    weight = ints * 2.0**-7
+    x = torch.randn(1, 256, generator=gen)
+    product = F.linear(x, weight)[0]
+    bias = -product + product.abs() * 2.0**-20  # dense: about 1e-6 relative above zero
+    dense = F.linear(x, weight, bias)[0]
+    up = SparseUp(weight, bias, screen=True)
+    assert float(up.slack.max()) < 1e-2 * float(weight.norm(dim=1).min())  # rounding only
+    kept = up.candidates(x)[0]
+    assert kept[dense > 0].all() and int((dense > 0).sum()) > 300
+
+
+def test_inexact_margin_misses_active_units() -> None:
+    # The must-say-no case: without the error bound (margin 0: the int8 sign alone), some
+    # active units are ruled out; with it (margin 1), none; in between, fewer candidates.
+    weight, bias, x = _layer(64, 256, 0.2, seed=2)
+    active = (x @ weight.t() + bias) > 0
+    recall, size = {}, {}
+    for margin in (0.0, 0.5, 1.0):
+        kept = SparseUp(weight, bias, screen=True, margin=margin).candidates(x)
+        recall[margin] = float(kept[active].float().mean())
+        size[margin] = float(kept.float().mean())
+    assert recall[0.0] < 1.0 and recall[1.0] == 1.0
+    assert size[0.0] <= size[0.5] <= size[1.0]
+
+
+@pytest.mark.parametrize("screen", [False, True])
+@pytest.mark.parametrize("n", [1, 4])
+def test_gated_relu_reads_only_active_units(screen: bool, n: int) -> None:
+    ff = 128
+    weight, bias, x = _layer(48, ff, 0.2, gated=True, seed=3)
+    rows = x[:n]
+    gate, up_dense = (rows @ weight.t() + bias).chunk(2, dim=-1)
+    expected = F.relu(gate) * up_dense
+    on = (gate > 0).any(0)  # units whose W_up row some token needs
+    assert 0 < int(on.sum()) < ff
+    poisoned = weight.clone()
+    poisoned[ff:][~on] = float("nan")  # W_up rows of units whose gate is off for every token
+    up = SparseUp(poisoned, bias, gated=True, screen=screen)
+    if screen:  # the screen reads the gate's int8 copy, built from the clean gate rows: same
+        assert torch.equal(up.q, int8_rows(weight[:ff])[0])
+    g, u = up(rows).chunk(2, dim=-1)
+    got = F.relu(g) * u
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got, expected, atol=TOL)
+    assert up.second_rows == int(on.sum())
+    assert up.first_rows == (int(up.candidates(rows).any(0).sum()) if screen else ff)
+
+
+def test_bytes_per_token_counts_what_was_read() -> None:
+    weight, bias, x = _layer(32, 64, 0.25, gated=True, seed=4)
+    up = SparseUp(weight, bias, gated=True, screen=True)
+    rows = x[:1]
+    first = int(up.candidates(rows).sum())
+    second = int(((rows @ weight[:64].t() + bias[:64]) > 0).sum())
+    up(rows)
+    # float32 rows of the gate's candidates and the up rows of active units; the int8 gate copy
+    # with its scale, slack and bias (12 bytes a row)
+    assert up.bytes_per_token == 4 * 32 * (first + second) + 64 * (32 + 12)
+    assert up.dense_bytes == 128 * 32 * 4
+
+
+def _model(activation: str, seed: int = 0) -> Transformer:
+    cfg = ModelConfig(n_layers=2, d_model=32, n_heads=2, d_ff=128, activation=activation,
+                      style="gpt2", vocab_size=60, seq_len=48)  # fmt: skip
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # sparser than at initialisation: shift the (gate) biases down
+        for block in model.blocks:
+            block.mlp.w_in.bias[:128] -= 0.5
+    return model
+
+
+@pytest.mark.parametrize("activation,up", [("relu", "screen"), ("relu2", "screen"),
+                                           ("reglu", "dense"), ("reglu", "screen")])  # fmt: skip
+def test_sparse_model_decodes_the_same_logits(activation: str, up: str) -> None:
+    model = _model(activation)
+    prompt = torch.randint(0, 60, (1, 6), generator=torch.Generator().manual_seed(1))
+    tokens, logits = dec.decode(model, prompt, 12)
+    downs = dec.sparsify(model, up=up)
+    ups = dec.sparse_ups(model)
+    assert len(ups) == 2 and all(u.screen == (up == "screen") for u in ups)
+    assert all(u.gated == (activation == "reglu") for u in ups)
+    sparse_tokens, sparse_logits = dec.decode(model, prompt, 12)
+    assert torch.equal(sparse_tokens, tokens)
+    assert torch.allclose(sparse_logits, logits, atol=1e-4)
+    assert all(u.fallbacks == 0 and u.tokens_seen == 6 + 12 for u in ups)  # all sparse
+    assert all(d.read_fraction < 0.6 for d in downs)
+    assert all(u.candidate_fraction < 0.6 for u in ups if u.screen)  # the screen ruled out
+
+
+def test_screen_needs_a_relu_family_model_of_ours() -> None:
+    from sparsetrace.errors import UserError
+
+    with pytest.raises(UserError, match="int8 screen"):
+        dec.sparsify(_model("gelu"), taus=[0.1, 0.1], up="screen")
+    with pytest.raises(UserError, match="up must be one of"):
+        dec.sparsify(_model("relu"), up="int4")
+    model = _model("relu")
+    for margin, up in ((1.5, "screen"), (0.5, "dense")):  # refused before anything is swapped
+        with pytest.raises(UserError, match="margin"):
+            dec.sparsify(model, up=up, margin=margin)
+        assert isinstance(model.blocks[0].mlp.w_out, torch.nn.Linear)
+
+
+def test_path_timing_counts_the_bytes_of_each_path() -> None:
+    model = _model("reglu", seed=2)
+    ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(3))
+    inputs, active = dec.active_patterns(model, [ids])
+    originals = {path: model.get_submodule(path) for path in dec.mlp_paths(model)}
+    swaps = {"gate": dec.Swap(model, None, "embedding_bag"),
+             "screen": dec.Swap(model, None, "embedding_bag", up="screen")}  # fmt: skip
+    rows = {t.path: t for t in ms.time_mlp_paths(model, inputs, swaps, 1e10, 1)}
+    assert all(model.get_submodule(p) is m for p, m in originals.items())  # all left dense
+    row = 4 * 32  # bytes of one float32 row of d_model = 32
+    dense = row * (2 * 128 + 128)  # W_in (gate and up) and W_out per layer
+    # counted here from the dense model: per token, the active units' rows of W_up and W_out
+    units = float(torch.stack([a.float().sum(1).mean() for a in active]).mean())
+    candidates = float(torch.stack([  # the screen's float32 gate rows, from a fresh SparseUp
+        SparseUp.from_module(block.mlp.w_in, gated=True, screen=True).candidates(x).float()
+        .sum(1).mean() for block, x in zip(model.blocks, inputs, strict=True)]).mean())  # fmt: skip
+    expected = {
+        "gate": row * (128 + 2 * units),
+        "screen": 128 * (32 + 12) + row * (candidates + 2 * units),
+    }
+    for name, read in expected.items():
+        t = rows[name]
+        assert t.dense_bytes == dense
+        assert t.sparse_bytes == pytest.approx(read, rel=1e-6)
+        assert t.bound_speedup == pytest.approx(dense / read, rel=1e-6)
+    assert rows["gate"].candidates == 1.0 and rows["screen"].candidates < 1.0
+    assert rows["gate"].active == pytest.approx(units / 128)
+
+
+def test_llama_relu_gate_skips_up_rows() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from sparsetrace.speed.sparse_up import SparseGatedMlp
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, hidden_act="relu",
+                      max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(6)
+    model = LlamaForCausalLM(cfg).eval()
+    prompt = torch.randint(0, 64, (1, 5))
+    tokens, logits = dec.decode(model, prompt, 6)
+    downs = dec.sparsify(model)
+    assert isinstance(model.model.layers[0].mlp, SparseGatedMlp)
+    assert len(dec.sparse_ups(model)) == 2 and len(downs) == 2
+    sparse_tokens, sparse_logits = dec.decode(model, prompt, 6)
+    assert torch.equal(sparse_tokens, tokens)
+    assert torch.allclose(sparse_logits, logits, atol=1e-4)
+    # One MLP, the up rows of the units its ReLU gate shuts poisoned: the dense MLP reads them
+    mlp, x = LlamaMLP(cfg).eval(), torch.randn(1, 32)
+    with torch.no_grad():
+        off = mlp.gate_proj(x)[0] <= 0
+        expected = mlp(x)
+        mlp.up_proj.weight[off] = float("nan")
+        assert not torch.isfinite(mlp(x)).all()
+        got = SparseGatedMlp(mlp, SparseDown.from_module(mlp.down_proj))(x)
+    assert torch.isfinite(got).all() and torch.allclose(got, expected, atol=TOL)
+
+
+@pytest.mark.parametrize("n", [1, 5, 20])  # 20 > max_rows: torch's product
+def test_dense_gemv_equals_linear(n: int) -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    from sparsetrace.speed.dense_gemv import DenseGemv
+
+    torch.manual_seed(9)
+    linear, conv = torch.nn.Linear(48, 40), Conv1D(40, 48)  # Conv1D stores (in, out)
+    torch.nn.init.normal_(conv.weight)
+    x = torch.randn(n, 2, 48)[:, 0]  # not contiguous
+    with torch.no_grad():
+        for module in (linear, conv):
+            assert torch.allclose(DenseGemv.from_module(module)(x), module(x), atol=TOL)
+
+
+def test_decode_rows_count_decoding_steps_not_the_prefill() -> None:
+    from sparsetrace.speed.run import Variant, _decode_rows
+
+    model = _model("relu", seed=4)
+    prompt = torch.randint(0, 60, (1, 16), generator=torch.Generator().manual_seed(5))
+    on = []  # independent count: the active units of one-token calls (decoding steps)
+    hooks = [b.mlp.w_out.register_forward_pre_hook(
+        lambda _m, a: on.append(float((a[0] != 0).float().mean())) if a[0].shape[1] == 1 else None)
+        for b in model.blocks]  # fmt: skip
+    with torch.no_grad():
+        dec.decode(model, prompt, 6)
+    for h in hooks:
+        h.remove()
+    steps = sum(on) / len(on)
+    variants = [Variant.of("m", model, None, "embedding_bag"),
+                Variant.of("m, screen", model, None, "embedding_bag", "screen")]  # fmt: skip
+    rows = _decode_rows(variants, prompt, 6, 1, 1e10)
+    assert [r["active fraction (decode)"] for r in rows] == pytest.approx([steps] * 2)
+    read = rows[0]["MB per token (sparse)"] * 1e6
+    dense = rows[0]["MB per token (dense)"] * 1e6
+    assert dense - read == pytest.approx((1 - steps) * 2 * 4 * 32 * 128)  # W_out rows skipped
+    assert isinstance(model.blocks[0].mlp.w_out, torch.nn.Linear)  # left dense
