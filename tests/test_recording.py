@@ -128,6 +128,14 @@ def test_hf_run_directory_makes_a_report(hf_run, tmp_path: Path) -> None:
     html = index.read_text()
     assert "Table 1" in html and "Findings" in html
     assert (tmp_path / "report" / "figures").is_dir()
+    # Table 1 holds the device-scope use of the last measured step, in %, read back from the CSV
+    table = pd.read_csv(tmp_path / "report" / "tables" / "table1.csv", index_col="layer")
+    [column] = [c for c in table.columns if c.endswith(": per-token (%)") and "paper" not in c]
+    device = run.sparsity[run.sparsity["scope"] == "device"]
+    end = device[device["step"] == device["step"].max()].set_index("layer")
+    assert table.loc[end.index, column].tolist() == pytest.approx(
+        (100 * end["per_token_frac"]).tolist()
+    )
 
 
 def test_hf_resume_continues_the_lifecycle_exactly(tmp_path: Path) -> None:

@@ -269,6 +269,23 @@ def test_read_bandwidth_is_the_fastest_of_its_reads() -> None:
     assert 0.5 * naive <= bw < 1e13
 
 
+def test_read_bandwidth_takes_the_fastest_of_three_reads(monkeypatch) -> None:
+    # Deterministic: the timings are given; each read must read the whole buffer.
+    seen = {}
+
+    def fake(fns, repeats):
+        seen.update({name: fn() for name, fn in fns.items()})
+        return {"sum": 4e-3, "torch": 2e-3, "numba": 1e-3}
+
+    monkeypatch.setattr(ms, "best_times", fake)
+    nbytes = 1 << 20
+    assert ms.read_bandwidth(nbytes, repeats=1) == nbytes / 1e-3
+    n = nbytes // 4
+    assert float(seen["sum"]) == n  # a buffer of ones
+    assert torch.equal(seen["torch"], torch.full((1, n // 4096), 4096.0))
+    assert torch.allclose(seen["numba"], seen["torch"])
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sparsetrace", *args], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
@@ -301,6 +318,23 @@ def test_speed_verb_end_to_end(runs: dict[str, Path], tmp_path: Path) -> None:
     exact = result["screen"][0]  # margin 1: the whole error bound
     assert exact["margin"] == 1.0 and exact["recall"] == 1.0
     assert exact["ppl ratio"] == pytest.approx(1.0, abs=1e-5)
+    # The bounds and speed-ups follow from the JSON's own times, bytes and bandwidths.
+    bw = 1e9 * max(result["bandwidth_GBps"], result["bandwidth_end_GBps"])
+    for r in result["decode"]:
+        dense, sparse = r["MB per token (dense)"], r["MB per token (sparse)"]
+        assert r["bound speed-up"] == pytest.approx(dense / sparse)
+        assert r["sparse of bound"] == pytest.approx(1e6 * sparse * r["sparse tok/s"] / bw)
+        best = max(r["dense tok/s"], r["dense GEMV tok/s"])
+        assert r["dense of bound"] == pytest.approx(1e6 * dense * best / bw)
+        assert r["speed-up"] == pytest.approx(r["sparse tok/s"] / best)
+    for r in result["block"]:
+        best = min(r["dense (us)"], r["dense GEMV (us)"])
+        assert r["speed-up"] == pytest.approx(best / r["sparse (us)"])
+        assert r["sparse of bound"] / r["dense of bound"] == pytest.approx(
+            r["speed-up"] / r["bound speed-up"]
+        )
+    for r in result["block"][2:4]:  # random units, plain MLP: 2 / (1 + a)
+        assert r["bound speed-up"] == pytest.approx(2 / (1 + r["active fraction"]))
     assert sum(result["pruning"]["removed"]) > 0  # the tiny model has dead units
     assert (out / "report" / "index.html").is_file()
     assert (out / "report" / "figures" / "speedup.png").is_file()
