@@ -187,7 +187,27 @@ def test_sparsetrace_run_directory_as_model(tmp_path: Path) -> None:
     assert run.meta["model"]["architecture"] == "sparsetrace"
     assert run.meta["model"]["d_ff"] == [128, 128] and run.meta["model"]["activation"] == "relu"
     assert run.meta["train"]["tokens_per_step"] == per_step
-    write_report([out], tmp_path / "report")
+    # Each checkpoint's numbers equal tracing it directly on the same batches.
+    from sparsetrace.checkpoint import checkpoint_step, list_checkpoints, load_trained_model
+    from sparsetrace.series import resolve
+
+    batches, _ = token_batches("embedded", resolve(str(run_dir)).tokenizer, 2, 4, 32)
+    for ckpt in list_checkpoints(run_dir):
+        model = load_trained_model(run_dir, ckpt)[0].float()
+        with torch.no_grad(), trace(model) as t:
+            for batch in batches:
+                model(batch)
+        direct = t.summary(aggregate=True)
+        got = run.sparsity[run.sparsity.step == checkpoint_step(ckpt)]
+        for col in ("per_token", "per_sequence", "per_batch", "p50"):
+            assert list(got[col]) == pytest.approx(list(direct[col]), rel=1e-6), col
+    index = write_report([out], tmp_path / "report")
+    table = pd.read_csv(index.parent / "tables" / "table1.csv", index_col="layer")
+    [column] = [c for c in table.columns if c.endswith(": per-batch (%)") and "paper" not in c]
+    end = run.sparsity[run.sparsity.step == 20].set_index("layer")
+    assert table.loc[end.index, column].tolist() == pytest.approx(
+        (100 * end["per_batch_frac"]).tolist()
+    )
 
 
 def test_series_frees_each_revision_before_loading_the_next(

@@ -175,6 +175,25 @@ def test_activations_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert (laws["A0 low"] <= laws["A0"] + 1e-12).all()
     assert (laws["A0"] <= laws["A0 high"] + 1e-12).all()
     assert (laws["A0"] >= 0).all() and (laws["A0"] <= 1).all()  # a share of units
+    # Each row refitted here from its arm's CSV: the mean over layers, the points after warm-up
+    from sparsetrace.sparsing.laws import fit_law
+
+    warm = load_config("tiny", SHORT).train.warmup_steps
+    for name in ("relu", "silu"):
+        frame = pd.read_csv(tmp_path / f"model.activation={name}" / "sparsing_law.csv",
+                            dtype={"layer": str})  # fmt: skip
+        frame = frame[frame["tokens"] > 0]
+        rows = frame[frame["layer"] == "all"].sort_values("tokens").set_index("step")
+        by_layer = frame[frame["layer"] != "all"].groupby("step")["activation_ratio"].mean()
+        assert rows["activation_ratio"].tolist() == pytest.approx(by_layer[rows.index].tolist())
+        assert laws.loc[name, "final activation ratio"] == pytest.approx(
+            rows["activation_ratio"].iloc[-1]
+        )
+        skip = int((rows.index.to_numpy() <= warm).sum())
+        assert laws.loc[name, "warm-up points dropped"] == skip
+        fit = fit_law(rows["tokens"].to_numpy(float), rows["activation_ratio"].to_numpy(float),
+                      name, skip_first=skip)  # fmt: skip
+        assert laws.loc[name, "A0"] == pytest.approx(fit.params["A0"], rel=1e-6)
     assert "Sparsing Law finding on these runs" in (index.parent / "report.md").read_text()
     cfg = load_config("tiny", SHORT)
     assert runs.status(tmp_path / "model.activation=silu", cfg.train.steps) == "finished"
