@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from sparsetrace.cli import main
@@ -22,7 +23,16 @@ def test_run_trains_reports_and_never_overwrites(tmp_path: Path, monkeypatch, ca
     assert f"report: {tmp_path / 'tiny' / 'report' / 'index.html'}" in out
     assert "corr(per-token, per-batch)" in out  # the terminal summary of Tables 1-2
     assert (tmp_path / "tiny" / "report" / "index.html").is_file()
-    assert load_run(tmp_path / "tiny").meta["status"] == "finished"
+    run = load_run(tmp_path / "tiny")
+    assert run.meta["status"] == "finished"
+    # the report's Table 1 is the run's device-scope use at its last measured step, in %
+    table = pd.read_csv(tmp_path / "tiny" / "report" / "tables" / "table1.csv", index_col="layer")
+    device = run.sparsity[run.sparsity["scope"] == "device"]
+    end = device[device["step"] == device["step"].max()].set_index("layer")
+    for metric in ("per-token", "per-batch"):
+        [column] = [c for c in table.columns if c.endswith(f": {metric} (%)") and "paper" not in c]
+        frac = end[f"{metric.replace('-', '_')}_frac"]
+        assert table.loc[end.index, column].tolist() == pytest.approx((100 * frac).tolist())
     # the main job's Sparsing Law section: every checkpoint at the c found on the final one
     law = json.loads((tmp_path / "tiny" / "sparsing_law.json").read_text())
     assert [c["step"] for c in law["checkpoints"]] == [5, 10]

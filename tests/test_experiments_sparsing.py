@@ -236,6 +236,18 @@ def test_width_depth_experiment_end_to_end(tmp_path: Path, monkeypatch) -> None:
     assert (table["L_inf low"] <= table["limit loss"]).all()
     assert (table["limit loss"] <= table["L_inf high"]).all() and (table["L_inf low"] >= 0).all()
     assert (table["limit loss"] <= table["train loss (last 5 %)"]).all()
+    # Each arm refitted here from its CSV: the silu form (swiglu), the points after warm-up
+    from sparsetrace.sparsing.laws import fit_law
+
+    warm = load_config("tiny", SHORT).train.warmup_steps
+    for arm in table.index:
+        frame = pd.read_csv(tmp_path / arm / "sparsing_law.csv", dtype={"layer": str})
+        rows = frame[(frame["layer"] == "all") & (frame["tokens"] > 0)].sort_values("tokens")
+        ratio = rows["activation_ratio"].to_numpy(float)
+        assert table.loc[arm, "final activation ratio"] == pytest.approx(ratio[-1])
+        skip = int((rows["step"].to_numpy() <= warm).sum())
+        fit = fit_law(rows["tokens"].to_numpy(float), ratio, "silu", skip_first=skip)
+        assert table.loc[arm, "limit A0"] == pytest.approx(fit.limit, rel=1e-6)
     assert (index.parent / "figures" / "width_depth.png").is_file()
     text = (index.parent / "report.md").read_text()
     assert "Sparsing Law on these arms: n/a" in text and "needs at least 4" in text
