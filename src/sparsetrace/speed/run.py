@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from sparsetrace.errors import UserError
 from sparsetrace.model.transformer import GATED, Transformer
@@ -183,9 +182,11 @@ def _sweep(
 
 
 def _mean_loss(model: torch.nn.Module, batches: list) -> float:
-    """Mean cross-entropy per target token of our model over validation batches."""
+    """Mean next-token cross-entropy per target over validation batches."""
+    from sparsetrace.sparsing.search import causal_lm_loss
+
     with torch.no_grad():
-        total = sum(float(model(b.inputs, b.targets).loss) * b.n_targets for b in batches)
+        total = sum(float(causal_lm_loss(model, b).sum()) for b in batches)
     return total / sum(b.n_targets for b in batches)
 
 
@@ -199,17 +200,16 @@ def _validation(cfg, tokens: int) -> list:
 def _screen_quality(model: torch.nn.Module, cfg, kernel: str) -> list[dict]:
     """The int8 screen as a predictor, per margin (1: exact; < 1: the error bound shrunk), on
     SCREEN_TOKENS validation tokens: the fraction of units it leaves as candidates, its recall
-    of the units active in the dense model (pre-activation, or gate, > 0), and the perplexity of
+    of the units active in the dense model (nonzero at the down projection), and the perplexity of
     the screened model (every token through the sparse path) over the dense one."""
     batches = _validation(cfg, SCREEN_TOKENS)
-    inputs, _ = dec.active_patterns(model, [b.inputs for b in batches])
+    inputs, actives = dec.active_patterns(model, [b.inputs for b in batches])
     dense = _mean_loss(model, batches)
     rows = []
     for margin in SCREEN_MARGINS:
         swap = dec.Swap(model, None, kernel, "screen", margin, max_rows=1 << 30)
         hit = active = candidates = 0
-        for up, x in zip(swap.ups, inputs, strict=True):
-            on = F.linear(x, up.weight[: up.d_ff], up.bias[: up.d_ff]) > 0
+        for up, x, on in zip(swap.ups, inputs, actives, strict=True):
             kept = up.candidates(x)
             hit, active = hit + int((kept & on).sum()), active + int(on.sum())
             candidates += float(kept.float().mean()) / len(swap.ups)
