@@ -125,3 +125,17 @@ def test_fsdp_matches_ddp_and_its_checkpoint_loads_on_one_process(
                            "--train.batch_size", "4", "--train.parallel", "fsdp",
                            resume=True))  # fmt: skip
     np.testing.assert_allclose(solo.train.loss, ddp_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_process_whose_gloo_workers_outlive_the_group_leaves_without_finalizing(
+    strategy: str, tmp_path: Path
+) -> None:
+    # FSDP2 (DTensor's functional collectives) keeps the gloo group, and so its worker threads,
+    # alive past destroy_process_group; a worker that asks for the GIL while the interpreter
+    # finalizes aborts the process (parallelize.leave). Such a process must skip finalization;
+    # one whose workers ended with the group (DDP) finalizes as usual.
+    script = Path(__file__).with_name("leave_check.py")
+    torchrun(str(script), strategy, str(tmp_path / "finalized"))
+    finalized = sorted(p.name for p in tmp_path.glob("finalized.*"))
+    assert finalized == ([] if strategy == "fsdp" else ["finalized.0", "finalized.1"])

@@ -1,3 +1,3 @@
-from sparsetrace.cli import main
+from sparsetrace.cli import entry
 
-raise SystemExit(main())
+entry()

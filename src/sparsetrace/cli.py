@@ -254,3 +254,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     return 0
+
+
+def entry() -> None:
+    """``sparsetrace`` and ``python -m sparsetrace``: :func:`main`, then leave the process the way
+    :func:`sparsetrace.train.parallelize.leave` says (a distributed run's gloo workers)."""
+    from sparsetrace.train.parallelize import leave
+
+    raise SystemExit(leave(main()))

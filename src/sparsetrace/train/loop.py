@@ -317,9 +317,9 @@ def train(
                                         elapsed_s=session.elapsed_s)  # fmt: skip
             pending.exclude(time.perf_counter() - side_work)  # not part of the steps' time
         session.checkpoints.wait()
-        # Ranks leave together: a rank that tears down its process group while another is still
-        # finishing the last checkpoint (FSDP gathers, rank-0 writes) can abort at exit
-        # ("terminate called without an active exception", seen once in CI).
+        # Ranks leave together: none tears down its process group while another still finishes
+        # the last checkpoint (FSDP gathers, rank-0 writes). How a process ends after FSDP on
+        # gloo: parallelize.leave.
         parallelize.barrier(session.dist)
     except KeyboardInterrupt:
         if meta is not None:

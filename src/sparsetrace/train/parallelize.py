@@ -16,8 +16,10 @@ Sparsity across devices (paper 2.1 computes per device; we add the global view):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -69,6 +71,39 @@ def shutdown(info: Dist) -> None:
     the last collective waits for the GIL -- a deadlock at exit (pytorch#56297; seen in CI)."""
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gloo_workers() -> int:
+    """Gloo worker threads alive in this process (thread names in ``/proc``; 0 without it)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return 0
+    names = []
+    for task in tasks.iterdir():
+        try:
+            names.append((task / "comm").read_text())
+        except OSError:  # the thread ended while we looked
+            continue
+    return sum(name.startswith("pt_gloo_runloop") for name in names)
+
+
+def leave(code: int) -> int:
+    """The exit code, or leave the process at once without finalizing the interpreter where gloo
+    workers outlived the process group.
+
+    PyTorch's functional collectives (DTensor, so FSDP2) keep the gloo group alive after
+    ``destroy_process_group``, so its worker threads live on. A worker still releasing a finished
+    collective's tensors needs the GIL; asked for during interpreter finalization, the GIL ends the
+    thread with ``pthread_exit``, whose unwinding through a ``noexcept`` destructor calls
+    ``std::terminate``: "terminate called without an active exception", SIGABRT at exit (rare;
+    ``scripts/gloo_exit_abort.py`` shows it; pytorch#190489). Without finalization nothing asks.
+    Everything sparsetrace writes is closed before this point; standard streams are flushed here.
+    """
+    if gloo_workers() == 0:
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier(info: Dist) -> None:
