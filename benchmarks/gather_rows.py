@@ -1,6 +1,7 @@
 """Reading a fraction of a matrix's rows, scattered: the up projection's gather-dot
 (``W[idx] @ x``) on GPT-2-medium's shape (24 layers of 4096 x 1024 float32, 15 % of rows picked
-at random per layer), by torch and by numba, on each numba threading layer.
+at random per layer), by torch and by numba (one row at a time or four), on each numba
+threading layer; and every row by numba's two loops.
 
     python benchmarks/gather_rows.py [--repeats 7]
 
@@ -24,7 +25,7 @@ def measure(repeats: int) -> None:
     import numpy as np
     import torch
 
-    from sparsetrace.speed.kernels import rows_dot
+    from sparsetrace.speed.kernels import rows_dot, scattered_rows_dot
     from sparsetrace.speed.measure import best_times
 
     @numba.njit(nogil=True, fastmath={"reassoc", "contract"})
@@ -42,6 +43,7 @@ def measure(repeats: int) -> None:
     index = [p[0].nonzero()[:, 0] for p in picks]
     bias, out = np.zeros(4096, np.float32), np.zeros((1, 4096), np.float32)
     small = np.zeros(4096, np.float32)
+    every = np.ones((1, 4096), np.bool_)
     calls = {
         "torch dense GEMV": lambda: [torch.mv(w, x[0]) for w in weights],
         "torch index_select + mv": lambda: [torch.mv(w.index_select(0, i), x[0])
@@ -51,6 +53,14 @@ def measure(repeats: int) -> None:
         "numba rows_dot (parallel)": lambda: [rows_dot(w.numpy(), bias, x.numpy(), p.numpy(),
                                                        out)
                                               for w, p in zip(weights, picks, strict=True)],
+        "numba scattered_rows_dot": lambda: [scattered_rows_dot(w.numpy(), bias, x.numpy(),
+                                                                p.numpy(), out)
+                                             for w, p in zip(weights, picks, strict=True)],
+        "all rows: rows_dot": lambda: [rows_dot(w.numpy(), bias, x.numpy(), every, out)
+                                       for w in weights],
+        "all rows: scattered_rows_dot": lambda: [scattered_rows_dot(w.numpy(), bias, x.numpy(),
+                                                                    every, out)
+                                                 for w in weights],
     }  # fmt: skip
     t = best_times(calls, repeats)
     layer = numba.threading_layer()

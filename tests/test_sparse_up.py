@@ -205,8 +205,8 @@ def test_path_timing_counts_the_bytes_of_each_path() -> None:
     ids = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(3))
     inputs, active = dec.active_patterns(model, [ids])
     originals = {path: model.get_submodule(path) for path in dec.mlp_paths(model)}
-    swaps = {"gate": dec.Swap(model, None, "embedding_bag"),
-             "screen": dec.Swap(model, None, "embedding_bag", up="screen")}  # fmt: skip
+    swaps = {"gate": dec.Swap.sparse(model, None, "embedding_bag"),
+             "screen": dec.Swap.sparse(model, None, "embedding_bag", up="screen")}  # fmt: skip
     rows = {t.path: t for t in ms.time_mlp_paths(model, inputs, swaps, 1e10, 1)}
     assert all(model.get_submodule(p) is m for p, m in originals.items())  # all left dense
     row = 4 * 32  # bytes of one float32 row of d_model = 32
@@ -257,6 +257,28 @@ def test_llama_relu_gate_skips_up_rows() -> None:
         assert not torch.isfinite(mlp(x)).all()
         got = SparseGatedMlp(mlp, SparseDown.from_module(mlp.down_proj))(x)
     assert torch.isfinite(got).all() and torch.allclose(got, expected, atol=TOL)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("used", [0, 1, 2, 3, 4, 5, 13])  # rows in the union: every remainder of 4
+def test_scattered_rows_dot_writes_the_used_entries_only(n: int, used: int) -> None:
+    import numpy as np
+
+    from sparsetrace.speed.kernels import scattered_rows_dot
+
+    gen = np.random.default_rng(used)
+    weight = gen.standard_normal((40, 24)).astype(np.float32)
+    bias = gen.standard_normal(40).astype(np.float32)
+    x = gen.standard_normal((n, 24)).astype(np.float32)
+    rows = gen.choice(40, used, replace=False)
+    use = np.zeros((n, 40), np.bool_)
+    for r in range(n):  # each token uses a nonempty part of the union (token 0 all of it)
+        use[r, rows if r == 0 else rows[: max(1, used // 2)] if used else []] = True
+    weight[np.setdiff1d(np.arange(40), rows)] = np.nan  # rows outside the union are never read
+    out = np.full((n, 40), -7.0, np.float32)
+    assert scattered_rows_dot(weight, bias, x, use, out) == used
+    expected = np.where(use, x.astype(np.float64) @ np.nan_to_num(weight).T + bias, -7.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 5, 20])  # 20 > max_rows: torch's product

@@ -403,7 +403,7 @@ def test_swap_switches_between_dense_and_sparse(runs: dict[str, Path]) -> None:
     ids = torch.as_tensor(prepare_data(cfg.data).val[:8].astype("int64"))[None]
     with torch.no_grad():
         dense = model(ids).logits
-        swap = dec.Swap(model, None, "numba")
+        swap = dec.Swap.sparse(model, None, "numba")
         assert isinstance(model.blocks[0].mlp.w_out, nn.Linear)  # starts dense
         sparse = swap.use(sparse=True)(ids).logits
         assert isinstance(model.blocks[0].mlp.w_out, SparseDown)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -209,21 +209,32 @@ def decode_seconds(
             for name in runs}  # fmt: skip
 
 
+@dataclass
 class Swap:
-    """A model whose MLP projections switch between the dense modules and the sparse ones made
-    by :func:`sparsify` (``downs``; ``ups``: SparseUps, where it made any)."""
+    """A model whose projections at ``paths`` switch between the dense modules and the modules
+    that replace them (``downs``, ``ups``: the SparseDowns and SparseUps among them, if any).
+    Built by :meth:`sparse` (the sparse paths of :func:`sparsify`) or :meth:`gemv`."""
 
-    def __init__(
-        self, model: nn.Module, taus: Sequence[float] | None, kernel: str, up: str = "dense",
+    model: nn.Module
+    paths: list[str]
+    dense: list[nn.Module]
+    modules: list[nn.Module]
+    downs: list[SparseDown] = field(default_factory=list)
+    ups: list[SparseUp] = field(default_factory=list)
+
+    @classmethod
+    def sparse(
+        cls, model: nn.Module, taus: Sequence[float] | None, kernel: str, up: str = "dense",
         margin: float = 1.0, max_rows: int | None = None,
-    ) -> None:  # fmt: skip
-        self.model = model
-        self.paths = mlp_paths(model)
-        self.dense = [model.get_submodule(path) for path in self.paths]
-        self.downs = sparsify(model, taus, kernel, max_rows, up, margin)
-        self.ups = sparse_ups(model)
-        self.modules = [model.get_submodule(path) for path in self.paths]
-        self.use(sparse=False)
+    ) -> Swap:  # fmt: skip
+        """:func:`sparsify` ``model``; returned dense (``use(sparse=True)`` switches)."""
+        paths = mlp_paths(model)
+        dense = [model.get_submodule(path) for path in paths]
+        downs = sparsify(model, taus, kernel, max_rows, up, margin)
+        swap = cls(model, paths, dense, [model.get_submodule(path) for path in paths], downs,
+                   sparse_ups(model))  # fmt: skip
+        swap.use(sparse=False)
+        return swap
 
     @classmethod
     def gemv(cls, model: Transformer, everywhere: bool = False) -> Swap:
@@ -234,11 +245,8 @@ class Swap:
         if everywhere:
             paths += [name for name, m in model.named_modules()
                       if isinstance(m, nn.Linear) and name not in paths]  # fmt: skip
-        swap = cls.__new__(cls)
-        swap.model, swap.paths, swap.downs, swap.ups = model, paths, [], []
-        swap.dense = [model.get_submodule(path) for path in swap.paths]
-        swap.modules = [DenseGemv.from_module(module) for module in swap.dense]
-        return swap
+        dense = [model.get_submodule(path) for path in paths]
+        return cls(model, paths, dense, [DenseGemv.from_module(module) for module in dense])
 
     def use(self, sparse: bool) -> nn.Module:
         for path, module in zip(self.paths, self.modules if sparse else self.dense, strict=True):

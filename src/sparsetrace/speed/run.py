@@ -94,7 +94,7 @@ class Variant:
            up: str = "dense") -> Variant:  # fmt: skip
         nbytes = _bytes(model)  # with the dense modules in place
         downs = [site.module.weight for site in locate(model)[1]]
-        return cls(label, dec.Swap(model, taus, kernel, up), nbytes,
+        return cls(label, dec.Swap.sparse(model, taus, kernel, up), nbytes,
                    [w.numel() * w.element_size() for w in downs])  # fmt: skip
 
     def sparse_bytes(self) -> float:
@@ -207,7 +207,7 @@ def _screen_quality(model: torch.nn.Module, cfg, kernel: str) -> list[dict]:
     dense = _mean_loss(model, batches)
     rows = []
     for margin in SCREEN_MARGINS:
-        swap = dec.Swap(model, None, kernel, "screen", margin, max_rows=1 << 30)
+        swap = dec.Swap.sparse(model, None, kernel, "screen", margin, max_rows=1 << 30)
         hit = active = candidates = 0
         for up, x, on in zip(swap.ups, inputs, actives, strict=True):
             kept = up.candidates(x)
