@@ -67,19 +67,20 @@ numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
 def sparse_rows_matvec(
-    h: np.ndarray, weight_t: np.ndarray, norms: np.ndarray, tau: float, out: np.ndarray
-) -> int:
+    h: np.ndarray, weight_t: np.ndarray, norms: np.ndarray, tau: float, out: np.ndarray,
+    partial: np.ndarray,
+) -> int:  # fmt: skip
     """``out[r, :] = sum_i h[r, i] * weight_t[i, :]`` over the units :func:`keeps` reads;
     returns how many (token, unit) rows were read. Per token: one pass lists the read units,
-    then the threads take consecutive groups of four rows each (four memory streams in flight,
-    as in :func:`scattered_rows_dot`), each into its own partial sum, and the partial sums are
-    added. ``reassoc`` and ``contract`` let the row update vectorise (FMAs)."""
+    then each of ``partial``'s rows (one per thread: the caller asks numba for the thread count,
+    which a cached function cannot) sums consecutive groups of four rows (four memory streams in
+    flight, as in :func:`scattered_rows_dot`), and the partial sums are added. ``reassoc`` and
+    ``contract`` let the row update vectorise (FMAs)."""
     n, d_ff = h.shape
     d = weight_t.shape[1]
-    threads = numba.get_num_threads()
+    threads = partial.shape[0]
     units = np.empty(d_ff, dtype=np.int64)
     values = np.empty(d_ff, dtype=out.dtype)
-    partial = np.empty((threads, d), dtype=out.dtype)
     read = 0
     for r in range(n):
         k = 0

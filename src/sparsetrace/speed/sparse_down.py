@@ -123,12 +123,16 @@ class SparseDown(nn.Module):
         return out.transpose(0, 1).reshape(rows.shape[0], -1)[:, : self.d_model]
 
     def _numba(self, rows: Tensor) -> Tensor:
+        import numba
+
         from sparsetrace.speed.kernels import sparse_rows_matvec
 
         out = torch.empty(rows.shape[0], self.d_model)
         tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
+        partial = np.empty((numba.get_num_threads(), self.d_model), np.float32)
         self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), self.table.numpy(),
-                                              self.norms.numpy(), tau, out.numpy())  # fmt: skip
+                                              self.norms.numpy(), tau, out.numpy(),
+                                              partial)  # fmt: skip
         return out
 
     def _bags(self, rows: Tensor) -> Tensor:
