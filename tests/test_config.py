@@ -98,3 +98,25 @@ def test_cli_reports_config_errors_in_one_line(capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.startswith("sparsetrace: error: unknown config key model.bogus")
     assert "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "stderr"),
+    [(lambda: 2, 2, ""), (lambda: 1 / 0, 1, "ZeroDivisionError"),
+     (lambda: exec("raise SystemExit('usage: bad')"), 1, "usage: bad")],
+)  # fmt: skip
+def test_the_command_leaves_through_parallelize_leave_with_mains_code(
+    outcome, code: int, stderr: str, monkeypatch, capsys
+) -> None:
+    # Every way out of main -- a code, an uncaught error (traceback, 1), argparse's SystemExit --
+    # passes its exit code through parallelize.leave (which ends FSDP processes early).
+    import sparsetrace.cli as cli
+    from sparsetrace.train import parallelize
+
+    left = []
+    monkeypatch.setattr(cli, "main", outcome)
+    monkeypatch.setattr(parallelize, "leave", lambda c: left.append(c) or c)
+    with pytest.raises(SystemExit) as stop:
+        cli.entry()
+    assert stop.value.code == code and left == [code]
+    assert stderr in capsys.readouterr().err

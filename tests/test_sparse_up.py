@@ -281,6 +281,29 @@ def test_scattered_rows_dot_writes_the_used_entries_only(n: int, used: int) -> N
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 8])  # partial sums: fewer or more than the groups
+@pytest.mark.parametrize("tau", [-1.0, 0.4])  # nonzero units; the CETT rule
+def test_sparse_rows_matvec_sums_the_read_rows_only(threads: int, tau: float) -> None:
+    import numpy as np
+
+    from sparsetrace.speed.kernels import sparse_rows_matvec
+
+    gen = np.random.default_rng(threads)
+    weight_t = gen.standard_normal((30, 12)).astype(np.float32)
+    norms = (0.5 + gen.random(30)).astype(np.float32)
+    h = np.maximum(gen.standard_normal((3, 30)), 0).astype(np.float32)
+    h[1] = 0.0  # a token with no unit read
+    h[2, :29] = 0.0  # one unit: a single group, three lanes past the end
+    read = (h != 0) if tau < 0 else (np.abs(h) * norms >= np.float32(tau)) & (h != 0)
+    poisoned = weight_t.copy()
+    poisoned[~read.any(0)] = np.nan  # rows no token reads are never touched
+    out = np.full((3, 12), -7.0, np.float32)
+    partial = np.full((threads, 12), np.nan, np.float32)  # each call must clear its own rows
+    assert sparse_rows_matvec(h, poisoned, norms, np.float32(tau), out, partial) == read.sum()
+    expected = (h * read).astype(np.float64) @ weight_t
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("n", [1, 5, 20])  # 20 > max_rows: torch's product
 def test_dense_gemv_equals_linear(n: int) -> None:
     from transformers.pytorch_utils import Conv1D

@@ -258,7 +258,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """``sparsetrace`` and ``python -m sparsetrace``: :func:`main`, then leave the process the way
-    :func:`sparsetrace.train.parallelize.leave` says (a distributed run's gloo workers)."""
+    :func:`sparsetrace.train.parallelize.leave` says (a distributed run's gloo workers), failed
+    runs included: an uncaught error prints its traceback and exits 1, as Python would."""
+    import traceback
+
     from sparsetrace.train.parallelize import leave
 
-    raise SystemExit(leave(main()))
+    try:
+        code = main()
+    except SystemExit as stop:  # argparse: usage errors and --help
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        if isinstance(stop.code, str):
+            print(stop.code, file=sys.stderr)
+    except BaseException:  # reported as Python reports it, then leave()
+        traceback.print_exc()
+        code = 1
+    raise SystemExit(leave(code))

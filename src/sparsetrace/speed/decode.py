@@ -209,7 +209,7 @@ def decode_seconds(
             for name in runs}  # fmt: skip
 
 
-@dataclass
+@dataclass(repr=False, eq=False)  # a model inside: no field-wise repr or equality
 class Swap:
     """A model whose projections at ``paths`` switch between the dense modules and the modules
     that replace them (``downs``, ``ups``: the SparseDowns and SparseUps among them, if any).

@@ -100,10 +100,11 @@ def sparse_rows_matvec(
                 b = 4 * g
                 i0, i1 = units[b], units[min(b + 1, k - 1)]
                 i2, i3 = units[min(b + 2, k - 1)], units[min(b + 3, k - 1)]
+                zero = np.float32(0.0)  # an int 0 would make the sum float64
                 v0 = values[b]
-                v1 = values[b + 1] if b + 1 < k else 0
-                v2 = values[b + 2] if b + 2 < k else 0
-                v3 = values[b + 3] if b + 3 < k else 0
+                v1 = values[b + 1] if b + 1 < k else zero
+                v2 = values[b + 2] if b + 2 < k else zero
+                v3 = values[b + 3] if b + 3 < k else zero
                 for j in range(d):
                     acc[j] += (v0 * weight_t[i0, j] + v1 * weight_t[i1, j]
                                + v2 * weight_t[i2, j] + v3 * weight_t[i3, j])  # fmt: skip
@@ -165,6 +166,8 @@ def scattered_rows_dot(
         i0, i1 = rows[4 * g], rows[min(4 * g + 1, k - 1)]
         i2, i3 = rows[min(4 * g + 2, k - 1)], rows[min(4 * g + 3, k - 1)]
         for r in range(n):
+            if not (use[r, i0] or use[r, i1] or use[r, i2] or use[r, i3]):
+                continue  # another token's rows
             a0 = a1 = a2 = a3 = np.float32(0.0)
             for j in range(d):
                 xj = x[r, j]

@@ -35,7 +35,7 @@ def speed(
         new_tokens: tokens decoded per timed generation
         repeats: timings per point (the fastest is kept)
         kernel: sparse down projection: embedding_bag (threads over column blocks) or numba
-            (one compiled single-threaded loop)
+            (a compiled loop, threads over groups of four active rows)
         prune_dead: also decode with the dead units (active on < 0.1 % of 8,192 validation
             tokens) removed from both projections, then sparse
         out: output directory (default: RUN/speed)

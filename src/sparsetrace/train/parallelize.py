@@ -15,6 +15,7 @@ Sparsity across devices (paper 2.1 computes per device; we add the global view):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -88,8 +89,9 @@ def gloo_workers() -> int:
 
 
 def leave(code: int) -> int:
-    """The exit code, or leave the process at once without finalizing the interpreter where gloo
-    workers outlived the process group.
+    """The exit code; or, where gloo workers outlived the process group, leave the process at once
+    with it (no return) without finalizing the interpreter. Linux only (``/proc``); elsewhere the
+    code is returned.
 
     PyTorch's functional collectives (DTensor, so FSDP2) keep the gloo group alive after
     ``destroy_process_group``, so its worker threads live on. A worker still releasing a finished
@@ -101,8 +103,9 @@ def leave(code: int) -> int:
     """
     if gloo_workers() == 0:
         return code
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # None, closed, broken pipe
+            stream.flush()
     os._exit(code)
 
 
