@@ -498,3 +498,12 @@ def test_thresholds_must_belong_to_the_loaded_checkpoint(runs: dict[str, Path], 
     (run / "sparsing_law.json").write_text("{}")
     with pytest.raises(UserError, match="not a sparsing-law summary"):
         _taus(run, "silu", 20)
+
+
+def test_the_speed_verb_defaults_to_the_sparse_down_default_kernel() -> None:
+    import inspect
+
+    from sparsetrace.speed.sparse_down import DEFAULT_KERNEL
+    from sparsetrace.speed.verbs import speed
+
+    assert inspect.signature(speed).parameters["kernel"].default == DEFAULT_KERNEL

@@ -9,15 +9,16 @@ truncated model is the one PPL-p% measured).
 
 Two kernels, chosen by measurement (results/bench-sparse-primitives.md):
 
-- ``embedding_bag`` (default): ``F.embedding_bag(mode="sum", per_sample_weights=...)`` sums
-  weighted rows without copying them. It parallelises over bags only, so the output columns are
-  split into one block per thread (the table stored block-major) and each token is that many
-  bags; a compiled loop (:func:`sparsetrace.speed.kernels.bag_indices`) finds the active units
-  and writes the bags' indices in one call. Built from torch operators (nonzero, index, repeat)
-  the same indices cost ~30 us per call here.
-- ``numba``: one compiled loop finds the active units and sums their rows
-  (:func:`sparsetrace.speed.kernels.sparse_rows_matvec`): ~3 us per call but one thread, which
-  reads scattered rows at only ~8-13 GB/s; it wins at <= 5 % active units, loses above.
+- ``numba`` (default): one compiled loop finds the active units, then the threads sum
+  consecutive groups of four of their rows each (four memory streams in flight: each unit-major
+  row is a 4 KiB page that the hardware prefetcher must pick up anew) into partial sums
+  (:func:`sparsetrace.speed.kernels.sparse_rows_matvec`). Faster than ``embedding_bag`` at every
+  active fraction measured (2-100 %).
+- ``embedding_bag``: ``F.embedding_bag(mode="sum", per_sample_weights=...)`` sums weighted rows
+  without copying them. It parallelises over bags only, so the output columns are split into one
+  block per thread (the table stored block-major) and each token is that many bags; a compiled
+  loop (:func:`sparsetrace.speed.kernels.bag_indices`) finds the active units and writes the
+  bags' indices in one call (built from torch operators the same indices cost ~30 us per call).
 
 Batches larger than ``max_rows`` tokens take one dense matrix product instead (prefill; batches
 whose union of active units makes gathering pointless); :attr:`SparseDown.fallbacks` counts them.
@@ -39,7 +40,7 @@ from sparsetrace.sparsing.cett import kept
 MAX_ROWS = 16  # tokens per call up to which the sparse path is used: it beat dense up to 16
 # tokens on GPT-2-medium's shape (results/bench-small-batch.md); prefill takes the dense product
 KERNELS = ("embedding_bag", "numba")
-DEFAULT_KERNEL = "embedding_bag"  # faster at >= 10 % active (results/bench-sparse-primitives.md)
+DEFAULT_KERNEL = "numba"  # faster at every fraction measured (results/bench-sparse-primitives.md)
 
 
 class SparseDown(nn.Module):

@@ -18,7 +18,7 @@ def speed(
     tokens: int = 32,
     new_tokens: int = 32,
     repeats: int = 5,
-    kernel: str = "embedding_bag",
+    kernel: str = "numba",  # sparse_down.DEFAULT_KERNEL (a literal: the parser must not load torch)
     prune_dead: bool = False,
     out: Path | None = None,
 ) -> None:
@@ -34,8 +34,8 @@ def speed(
         tokens: validation tokens whose activation patterns are measured and timed
         new_tokens: tokens decoded per timed generation
         repeats: timings per point (the fastest is kept)
-        kernel: sparse down projection: embedding_bag (threads over column blocks) or numba
-            (a compiled loop, threads over groups of four active rows)
+        kernel: sparse down projection: numba (a compiled loop, threads over groups of four
+            active rows) or embedding_bag (torch's, threads over column blocks)
         prune_dead: also decode with the dead units (active on < 0.1 % of 8,192 validation
             tokens) removed from both projections, then sparse
         out: output directory (default: RUN/speed)
