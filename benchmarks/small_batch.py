@@ -6,11 +6,12 @@ its own weights), interleaved and best of --repeats:
 
 - the down projection at a run's own activation patterns (n consecutive validation tokens,
   transplanted onto the wide layers as `sparsetrace speed` does) and at independent random
-  units of the same mean fraction: dense, per-token bags (`SparseDown`, embedding_bag: each
-  token's rows read separately) and the union kernel (each union row read once);
+  units of the same mean fraction: dense, per token (`SparseDown`: each token's rows read
+  separately, by the default numba kernel and by embedding_bag bags) and the union kernel (each
+  union row read once);
 - the whole plain ReLU block on random weights whose bias gives the run's mean fraction:
-  dense against W_out rows (per-token bags) and the exact int8 screen (the union of the
-  tokens' candidates) before them.
+  dense against W_out rows (per token, the default kernel) and the exact int8 screen (the union
+  of the tokens' candidates) before them.
 
     python benchmarks/small_batch.py RUN [--repeats 5] [--sizes 1,2,4,8,16]
 
@@ -100,13 +101,14 @@ def main() -> None:
     wide = dec.transplant_patterns(active, SHAPE)
     gen = torch.Generator().manual_seed(0)
     layers = ms.random_layers(SHAPE.d_model, SHAPE.d_ff, SHAPE.n_layers)
-    downs = [layer.sparse for layer in layers]
+    downs = [layer.sparse for layer in layers]  # the default kernel (numba)
+    bag_downs = [SparseDown(layer.down, kernel="embedding_bag") for layer in layers]
     tokens = wide[0].shape[0]
     random = [torch.rand(tokens, SHAPE.d_ff, generator=gen) < float(m.float().mean())
               for m in wide]  # fmt: skip
     x = torch.randn(max(sizes), SHAPE.d_model, generator=gen)
     h = F.relu(torch.randn(max(sizes), SHAPE.d_ff, generator=gen) - 1.0)
-    assert torch.allclose(union_down(downs[0], h), F.linear(h, layers[0].down), atol=1e-3)
+    assert torch.allclose(union_down(bag_downs[0], h), F.linear(h, layers[0].down), atol=1e-3)
     rows = []
     for pattern, masks in (("trained (consecutive tokens)", wide), ("random units", random)):
         for n in sizes:
@@ -123,17 +125,21 @@ def main() -> None:
                 for layer, h in zip(layers, hs, strict=True):
                     layer.down_gemv(h)
 
-            def bags(hs=hs):
+            def per_token(hs=hs):
                 for down, h in zip(downs, hs, strict=True):
+                    down._numba(h)
+
+            def bags(hs=hs):
+                for down, h in zip(bag_downs, hs, strict=True):
                     down._bags(h)
 
-            def union(hs=hs):
-                for down, h in zip(downs, hs, strict=True):
+            def union(hs=hs):  # column blocks over threads, as the bags
+                for down, h in zip(bag_downs, hs, strict=True):
                     union_down(down, h)
 
             with torch.inference_mode():
-                t = ms.best_times({"dense": dense, "gemv": gemv, "bags": bags, "union": union},
-                                  args.repeats)  # fmt: skip
+                t = ms.best_times({"dense": dense, "gemv": gemv, "numba": per_token, "bags": bags,
+                                   "union": union}, args.repeats)  # fmt: skip
             per, best = len(layers), min(t["dense"], t["gemv"])
             rows.append({"part": "W_out", "pattern": pattern, "tokens": n,
                          "active per token": float(np.mean([float(m[:n].float().mean())
@@ -141,8 +147,9 @@ def main() -> None:
                          "union (window mean)": _union(masks, n),
                          "dense (us)": 1e6 * t["dense"] / per,
                          "dense GEMV (us)": 1e6 * t["gemv"] / per,
+                         "numba (us)": 1e6 * t["numba"] / per,
                          "bags (us)": 1e6 * t["bags"] / per, "union (us)": 1e6 * t["union"] / per,
-                         "bags speed-up": best / t["bags"],
+                         "numba speed-up": best / t["numba"], "bags speed-up": best / t["bags"],
                          "union speed-up": best / t["union"]})  # fmt: skip
             print(rows[-1], flush=True)
     # The whole plain ReLU block at real pre-activations: a bias per layer sets the fraction.
@@ -162,7 +169,7 @@ def main() -> None:
             for layer, b in zip(layers, biases, strict=True):
                 layer.down_gemv(F.relu(layer.up_gemv(xn) + b))
 
-        def rows(xn=xn):
+        def w_out_rows(xn=xn):
             for layer, b in zip(layers, biases, strict=True):
                 layer.sparse(F.relu(layer.up_gemv(xn) + b))
 
@@ -173,8 +180,8 @@ def main() -> None:
         for up in ups:
             up.reset_counts()
         with torch.inference_mode():
-            t = ms.best_times({"dense": dense, "gemv": gemv, "rows": rows, "screen": screen},
-                              args.repeats)  # fmt: skip
+            t = ms.best_times({"dense": dense, "gemv": gemv, "rows": w_out_rows,
+                               "screen": screen}, args.repeats)  # fmt: skip
             h = F.relu(F.linear(xn, layers[0].up) + biases[0])
         per, best = len(layers), min(t["dense"], t["gemv"])
         rows.append({"part": "block", "pattern": "random weights, bias-set fraction",
@@ -183,9 +190,9 @@ def main() -> None:
                      "candidates (union)": ups[0].candidate_fraction,
                      "dense (us)": 1e6 * t["dense"] / per,
                      "dense GEMV (us)": 1e6 * t["gemv"] / per,
-                     "bags (us)": 1e6 * t["rows"] / per,
+                     "W_out rows (us)": 1e6 * t["rows"] / per,
                      "screen (us)": 1e6 * t["screen"] / per,
-                     "bags speed-up": best / t["rows"],
+                     "W_out rows speed-up": best / t["rows"],
                      "screen speed-up": best / t["screen"]})  # fmt: skip
         print(rows[-1], flush=True)
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -148,7 +148,7 @@ def scattered_rows_dot(
     """:func:`rows_dot` for a scattered fraction of the rows: the union of the tokens' rows is
     listed first, then read four rows at a time, so that four memory streams are in flight where
     :func:`rows_dot` has one. Each new row is a new 4 KiB page that the hardware prefetcher must
-    pick up again: at 16 % of GPT-2-medium's rows four streams read ~1.35x faster, over a whole
+    pick up again: at 15 % of GPT-2-medium's rows four streams read ~1.36x faster, over a whole
     matrix one stream is faster (``benchmarks/gather_rows.py``), so the dense GEMV keeps
     :func:`rows_dot`. Returns the rows read."""
     n, d = x.shape
