@@ -59,6 +59,14 @@ def bag_indices(
     return index, weight, offsets
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def group_of_four(rows: np.ndarray, g: int, k: int) -> tuple[int, int, int, int]:
+    """Rows ``4g .. 4g+3`` of the first ``k`` entries of ``rows``; past the end, the last one
+    again (a row already read, so the tail of the last group costs no new memory traffic)."""
+    b = 4 * g
+    return rows[b], rows[min(b + 1, k - 1)], rows[min(b + 2, k - 1)], rows[min(b + 3, k - 1)]
+
+
 # Parallel loops below run on numba's OpenMP layer: next to torch's own OpenMP pool they read
 # scattered rows 1.5x faster than one thread on a 2-core AMD EPYC, where the workqueue layer ran
 # slower than one thread (results/bench-gather-rows.md).
@@ -92,15 +100,13 @@ def sparse_rows_matvec(
         read += k
         groups = (k + 3) // 4
         per_thread = (groups + threads - 1) // threads
+        zero = np.float32(0.0)  # an int 0 would make the sum float64
         for t in numba.prange(threads):
             acc = partial[t]
             acc[:] = 0
             for g in range(t * per_thread, min(groups, (t + 1) * per_thread)):
-                # past the last unit: its row again with weight 0 (a row already read)
+                i0, i1, i2, i3 = group_of_four(units, g, k)  # past the last unit: weight 0
                 b = 4 * g
-                i0, i1 = units[b], units[min(b + 1, k - 1)]
-                i2, i3 = units[min(b + 2, k - 1)], units[min(b + 3, k - 1)]
-                zero = np.float32(0.0)  # an int 0 would make the sum float64
                 v0 = values[b]
                 v1 = values[b + 1] if b + 1 < k else zero
                 v2 = values[b + 2] if b + 2 < k else zero
@@ -162,9 +168,7 @@ def scattered_rows_dot(
             rows[k] = i
             k += 1
     for g in numba.prange((k + 3) // 4):
-        # the last group repeats the last row where k is not a multiple of four (same value)
-        i0, i1 = rows[4 * g], rows[min(4 * g + 1, k - 1)]
-        i2, i3 = rows[min(4 * g + 2, k - 1)], rows[min(4 * g + 3, k - 1)]
+        i0, i1, i2, i3 = group_of_four(rows, g, k)  # a repeated last row writes the same value
         for r in range(n):
             if not (use[r, i0] or use[r, i1] or use[r, i2] or use[r, i3]):
                 continue  # another token's rows
