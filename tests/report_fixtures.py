@@ -224,7 +224,8 @@ def _write_setup(
     meta = {
         "run_name": name or path.name, "status": status, "step": step, "steps": steps,
         "model": {**model, "n_params": 123_456}, "data": data, "train": train,
-        "precision": "fp32", "device": "cpu", "elapsed_s": 754.0,
+        "precision": "fp32", "device": "cpu", "elapsed_s": 754.0, "arithmetic": "portable",
+        "cpu_capability": "AVX2", "mkl_cbwr": "COMPATIBLE", "threads": 2,
     }  # fmt: skip
     (path / "meta.json").write_text(json.dumps(meta))
 

@@ -303,6 +303,9 @@ def test_single_run_report_files(single: Path, runs: dict[str, Path]) -> None:
     tokens = pd.read_csv(runs["paper_like"] / "sparsity.csv")["tokens"].max()
     assert 1e3 <= tokens < 1e6
     assert f"training tokens seen here: paper_like: {tokens / 1e3:.3g}k" in html
+    overview = _csv(single, "runs")
+    arithmetic = "portable (AVX2 kernels, MKL branch COMPATIBLE, 2 threads)"  # the fixture's meta
+    assert overview.loc["CPU arithmetic"].tolist()[0] == arithmetic
 
 
 def test_multi_run_report_with_other_depth_in_progress_and_empty(multi: Path) -> None:

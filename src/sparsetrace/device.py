@@ -6,7 +6,12 @@ One home for both, so that training, analysis, pruning and the Sparsing Law meas
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
+import sys
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -65,3 +70,60 @@ def configure_backends(device: torch.device, tf32: bool) -> None:
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+# MKL's reproducibility (CNR) needs a fixed thread count; two threads are the smallest machines
+# this project runs on, so a portable run costs them nothing.
+PORTABLE_THREADS = 2
+# MKL_CBWR branch numbers (mkl_cbwr_get(MKL_CBWR_BRANCH)) by name.
+_MKL_BRANCHES = {0: "off", 1: "off", 2: "AUTO", 3: "COMPATIBLE"}
+
+
+def use_arithmetic(mode: str, threads: int, device: torch.device, strict: bool = True) -> None:
+    """Choose this process's CPU arithmetic; call it before the process's first tensor operation.
+
+    ``native``: PyTorch's widest kernels and MKL's fastest path for this CPU, whose rounding
+    differs from one kind of CPU to the next (training grows that into other findings).
+    ``portable``: the same bits on every x86-64 CPU with AVX2: ATen's AVX2 kernels
+    (``ATEN_CPU_CAPABILITY``), MKL's SSE2 branch ``COMPATIBLE`` (``MKL_CBWR``: the one branch
+    Intel makes reproducible on every vendor's CPUs; its others fall back to the host's fastest
+    path on AMD) and a fixed thread count. ``threads`` > 0 sets the thread count (portable: 0
+    means ``PORTABLE_THREADS``). A GPU run ignores the mode. With ``strict`` a portable mode that
+    cannot take effect (not x86-64 with AVX2 and MKL, or kernels already chosen in this process)
+    is a :class:`UserError`; without, it is a warning on stderr and the run keeps what it has.
+    """
+    portable = mode == "portable" and device.type == "cpu"
+    if threads > 0 or portable:
+        torch.set_num_threads(threads or PORTABLE_THREADS)
+    if not portable:
+        return
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if not x86 or not torch.backends.mkl.is_available():
+        problem = "needs an x86-64 CPU and PyTorch built with MKL"
+    else:
+        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+        os.environ["MKL_CBWR"] = "COMPATIBLE"
+        kernels, branch = torch.backends.cpu.get_cpu_capability(), mkl_branch()
+        if kernels == "AVX2" and branch in ("COMPATIBLE", None):
+            return
+        problem = (
+            f"got PyTorch's {kernels} kernels and MKL branch {branch}: the CPU lacks AVX2, or this "
+            "process ran tensor operations before the run chose its arithmetic (start a new "
+            "process, or set ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE before Python starts)"
+        )
+    message = f"train.arithmetic portable {problem}; native computes as this host does"
+    if strict:
+        raise UserError(message)
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def mkl_branch() -> str | None:
+    """MKL's reproducibility branch in this process (``off``, ``AUTO``, ``COMPATIBLE``...), None
+    where PyTorch has no MKL or does not export its getter. Reading it fixes it for the process."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        get = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    number = get(1)  # MKL_CBWR_BRANCH
+    return _MKL_BRANCHES.get(number, f"branch {number}")

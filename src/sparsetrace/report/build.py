@@ -157,10 +157,20 @@ def _overview(rd: RunData) -> dict[str, str]:
         "warm-up steps": rd.warmup_steps,
         "precision": lookup(run, None, "precision"),
         "device": lookup(run, None, "device"),
+        "CPU arithmetic": _arithmetic(run.meta),
         "elapsed": _duration(e) if (e := run.meta.get("elapsed_s")) else None,
         "missing files": ", ".join(run.missing) or "none",
     }
     return {k: "–" if v is None else str(v) for k, v in values.items()}
+
+
+def _arithmetic(meta: dict[str, Any]) -> str | None:
+    """How a CPU run rounded (docs/training.md): the mode and what its process had."""
+    if meta.get("arithmetic") is None or not str(meta.get("device", "cpu")).startswith("cpu"):
+        return None
+    had = (f"{meta.get('cpu_capability')} kernels", f"MKL branch {meta.get('mkl_cbwr')}",
+           f"{meta.get('threads')} threads")  # fmt: skip
+    return f"{meta['arithmetic']} ({', '.join(had)})"
 
 
 PAPER_OVERVIEW = {

@@ -29,7 +29,7 @@ from torch import nn
 
 import sparsetrace
 from sparsetrace.data import get_batch
-from sparsetrace.device import evaluation_device, resolve_device
+from sparsetrace.device import evaluation_device, resolve_device, use_arithmetic
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text
 from sparsetrace.series import ModelSeries, Revision, resolve, slug, token_stream
@@ -242,6 +242,8 @@ def _run_source(model: str, series: ModelSeries, o: ModelOptions) -> LawSource:
     where = (
         resolve_device(o.device, "--device") if o.device else evaluation_device(cfg.train.device)
     )
+    if cfg.train.arithmetic == "portable":  # as trained, where the process can still choose
+        use_arithmetic("portable", cfg.train.threads, where, strict=False)
     val = prepare_data(cfg.data).val
     return LawSource(model, series, val, cfg.data.seq_len, run, where, "",
                      series.tokens_per_step, True, cfg.data.source, o.modules)  # fmt: skip

@@ -35,6 +35,7 @@ from sparsetrace.device import (
     configure_backends,
     resolve_device,
     resolve_precision,
+    use_arithmetic,
 )
 from sparsetrace.errors import UserError
 from sparsetrace.metrics import use_stats_from_counts
@@ -95,9 +96,9 @@ def setup(cfg: RunConfig, resume: bool = False, data: PreparedData | None = None
         )
     if resume and not existing:
         raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    info, device = parallelize.init_distributed(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    use_arithmetic(cfg.train.arithmetic, cfg.train.threads, device)  # before any tensor operation
+    info, device = parallelize.init_distributed(device)
     configure_backends(device, cfg.train.tf32)
     if info.enabled and cfg.train.parallel == "fsdp" and cfg.trace.sparsing_every:
         raise UserError("trace.sparsing_every runs on rank 0 alone: not with train.parallel fsdp")

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import sparsetrace
 from sparsetrace.config import RunConfig, to_dict
+from sparsetrace.device import mkl_branch
 from sparsetrace.rundir import atomic_write_text
 
 if TYPE_CHECKING:
@@ -57,8 +58,12 @@ def initial_meta(session: Session, command: str, epochs: float) -> dict[str, Any
         },
         "precision": "bf16" if session.amp_dtype == torch.bfloat16 else "fp32",
         "device": str(session.device),
-        # ATen's CPU kernels (AVX2, AVX512...): their rounding differs, and with it a CPU run
+        # What decides a CPU run's rounding (docs/training.md): ATen's kernels (AVX2, AVX512...),
+        # MKL's reproducibility branch and the thread count, as the process has them.
+        "arithmetic": cfg.train.arithmetic,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": mkl_branch(),
+        "threads": torch.get_num_threads(),
         "versions": {
             "sparsetrace": sparsetrace.__version__, "torch": torch.__version__,
             "python": platform.python_version(),
