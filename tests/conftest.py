@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import os
+import platform
+import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
+
+
+def _per_cpu_inductor_cache() -> None:
+    """torch.compile's kernel cache in a directory of this kind of CPU, unless one is set: a
+    shared temporary directory outlives the machine where it sits on a disk that moves between
+    hosts, and kernels cached on another CPU were served here as garbage use counts or an abort
+    (pure environment: a fresh cache compiled the same test correctly)."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    try:
+        cpu = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpu = platform.processor()
+    flags = sorted({line for line in cpu.splitlines() if line.startswith(("model name", "flags"))})
+    key = hashlib.sha256("\n".join(flags).encode()).hexdigest()[:12]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"inductor-{key}")
+
+
+_per_cpu_inductor_cache()
 
 
 @pytest.fixture
