@@ -31,6 +31,7 @@ class DenseGemv(nn.Module):
         self.register_buffer("weight", weight)
         zeros = torch.zeros(self.out_features)
         self.register_buffer("bias", zeros if bias is None else bias.detach().float())
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None  # as SparseUp.arrays
 
     @classmethod
     def from_module(cls, module: nn.Module, max_rows: int = MAX_ROWS) -> DenseGemv:
@@ -45,7 +46,9 @@ class DenseGemv(nn.Module):
         if rows.shape[0] > self.max_rows:
             out = F.linear(rows, self.weight, self.bias)
         else:
+            if self._arrays is None:
+                self._arrays = (self.weight.numpy(), self.bias.numpy())
+            weight, bias = self._arrays
             out = torch.empty(rows.shape[0], self.out_features)
-            rows_dot(self.weight.numpy(), self.bias.numpy(), rows.numpy(),
-                     np.ones(out.shape, np.bool_), out.numpy())  # fmt: skip
+            rows_dot(weight, bias, rows.numpy(), np.ones(out.shape, np.bool_), out.numpy())
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

@@ -4,7 +4,8 @@
 unit-major (d_ff, d_model), the active rows split over threads, four at a time.
 ``bag_indices``: the same activity test, writing ``embedding_bag``'s inputs for a block-major
 table, so that torch sums the rows on all its threads. ``rows_dot``, ``scattered_rows_dot`` and
-``screen_int8``: parallel over rows. Every parallel loop runs on numba's OpenMP layer (below).
+``screen_int8``: parallel over rows; ``screened_rows_dot`` the last two in one call. Every
+parallel loop runs on numba's OpenMP layer (below).
 """
 
 from __future__ import annotations
@@ -193,15 +194,36 @@ def scattered_rows_dot(
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
 def screen_int8(
     q: np.ndarray, scales: np.ndarray, slack: np.ndarray, bias: np.ndarray, x: np.ndarray,
-    x_norm: np.ndarray, margin: float, out: np.ndarray,
+    margin: float, out: np.ndarray,
 ) -> None:  # fmt: skip
-    """``out[r, i] = scales[i] * (q[i] . x[r]) + bias[i] + margin * slack[i] * x_norm[r] >= 0``:
+    """``out[r, i] = scales[i] * (q[i] . x[r]) + bias[i] + margin * slack[i] * ||x[r]|| >= 0``:
     the int8 estimate of unit i's pre-activation raised by its error bound (``margin`` = 1: the
-    whole bound)."""
+    whole bound). ``||x[r]||`` is summed in float64 and rounded to float32 once (the slack
+    allows for a float32 norm low by its own rounding bound)."""
     n, d = x.shape
+    x_norm = np.empty(n, dtype=np.float32)
+    for r in range(n):
+        total = 0.0
+        for j in range(d):
+            total += np.float64(x[r, j]) * np.float64(x[r, j])
+        x_norm[r] = np.float32(np.sqrt(total))
     for i in numba.prange(q.shape[0]):
         for r in range(n):
             acc = np.float32(0.0)
             for j in range(d):
                 acc += np.float32(q[i, j]) * x[r, j]
             out[r, i] = acc * scales[i] + bias[i] + margin * slack[i] * x_norm[r] >= 0
+
+
+@numba.njit(cache=True, nogil=True)
+def screened_rows_dot(
+    q: np.ndarray, scales: np.ndarray, slack: np.ndarray, weight: np.ndarray, bias: np.ndarray,
+    x: np.ndarray, margin: float, out: np.ndarray,
+) -> int:  # fmt: skip
+    """The int8 screen, then the float32 rows of the units it leaves as candidates, in one call
+    from Python (:func:`screen_int8`, then :func:`scattered_rows_dot`): ``out[r, i] = weight[i]
+    . x[r] + bias[i]`` for token r's candidates, ``out`` untouched elsewhere. Returns the rows
+    read. One call instead of two plus the torch glue between them: ~30 us a layer here."""
+    candidate = np.empty((x.shape[0], q.shape[0]), dtype=np.bool_)
+    screen_int8(q, scales, slack, bias, x, margin, candidate)
+    return scattered_rows_dot(weight, bias, x, candidate, out)

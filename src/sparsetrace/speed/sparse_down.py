@@ -70,6 +70,7 @@ class SparseDown(nn.Module):
         self.register_buffer("norms", weight.norm(dim=0))  # ||W[:, i]||, as unit_norms has it
         self.warned = False  # the dense fallback is announced once per projection
         self.reset_counts()
+        self._arrays: tuple[np.ndarray, np.ndarray, np.float32] | None = None
 
     def reset_counts(self) -> None:
         """Zero the dense fallbacks and the (token, unit) rows read and tokens seen on the
@@ -128,13 +129,15 @@ class SparseDown(nn.Module):
 
         from sparsetrace.speed.kernels import sparse_rows_matvec
 
-        out = torch.empty(rows.shape[0], self.d_model)
-        tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
+        if self._arrays is None:  # numpy views made once: the weights are read at first use
+            tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
+            self._arrays = (self.table.numpy(), self.norms.numpy(), tau)
+        table, norms, tau = self._arrays
+        out = np.empty((rows.shape[0], self.d_model), np.float32)
         partial = np.empty((numba.get_num_threads(), self.d_model), np.float32)
-        self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), self.table.numpy(),
-                                              self.norms.numpy(), tau, out.numpy(),
+        self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), table, norms, tau, out,
                                               partial)  # fmt: skip
-        return out
+        return torch.from_numpy(out)
 
     def _bags(self, rows: Tensor) -> Tensor:
         from sparsetrace.speed.kernels import bag_indices

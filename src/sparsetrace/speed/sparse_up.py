@@ -83,6 +83,19 @@ class SparseUp(nn.Module):
             self.register_buffer("scales", scales)
             self.register_buffer("slack", slack)
         self.reset_counts()
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """numpy views of the buffers the kernels read, made once (a view costs ~1 us a call
+        and a layer calls several): the weights are read when the module is first used."""
+        if self._arrays is None:
+            ff = self.d_ff
+            views = {"first_w": self.weight[:ff], "first_b": self.bias[:ff],
+                     "second_w": self.weight[ff:], "second_b": self.bias[ff:]}  # fmt: skip
+            if self.screen:
+                views |= {"q": self.q, "scales": self.scales, "slack": self.slack}
+            self._arrays = {name: t.numpy() for name, t in views.items()}
+        return self._arrays
 
     def reset_counts(self) -> None:
         """Zero the counts: dense fallbacks, sparse calls and tokens, float32 rows read (first
@@ -129,37 +142,30 @@ class SparseUp(nn.Module):
         The weights are read when the module is built: change them afterwards and build it anew."""
         from sparsetrace.speed.kernels import screen_int8
 
-        rows = rows.float().contiguous()
+        a = self.arrays()
         out = np.empty((rows.shape[0], self.d_ff), dtype=np.bool_)
-        screen_int8(self.q.numpy(), self.scales.numpy(), self.slack.numpy(),
-                    self.bias[: self.d_ff].numpy(), rows.numpy(), rows.norm(dim=1).numpy(),
-                    np.float32(self.margin), out)  # fmt: skip
+        screen_int8(a["q"], a["scales"], a["slack"], a["first_b"],
+                    rows.float().contiguous().numpy(), np.float32(self.margin), out)  # fmt: skip
         return torch.from_numpy(out)
 
     def _sparse(self, rows: Tensor) -> Tensor:
-        from sparsetrace.speed.kernels import rows_dot, scattered_rows_dot
+        from sparsetrace.speed.kernels import rows_dot, scattered_rows_dot, screened_rows_dot
 
-        n, ff = rows.shape[0], self.d_ff
-        first_w, first_b = self.weight[:ff], self.bias[:ff]
+        n, ff, a, x = rows.shape[0], self.d_ff, self.arrays(), rows.numpy()
+        first = np.zeros((n, ff), np.float32) if self.screen else np.empty((n, ff), np.float32)
         if self.screen:
-            candidate = self.candidates(rows).numpy()
-            first = torch.zeros(n, ff)
-            self.first_rows += scattered_rows_dot(
-                first_w.numpy(), first_b.numpy(), rows.numpy(), candidate, first.numpy()
-            )
+            read = screened_rows_dot(a["q"], a["scales"], a["slack"], a["first_w"],
+                                     a["first_b"], x, np.float32(self.margin), first)  # fmt: skip
         else:  # on the same compiled loop: what the sparse path saves, not a faster GEMV
-            first = torch.empty(n, ff)
-            self.first_rows += rows_dot(first_w.numpy(), first_b.numpy(), rows.numpy(),
-                                        np.ones((n, ff), np.bool_), first.numpy())  # fmt: skip
+            read = rows_dot(a["first_w"], a["first_b"], x, np.ones((n, ff), np.bool_), first)
+        self.first_rows += read
         self.calls += 1
         self.tokens_seen += n
         if not self.gated:
-            return first
-        second = torch.zeros(n, ff)
-        self.second_rows += scattered_rows_dot(self.weight[ff:].numpy(), self.bias[ff:].numpy(),
-                                               rows.numpy(), (first > 0).numpy(),
-                                               second.numpy())  # fmt: skip
-        return torch.cat([first, second], dim=1)
+            return torch.from_numpy(first)
+        second = np.zeros((n, ff), np.float32)
+        self.second_rows += scattered_rows_dot(a["second_w"], a["second_b"], x, first > 0, second)
+        return torch.from_numpy(np.concatenate([first, second], axis=1))
 
 
 class SparseGatedMlp(nn.Module):
