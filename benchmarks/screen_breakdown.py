@@ -86,10 +86,8 @@ def main() -> None:
                                out, partial)  # fmt: skip
 
     calls = {
-        DENSE: lambda: [dd(torch.relu(du(x)))
-                                                      for _, _, du, dd, _, _ in layers],
-        BLOCK: lambda: [down(torch.relu(up(x)))
-                                                      for up, down, *_ in layers],
+        DENSE: lambda: [dd(torch.relu(du(x))) for _, _, du, dd, _, _ in layers],
+        BLOCK: lambda: [down(torch.relu(up(x))) for up, down, *_ in layers],
         "  screen_int8 alone": screen,
         "  candidates' rows alone": rows,
         "  W_out rows alone": down_rows,

@@ -74,18 +74,40 @@ def test_native_training_keeps_the_hosts_own_kernels(tmp_path: Path) -> None:
 
 
 @portable_host
-def test_portable_arithmetic_refuses_a_process_that_already_computed(monkeypatch, capsys) -> None:
-    for name in ("ATEN_CPU_CAPABILITY", "MKL_CBWR"):
-        monkeypatch.delenv(name, raising=False)  # restored (absent) after the test
+def test_portable_arithmetic_refuses_a_process_that_already_computed(capsys) -> None:
+    names = ("ATEN_CPU_CAPABILITY", "MKL_CBWR")
+    before = {name: os.environ.get(name) for name in names}
     threads = torch.get_num_threads()
     (torch.ones(8, 8) @ torch.ones(8, 8)).sum()
-    if mkl_branch() is None and torch.backends.cpu.get_cpu_capability() == "AVX2":
-        pytest.skip("this PyTorch does not export MKL's branch getter: nothing to refuse here")
-    try:
-        with pytest.raises(UserError, match="ran tensor operations before"):
-            use_arithmetic("portable", 0, torch.device("cpu"))
-        use_arithmetic("portable", 0, torch.device("cpu"), strict=False)
-        assert "warning: train.arithmetic portable" in capsys.readouterr().err
-        use_arithmetic("portable", 0, torch.device("cuda"))  # a GPU run ignores the CPU's mode
-    finally:
-        torch.set_num_threads(threads)
+    kernels, branch = torch.backends.cpu.get_cpu_capability(), mkl_branch()
+    if kernels == "AVX2" and branch in ("COMPATIBLE", None):
+        pytest.skip("this process already computes portably (or cannot tell): nothing to refuse")
+    with pytest.raises(UserError, match="ran tensor operations before"):
+        use_arithmetic("portable", 0, torch.device("cpu"))
+    use_arithmetic("portable", 0, torch.device("cpu"), strict=False)
+    assert "warning: train.arithmetic portable" in capsys.readouterr().err
+    # Refused, the process keeps what it had: its environment and its thread count.
+    assert {name: os.environ.get(name) for name in names} == before
+    assert torch.get_num_threads() == threads
+    use_arithmetic("portable", 0, torch.device("cuda"))  # a GPU run ignores the CPU's mode
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.slow
+@portable_host
+def test_pruning_a_portable_run_measures_its_batch_portably(tmp_path: Path) -> None:
+    """`prune` measures the step's batch before it trains: it must choose the run's arithmetic
+    first (else the training step refuses a process that already computed natively)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR")}
+    env["SPARSETRACE_CACHE"] = str(tmp_path / "cache")
+    cli = [sys.executable, "-m", "sparsetrace"]
+    subprocess.run([*cli, "train", "--preset", "tiny", "--train.arithmetic", "portable",
+                    "--out_dir", str(tmp_path), "--run_name", "r"],
+                   env=env, check=True, capture_output=True)  # fmt: skip
+    command = [*cli, "prune", str(tmp_path / "r"), "10", "--out", str(tmp_path / "p")]
+    pruned = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert pruned.returncode == 0, pruned.stderr
+    meta = json.loads((tmp_path / "p" / "meta.json").read_text())
+    assert (meta["arithmetic"], meta["cpu_capability"], meta["mkl_cbwr"]) == (
+        "portable", "AVX2", "COMPATIBLE",
+    )  # fmt: skip

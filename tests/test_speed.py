@@ -41,6 +41,36 @@ def _relu_rows(n: int, d_ff: int, seed: int = 0) -> torch.Tensor:
     return rows
 
 
+def test_sparse_modules_read_the_weights_they_hold_after_a_load_or_a_move() -> None:
+    """The kernels read numpy views made at first use: weights loaded with ``assign=True`` (new
+    tensors) or written into the new storage of a moved module must be what the next call
+    reads."""
+    from sparsetrace.speed.dense_gemv import DenseGemv
+    from sparsetrace.speed.sparse_up import SparseUp
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(96, 40), nn.Linear(96, 40)
+    x = _relu_rows(2, 96)
+    makers = {  # each module and what it computes from an nn.Linear
+        "down": (lambda m: SparseDown.from_module(m, kernel="numba"), lambda m, x: m(x)),
+        "dense": (DenseGemv.from_module, lambda m, x: m(x)),
+        "screen": (lambda m: SparseUp(m.weight, m.bias, screen=True),
+                   lambda m, x: torch.relu(m(x))),
+    }  # fmt: skip
+    for name, (make, apply) in makers.items():
+        module = make(first)
+        module(x)  # views of the first weights
+        module.load_state_dict(make(second).state_dict(), assign=True)
+        expected = apply(second, x).detach()
+        assert torch.allclose(apply(module, x), expected, atol=TOL, rtol=TOL), name
+        module = module.double().float()  # new storage: views of the old one would be stale
+        with torch.no_grad():  # the first weights again, written into the new storage
+            for mine, theirs in zip(module.buffers(), make(first).buffers(), strict=True):
+                mine.copy_(theirs)
+        expected = apply(first, x).detach()
+        assert torch.allclose(apply(module, x), expected, atol=TOL, rtol=TOL), name
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n", [1, 3, 20])  # 20 > MAX_ROWS: the dense fallback
 def test_sparse_down_equals_linear(kernel: str, n: int) -> None:

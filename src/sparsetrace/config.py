@@ -52,8 +52,8 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     threads: int = 0  # CPU threads for torch; 0 leaves torch's default (portable: 2)
     # CPU rounding. native: the host's fastest kernels, whose rounding differs between kinds of
-    # CPU; portable: the same bits on every x86-64 CPU with AVX2 (AVX2 kernels, MKL's
-    # COMPATIBLE branch, fixed threads; ~2x slower to train). A GPU run ignores it.
+    # CPU; portable: by construction the same bits on every x86-64 CPU with AVX2 (AVX2 kernels,
+    # MKL's COMPATIBLE branch, fixed threads; ~2x slower to train). A GPU run ignores it.
     arithmetic: Literal["native", "portable"] = "native"
 
 

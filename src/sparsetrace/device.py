@@ -84,37 +84,56 @@ def use_arithmetic(mode: str, threads: int, device: torch.device, strict: bool =
 
     ``native``: PyTorch's widest kernels and MKL's fastest path for this CPU, whose rounding
     differs from one kind of CPU to the next (training grows that into other findings).
-    ``portable``: the same bits on every x86-64 CPU with AVX2: ATen's AVX2 kernels
-    (``ATEN_CPU_CAPABILITY``), MKL's SSE2 branch ``COMPATIBLE`` (``MKL_CBWR``: the one branch
-    Intel makes reproducible on every vendor's CPUs; its others fall back to the host's fastest
-    path on AMD) and a fixed thread count. ``threads`` > 0 sets the thread count (portable: 0
-    means ``PORTABLE_THREADS``). A GPU run ignores the mode. With ``strict`` a portable mode that
-    cannot take effect (not x86-64 with AVX2 and MKL, or kernels already chosen in this process)
-    is a :class:`UserError`; without, it is a warning on stderr and the run keeps what it has.
+    ``portable``: the same bits on every x86-64 CPU with AVX2 by construction: ATen's AVX2
+    kernels (``ATEN_CPU_CAPABILITY``), MKL's SSE2 branch ``COMPATIBLE`` (``MKL_CBWR``: the one
+    branch Intel makes reproducible on every vendor's CPUs; its others fall back to the host's
+    fastest path on AMD) and a fixed thread count. ``threads`` > 0 sets the thread count
+    (portable: 0 means ``PORTABLE_THREADS``). A GPU run ignores the mode. With ``strict`` a
+    portable mode that cannot take effect (not x86-64 with AVX2 and MKL, or kernels already chosen
+    in this process) is a :class:`UserError`; without, a warning on stderr, and the process keeps
+    what it had (threads and environment included).
     """
     portable = mode == "portable" and device.type == "cpu"
+    if portable:
+        problem = _make_portable()
+        if problem:
+            message = f"train.arithmetic portable {problem}; native computes as this host does"
+            if strict:
+                raise UserError(message)
+            print(f"warning: {message}", file=sys.stderr)
+            return
     if threads > 0 or portable:
         torch.set_num_threads(threads or PORTABLE_THREADS)
-    if not portable:
-        return
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    if not x86 or not torch.backends.mkl.is_available():
-        problem = "needs an x86-64 CPU and PyTorch built with MKL"
-    else:
-        os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
-        os.environ["MKL_CBWR"] = "COMPATIBLE"
-        kernels, branch = torch.backends.cpu.get_cpu_capability(), mkl_branch()
-        if kernels == "AVX2" and branch in ("COMPATIBLE", None):
-            return
-        problem = (
-            f"got PyTorch's {kernels} kernels and MKL branch {branch}: the CPU lacks AVX2, or this "
-            "process ran tensor operations before the run chose its arithmetic (start a new "
-            "process, or set ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE before Python starts)"
-        )
-    message = f"train.arithmetic portable {problem}; native computes as this host does"
-    if strict:
-        raise UserError(message)
-    print(f"warning: {message}", file=sys.stderr)
+
+
+def _make_portable() -> str | None:
+    """Ask ATen and MKL for their portable paths (each reads its variable at its first use);
+    what went wrong, or None. On failure the environment is left as it was."""
+    if (
+        platform.machine().lower() not in ("x86_64", "amd64")
+        or not torch.backends.mkl.is_available()
+    ):
+        return "needs an x86-64 CPU and PyTorch built with MKL"
+    wanted = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    before = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    kernels, branch = torch.backends.cpu.get_cpu_capability(), mkl_branch()
+    if kernels == "AVX2" and branch == "COMPATIBLE":
+        return None
+    if kernels == "AVX2" and branch is None:
+        print("warning: this PyTorch build does not say which MKL branch runs; portable "
+              "arithmetic is asked for but not checked", file=sys.stderr)  # fmt: skip
+        return None
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    return (
+        f"got PyTorch's {kernels} kernels and MKL branch {branch}: the CPU lacks AVX2, or this "
+        "process ran tensor operations before the run chose its arithmetic (start a new "
+        "process, or set ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE before Python starts)"
+    )
 
 
 def mkl_branch() -> str | None:

@@ -31,7 +31,13 @@ from sparsetrace.checkpoint import (
 )
 from sparsetrace.config import RunConfig, load_config, to_dict
 from sparsetrace.data import prepare_data
-from sparsetrace.device import autocast, resolve_device, resolve_precision
+from sparsetrace.device import (
+    autocast,
+    evaluation_device,
+    resolve_device,
+    resolve_precision,
+    use_arithmetic,
+)
 from sparsetrace.errors import UserError
 from sparsetrace.experiments.runs import copy_history, run_to_end
 from sparsetrace.metrics import use_stats_from_counts
@@ -180,6 +186,9 @@ def plan_pruning(source: Path, step: int) -> Pruning:
         raise UserError(
             f"{source} has no checkpoint at step {step} (checkpoints at: {have or 'none'})"
         )
+    run_cfg = load_config(str(source / "config.yaml"))  # the step's batch computed as trained
+    use_arithmetic(run_cfg.train.arithmetic, run_cfg.train.threads,
+                   evaluation_device(run_cfg.train.device))  # fmt: skip
     model, cfg = load_trained_model(source, ckpt)
     state = load_state(ckpt)
     keep = used_units(model, cfg, step)

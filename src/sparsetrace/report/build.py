@@ -168,7 +168,8 @@ def _arithmetic(meta: dict[str, Any]) -> str | None:
     """How a CPU run rounded (docs/training.md): the mode and what its process had."""
     if meta.get("arithmetic") is None or not str(meta.get("device", "cpu")).startswith("cpu"):
         return None
-    had = (f"{meta.get('cpu_capability')} kernels", f"MKL branch {meta.get('mkl_cbwr')}",
+    branch = meta.get("mkl_cbwr") or "unknown"
+    had = (f"{meta.get('cpu_capability')} kernels", f"MKL branch {branch}",
            f"{meta.get('threads')} threads")  # fmt: skip
     return f"{meta['arithmetic']} ({', '.join(had)})"
 

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparsetrace.sites import down_weight
-from sparsetrace.speed.sparse_down import MAX_ROWS
+from sparsetrace.speed.sparse_down import MAX_ROWS, NumpyViews
 
 
-class DenseGemv(nn.Module):
+class DenseGemv(NumpyViews):
     """``x W^T + b`` with ``weight`` (out, in) as in ``nn.Linear``, float32."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, max_rows: int = MAX_ROWS):
@@ -31,7 +31,9 @@ class DenseGemv(nn.Module):
         self.register_buffer("weight", weight)
         zeros = torch.zeros(self.out_features)
         self.register_buffer("bias", zeros if bias is None else bias.detach().float())
-        self._arrays: tuple[np.ndarray, np.ndarray] | None = None  # as SparseUp.arrays
+
+    def viewed(self) -> dict[str, Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
 
     @classmethod
     def from_module(cls, module: nn.Module, max_rows: int = MAX_ROWS) -> DenseGemv:
@@ -46,9 +48,8 @@ class DenseGemv(nn.Module):
         if rows.shape[0] > self.max_rows:
             out = F.linear(rows, self.weight, self.bias)
         else:
-            if self._arrays is None:
-                self._arrays = (self.weight.numpy(), self.bias.numpy())
-            weight, bias = self._arrays
+            views = self.views()
             out = torch.empty(rows.shape[0], self.out_features)
-            rows_dot(weight, bias, rows.numpy(), np.ones(out.shape, np.bool_), out.numpy())
+            rows_dot(views["weight"], views["bias"], rows.numpy(), np.ones(out.shape, np.bool_),
+                     out.numpy())  # fmt: skip
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

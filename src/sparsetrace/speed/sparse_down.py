@@ -43,7 +43,31 @@ KERNELS = ("embedding_bag", "numba")
 DEFAULT_KERNEL = "numba"  # faster at every fraction measured (results/bench-sparse-primitives.md)
 
 
-class SparseDown(nn.Module):
+class NumpyViews(nn.Module):
+    """A module whose kernels read numpy views of its buffers, made once (``.numpy()`` costs ~1 us
+    a call, and a layer makes several) and dropped when torch moves, converts or loads them."""
+
+    _views: dict[str, np.ndarray] | None = None
+
+    def views(self) -> dict[str, np.ndarray]:
+        if self._views is None:
+            self._views = {name: t.numpy() for name, t in self.viewed().items()}
+        return self._views
+
+    def viewed(self) -> dict[str, Tensor]:
+        """The tensors to view, by name."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse=True):  # .to(), .float(), ... may replace the buffers
+        self._views = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # assign=True replaces them
+        self._views = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class SparseDown(NumpyViews):
     """``y = W a + b`` for ``a`` (..., d_ff), reading only the rows of active units.
 
     ``weight``: (d_model, d_ff) as in ``nn.Linear``; ``tau``: the layer's CETT threshold (None:
@@ -70,7 +94,9 @@ class SparseDown(nn.Module):
         self.register_buffer("norms", weight.norm(dim=0))  # ||W[:, i]||, as unit_norms has it
         self.warned = False  # the dense fallback is announced once per projection
         self.reset_counts()
-        self._arrays: tuple[np.ndarray, np.ndarray, np.float32] | None = None
+
+    def viewed(self) -> dict[str, Tensor]:
+        return {"table": self.table, "norms": self.norms}
 
     def reset_counts(self) -> None:
         """Zero the dense fallbacks and the (token, unit) rows read and tokens seen on the
@@ -129,14 +155,12 @@ class SparseDown(nn.Module):
 
         from sparsetrace.speed.kernels import sparse_rows_matvec
 
-        if self._arrays is None:  # numpy views made once: the weights are read at first use
-            tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
-            self._arrays = (self.table.numpy(), self.norms.numpy(), tau)
-        table, norms, tau = self._arrays
+        views = self.views()
+        tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
         out = np.empty((rows.shape[0], self.d_model), np.float32)
         partial = np.empty((numba.get_num_threads(), self.d_model), np.float32)
-        self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), table, norms, tau, out,
-                                              partial)  # fmt: skip
+        self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), views["table"],
+                                              views["norms"], tau, out, partial)  # fmt: skip
         return torch.from_numpy(out)
 
     def _bags(self, rows: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsetrace.speed.sparse_down import MAX_ROWS
+from sparsetrace.speed.sparse_down import MAX_ROWS, NumpyViews
 
 INT8_MAX = 127
 
@@ -56,7 +56,7 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(torch.int8), scales.float(), (slack * (1 + 1e-6)).float()
 
 
-class SparseUp(nn.Module):
+class SparseUp(NumpyViews):
     """``x W^T + b`` for our MLP's ``w_in`` (``weight`` (out, d_model)), computing the units a
     ReLU-family activation can keep: the gated half by the gate's sign (``gated``), the first
     half by the int8 screen (``screen``), or both. Counts the float32 and int8 bytes it reads."""
@@ -83,19 +83,14 @@ class SparseUp(nn.Module):
             self.register_buffer("scales", scales)
             self.register_buffer("slack", slack)
         self.reset_counts()
-        self._arrays: dict[str, np.ndarray] | None = None
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """numpy views of the buffers the kernels read, made once (a view costs ~1 us a call
-        and a layer calls several): the weights are read when the module is first used."""
-        if self._arrays is None:
-            ff = self.d_ff
-            views = {"first_w": self.weight[:ff], "first_b": self.bias[:ff],
-                     "second_w": self.weight[ff:], "second_b": self.bias[ff:]}  # fmt: skip
-            if self.screen:
-                views |= {"q": self.q, "scales": self.scales, "slack": self.slack}
-            self._arrays = {name: t.numpy() for name, t in views.items()}
-        return self._arrays
+    def viewed(self) -> dict[str, Tensor]:
+        ff = self.d_ff
+        views = {"first_w": self.weight[:ff], "first_b": self.bias[:ff],
+                 "second_w": self.weight[ff:], "second_b": self.bias[ff:]}  # fmt: skip
+        if self.screen:
+            views |= {"q": self.q, "scales": self.scales, "slack": self.slack}
+        return views
 
     def reset_counts(self) -> None:
         """Zero the counts: dense fallbacks, sparse calls and tokens, float32 rows read (first
@@ -142,7 +137,7 @@ class SparseUp(nn.Module):
         The weights are read when the module is built: change them afterwards and build it anew."""
         from sparsetrace.speed.kernels import screen_int8
 
-        a = self.arrays()
+        a = self.views()
         out = np.empty((rows.shape[0], self.d_ff), dtype=np.bool_)
         screen_int8(a["q"], a["scales"], a["slack"], a["first_b"],
                     rows.float().contiguous().numpy(), np.float32(self.margin), out)  # fmt: skip
@@ -151,7 +146,7 @@ class SparseUp(nn.Module):
     def _sparse(self, rows: Tensor) -> Tensor:
         from sparsetrace.speed.kernels import rows_dot, scattered_rows_dot, screened_rows_dot
 
-        n, ff, a, x = rows.shape[0], self.d_ff, self.arrays(), rows.numpy()
+        n, ff, a, x = rows.shape[0], self.d_ff, self.views(), rows.numpy()
         first = np.zeros((n, ff), np.float32) if self.screen else np.empty((n, ff), np.float32)
         if self.screen:
             read = screened_rows_dot(a["q"], a["scales"], a["slack"], a["first_w"],
