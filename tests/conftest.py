@@ -6,7 +6,6 @@ import gc
 import hashlib
 import os
 import platform
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -16,10 +15,10 @@ import pytest
 
 
 def _per_cpu_inductor_cache() -> None:
-    """torch.compile's kernel cache in a directory of this kind of CPU, unless one is set: a
-    shared temporary directory outlives the machine where it sits on a disk that moves between
-    hosts, and kernels cached on another CPU were served here as garbage use counts or an abort
-    (pure environment: a fresh cache compiled the same test correctly)."""
+    """torch.compile's cache in this checkout, one directory per kind of CPU, unless one is set.
+    The shared default (a temporary directory that outlives the machine on a disk that moves
+    between hosts, and is shared by every clone and venv) served this suite's compiled model
+    garbage use counts or an abort, twice; a fresh cache compiled the same test correctly."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return
     try:
@@ -28,7 +27,8 @@ def _per_cpu_inductor_cache() -> None:
         cpu = platform.processor()
     flags = sorted({line for line in cpu.splitlines() if line.startswith(("model name", "flags"))})
     key = hashlib.sha256("\n".join(flags).encode()).hexdigest()[:12]
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"inductor-{key}")
+    checkout = Path(__file__).resolve().parent.parent
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(checkout / ".pytest_cache" / f"inductor-{key}")
 
 
 _per_cpu_inductor_cache()
