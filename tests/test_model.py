@@ -103,6 +103,7 @@ def test_mlp_kernels_are_lecun_normal() -> None:
     assert w_out.std().item() == pytest.approx(1 / math.sqrt(1024), rel=0.03)
 
 
+@pytest.mark.slow  # compiles the model: ~20 s with a cold cache, the fast tier's margin
 def test_compiled_model_measures_the_same() -> None:
     model = make(n_layers=2)
     idx = torch.randint(0, 50, (2, 16))
