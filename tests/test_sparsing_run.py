@@ -16,6 +16,7 @@ import torch
 from sparsetrace.checkpoint import load_trained_model
 from sparsetrace.config import load_config
 from sparsetrace.data import prepare_data
+from sparsetrace.device import mkl_branch
 from sparsetrace.errors import UserError
 from sparsetrace.sites import MlpSites, mlp_sites
 from sparsetrace.sparsing import verbs
@@ -253,6 +254,10 @@ def test_sparsing_law_over_training(run_dir: Path) -> None:
     lo, hi = summary["search"]["c_interval_95"]
     assert lo <= summary["cett"] <= hi
     assert "NaN" not in (run_dir / "sparsing_law.json").read_text()  # valid JSON for jq & co.
+    # How the measuring process rounded on the CPU, as torch reports it to this (same) process.
+    assert summary["cpu_arithmetic"] == {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                                         "mkl_cbwr": mkl_branch(),
+                                         "threads": torch.get_num_threads()}  # fmt: skip
     assert summary["windows"] == "random, seed 0" and summary["tokens_requested"] == 2048
     png = plot_activation_ratio(csv, run_dir / "ratio.png")
     assert png.read_bytes()[:4] == b"\x89PNG"

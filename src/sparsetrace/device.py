@@ -136,6 +136,13 @@ def _make_portable() -> str | None:
     )
 
 
+def cpu_arithmetic() -> dict[str, str | int | None]:
+    """What decides this process's CPU rounding (docs/training.md), as it has it: ATen's kernels
+    (AVX2, AVX512...), MKL's reproducibility branch and the thread count."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl_cbwr": mkl_branch(),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
 def mkl_branch() -> str | None:
     """MKL's reproducibility branch in this process (``off``, ``AUTO``, ``COMPATIBLE``...), None
     where PyTorch has no MKL or does not export its getter. Reading it fixes it for the process."""

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from sparsetrace.budgets import SPARSING_TOKENS
+from sparsetrace.device import cpu_arithmetic
 from sparsetrace.errors import UserError
 from sparsetrace.rundir import atomic_write_text, layer_index
 from sparsetrace.series import Revision
@@ -134,6 +135,7 @@ def sparsing_law(
         "x": "tokens" if src.tokens_per_step else "steps",
         "grid_size": GRID_SIZE,
         "passes": passes, "checkpoints": results,
+        "cpu_arithmetic": cpu_arithmetic(),  # how this process rounded on the CPU
     }  # fmt: skip
     if src.is_run:
         summary["run"] = str(src.out)

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 import sparsetrace
 from sparsetrace.config import RunConfig, to_dict
-from sparsetrace.device import mkl_branch
+from sparsetrace.device import cpu_arithmetic
 from sparsetrace.rundir import atomic_write_text
 
 if TYPE_CHECKING:
@@ -61,9 +61,7 @@ def initial_meta(session: Session, command: str, epochs: float) -> dict[str, Any
         # What decides a CPU run's rounding (docs/training.md): ATen's kernels (AVX2, AVX512...),
         # MKL's reproducibility branch and the thread count, as the process has them.
         "arithmetic": cfg.train.arithmetic,
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "mkl_cbwr": mkl_branch(),
-        "threads": torch.get_num_threads(),
+        **cpu_arithmetic(),
         "versions": {
             "sparsetrace": sparsetrace.__version__, "torch": torch.__version__,
             "python": platform.python_version(),
