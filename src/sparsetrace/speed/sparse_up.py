@@ -147,11 +147,12 @@ class SparseUp(NumpyViews):
         from sparsetrace.speed.kernels import rows_dot, scattered_rows_dot, screened_rows_dot
 
         n, ff, a, x = rows.shape[0], self.d_ff, self.views(), rows.numpy()
-        first = np.zeros((n, ff), np.float32) if self.screen else np.empty((n, ff), np.float32)
-        if self.screen:
+        if self.screen:  # units screened out stay 0
+            first = np.zeros((n, ff), np.float32)
             read = screened_rows_dot(a["q"], a["scales"], a["slack"], a["first_w"],
                                      a["first_b"], x, np.float32(self.margin), first)  # fmt: skip
         else:  # on the same compiled loop: what the sparse path saves, not a faster GEMV
+            first = np.empty((n, ff), np.float32)
             read = rows_dot(a["first_w"], a["first_b"], x, np.ones((n, ff), np.bool_), first)
         self.first_rows += read
         self.calls += 1
