@@ -86,7 +86,7 @@ def test_sparse_down_equals_linear(kernel: str, n: int) -> None:
         else:
             got = down(rows.view(n, 1, 96)).view(n, 40)
     assert torch.allclose(got, expected, atol=TOL, rtol=TOL)
-    assert down.fallbacks == (1 if n > down.max_rows else 0)
+    assert down.reads.fallbacks == (1 if n > down.max_rows else 0)
     assert torch.equal(down.dense_weight(), linear.weight.detach())
 
 
@@ -119,7 +119,7 @@ def test_embedding_bag_column_blocks(blocks: int) -> None:
     rows = _relu_rows(5, 96)
     with torch.no_grad():
         assert torch.allclose(down(rows), linear(rows), atol=TOL)
-    assert down.blocks == blocks and down.units_read == int((rows != 0).sum())
+    assert down.blocks == blocks and down.reads.rows == int((rows != 0).sum())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -202,10 +202,10 @@ def test_sparse_relu_model_decodes_the_same_logits(runs: dict[str, Path]) -> Non
     sparse_tokens, sparse_logits = dec.decode(model, prompt, 16)
     assert torch.equal(sparse_tokens, tokens)
     assert torch.allclose(sparse_logits, logits, atol=1e-4)
-    assert downs[0].fallbacks == 0  # an 8-token prompt is within MAX_ROWS: sparse too
+    assert downs[0].reads.fallbacks == 0  # an 8-token prompt is within MAX_ROWS: sparse too
     with torch.no_grad():
         assert torch.allclose(model(val[:, :32]).logits, full, atol=1e-4)
-    assert downs[0].fallbacks == 1  # 32 tokens: the dense fallback
+    assert downs[0].reads.fallbacks == 1  # 32 tokens: the dense fallback
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -247,7 +247,7 @@ def test_hf_opt_sparse_decoding_equals_dense() -> None:
     sparse_tokens, sparse_logits = dec.decode(model, prompt, 8)
     assert torch.equal(sparse_tokens, tokens)
     assert torch.allclose(sparse_logits, logits, atol=1e-4)
-    assert all(d.fallbacks == 0 and d.tokens_seen == 6 + 8 for d in downs)  # all sparse
+    assert all(d.reads.fallbacks == 0 and d.reads.tokens == 6 + 8 for d in downs)  # all sparse
 
 
 def test_transplant_hits_the_measured_fractions() -> None:
@@ -330,21 +330,29 @@ def test_speed_verb_end_to_end(runs: dict[str, Path], tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "speed.json").read_text())
     shape, plain, gated = "64,4,4,256,100", "W_out rows", "W_up + W_out rows"
+    # the inexact screen: the smallest margin below 1 within 1 % perplexity on these tokens
+    within = [r["margin"] for r in result["screen"] if r["margin"] < 1 and r["ppl ratio"] <= 1.01]
+    margin = result["inexact_margin"]
+    assert margin is not None and margin == min(within)  # the tiny model's cost is ~0
+    inexact = f"int8 screen at margin {margin:g}"
+
+    def paths(rows: str) -> list[str]:
+        return [rows, f"int8 screen, {rows}", f"{inexact}, {rows}"]
+
     assert [(r["shape"], r["pattern"], r["path"]) for r in result["block"]] == [
-        ("model", "measured", plain), ("model", "measured", f"int8 screen, {plain}"),
+        *(("model", "measured", p) for p in paths(plain)),
         ("model", "random", plain), ("model", "random", plain),
         (shape, "measured", plain), (shape, "random", plain), (shape, "random", plain),
-        (f"{shape} relu", "transplanted fraction", plain),
-        (f"{shape} relu", "transplanted fraction", f"int8 screen, {plain}"),
-        (f"{shape} reglu", "transplanted fraction", gated),
-        (f"{shape} reglu", "transplanted fraction", f"int8 screen, {gated}"),
+        *((f"{shape} relu", "transplanted fraction", p) for p in paths(plain)),
+        *((f"{shape} reglu", "transplanted fraction", p) for p in paths(gated)),
     ]  # fmt: skip
-    assert [r["active fraction"] for r in result["block"][2:4]] == pytest.approx(
+    assert [r["active fraction"] for r in result["block"][3:5]] == pytest.approx(
         [0.5, 0.1], abs=1 / 128
     )
     models = [r["model"] for r in result["decode"]]
-    assert models[:3] == ["model", "model, int8 screen", "model, dead units pruned"]
-    assert len(models) == 7 and result["bandwidth_GBps"] > 0
+    assert models[:4] == ["model", "model, int8 screen", f"model, {inexact}",
+                          "model, dead units pruned"]  # fmt: skip
+    assert len(models) == 10 and result["bandwidth_GBps"] > 0
     exact = result["screen"][0]  # margin 1: the whole error bound
     assert exact["margin"] == 1.0 and exact["recall"] == 1.0
     assert exact["ppl ratio"] == pytest.approx(1.0, abs=1e-5)
@@ -363,7 +371,7 @@ def test_speed_verb_end_to_end(runs: dict[str, Path], tmp_path: Path) -> None:
         assert r["sparse of bound"] / r["dense of bound"] == pytest.approx(
             r["speed-up"] / r["bound speed-up"]
         )
-    for r in result["block"][2:4]:  # random units, plain MLP: 2 / (1 + a)
+    for r in result["block"][3:5]:  # random units, plain MLP: 2 / (1 + a)
         assert r["bound speed-up"] == pytest.approx(2 / (1 + r["active fraction"]))
     assert sum(result["pruning"]["removed"]) > 0  # the tiny model has dead units
     assert (out / "report" / "index.html").is_file()
@@ -379,12 +387,32 @@ def test_speed_verb_on_a_gated_relu_run(runs: dict[str, Path], tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "speed.json").read_text())
     own = [r for r in result["block"] if r["shape"] == "model"]
-    assert [r["path"] for r in own] == ["W_up + W_out rows", "int8 screen, W_up + W_out rows"]
+    margin = result["inexact_margin"]
+    assert [r["path"] for r in own] == [
+        "W_up + W_out rows",
+        "int8 screen, W_up + W_out rows",
+        f"int8 screen at margin {margin:g}, W_up + W_out rows",
+    ]
     assert own[0]["candidate fraction"] == 1.0 > own[1]["candidate fraction"]  # gate screened
+    assert own[2]["candidate fraction"] < own[1]["candidate fraction"]  # a smaller bound
+    assert own[1]["recall"] == 1.0 >= own[2]["recall"] and math.isnan(own[0]["recall"])
     # a gated MLP reads the gate, then a of W_up and of W_out: 3 / (1 + 2a) in the bound
     a = own[0]["active fraction"]
     assert own[0]["bound speed-up"] == pytest.approx(3 / (1 + 2 * a), rel=1e-6)
     assert result["screen"][0]["recall"] == 1.0
+
+
+def test_inexact_margin_is_the_smallest_within_the_perplexity_budget() -> None:
+    from sparsetrace.speed.run import PPL_BUDGET, _inexact_margin
+
+    def rows(*ratios: float) -> list[dict]:
+        margins = (1.0, 0.5, 0.25, 0.0)
+        return [{"margin": m, "ppl ratio": r} for m, r in zip(margins, ratios, strict=True)]
+
+    assert _inexact_margin(rows(1.0, 1.0, 1.004, 1.2)) == 0.25  # margin 0 over budget
+    assert _inexact_margin(rows(1.0, 1.0, 1.0, PPL_BUDGET)) == 0.0  # the budget is inclusive
+    assert _inexact_margin(rows(1.0, 1.02, 1.05, 1.2)) is None  # no margin below 1 within it
+    assert _inexact_margin(None) is None  # no screen (not our ReLU-family model)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -436,8 +464,10 @@ def test_swap_switches_between_dense_and_sparse(runs: dict[str, Path]) -> None:
         swap = dec.Swap.sparse(model, None, "numba")
         assert isinstance(model.blocks[0].mlp.w_out, nn.Linear)  # starts dense
         sparse = swap.use(sparse=True)(ids).logits
-        assert isinstance(model.blocks[0].mlp.w_out, SparseDown)
+        assert isinstance(model.blocks[0].mlp, dec.OurSparseMlp)  # fused: the whole MLP
+        assert isinstance(model.blocks[0].mlp.down, SparseDown)
         again = swap.use(sparse=False)(ids).logits
+        assert isinstance(model.blocks[0].mlp.w_out, nn.Linear)
     assert torch.allclose(sparse, dense, atol=1e-4) and torch.equal(again, dense)
 
 

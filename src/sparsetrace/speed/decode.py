@@ -1,12 +1,14 @@
-"""Models for the speed measurement: sparse down projections swapped in, batch-1 decoding with a
-KV cache, activation patterns, and larger shapes with a measured sparsity transplanted.
+"""Models for the speed measurement: sparse MLPs swapped in, batch-1 decoding with a KV cache,
+activation patterns, and larger shapes with a measured sparsity transplanted.
 
-:func:`sparsify` replaces every MLP down projection that :func:`sparsetrace.sites.locate`
-finds (ours, GPT-2, OPT, GPT-NeoX, Llama families) by a :class:`SparseDown`, and up projections
-by a :class:`SparseUp` where one pays (gated ReLU; the int8 screen on request); the model's own
-forward then runs the sparse path. :func:`decode_seconds` times greedy decoding of new tokens,
-one at a time, after a prompt (prefill not timed), for our Transformer (its ``KVCache``) and for
-Hugging Face causal LMs (``past_key_values``).
+:func:`sparsify` replaces, for every MLP that :func:`sparsetrace.sites.locate` finds (ours,
+GPT-2, OPT, GPT-NeoX, Llama families), either the whole MLP by a :class:`SparseMlp` (our
+ReLU-family models; Llama-family models with a ReLU gate) or its down projection by a
+:class:`SparseDown` (and our models' up projection by a :class:`SparseUp` or
+:class:`DenseGemv`); the model's own forward then runs the sparse path.
+:func:`decode_seconds` times greedy decoding of new tokens, one at a time, after a prompt
+(prefill not timed), for our Transformer (its ``KVCache``) and for Hugging Face causal LMs
+(``past_key_values``).
 
 A shape where batch-1 decoding is memory-bound (GPT-2-medium: 24 x 2 x 16 MiB of MLP weights) is
 built from random weights (:func:`transplant`): our Transformer at that shape, GPT-2
@@ -18,6 +20,7 @@ The sparsity is the trained model's; the weights are not — outputs say so.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +33,7 @@ from sparsetrace.model.transformer import KVCache, ModelConfig, Transformer
 from sparsetrace.sites import activation_of, locate
 from sparsetrace.speed.dense_gemv import DenseGemv
 from sparsetrace.speed.sparse_down import DEFAULT_KERNEL, SparseDown
-from sparsetrace.speed.sparse_up import SparseGatedMlp, SparseUp
+from sparsetrace.speed.sparse_up import SparseMlp, SparseUp
 
 RELU = ("relu", "relu2", "reglu")  # exact zeros: no threshold needed
 
@@ -83,15 +86,18 @@ def sparsify(
     model: nn.Module, taus: Sequence[float] | None = None, kernel: str = DEFAULT_KERNEL,
     max_rows: int | None = None, up: str = "dense", margin: float = 1.0,
 ) -> list[SparseDown]:  # fmt: skip
-    """Swap the model's MLP projections for sparse ones, in place; returns the SparseDowns in
-    layer order (every down projection becomes one).
+    """Swap the model's MLPs (or their projections) for sparse ones, in place; returns the
+    SparseDowns in layer order (every down projection becomes one).
 
-    ``taus``: each layer's CETT threshold; required unless the activation is ReLU (exact). Up
-    projections: our ReGLU models' become gate-sparse :class:`SparseUp`s, as do the gate and up
-    projections of Llama-family models with a ReLU gate (their MLPs become
-    :class:`SparseGatedMlp`s); our plain models' are read in full by a :class:`DenseGemv`, the
-    sparse paths' kernel family. ``up="screen"`` screens our ReLU-family models' (gate)
-    pre-activations with the int8 bound first (``margin`` < 1: inexact)."""
+    ``taus``: each layer's CETT threshold; required unless the activation is ReLU (exact). Our
+    ReLU-family models' MLPs become :class:`OurSparseMlp`s (one fused kernel per layer: up
+    projection gate-sparse for ReGLU, screened with ``up="screen"``, else read in full; then the
+    active units' rows of W_out), as do Llama-family models with a ReLU gate
+    (:class:`SparseMlp`). Elsewhere the down projection becomes a :class:`SparseDown` and our
+    plain models' up projection a :class:`DenseGemv` (the sparse paths' kernel family). The
+    fused form needs the numba kernel and no thresholds; with ``kernel="embedding_bag"`` our
+    models' up projections become :class:`SparseUp`s (gated or screened) or DenseGemvs.
+    ``up="screen"``: the int8 screen first (``margin`` < 1: inexact)."""
     activation = activation_of(model)
     if taus is None and activation not in RELU:
         raise UserError(
@@ -110,19 +116,26 @@ def sparsify(
     if taus is not None and len(taus) != len(sites):
         raise UserError(f"{len(taus)} thresholds for {len(sites)} MLP layers")
     options = {} if max_rows is None else {"max_rows": max_rows}
+    fused = _fused(model, taus, kernel)
+    if fused:  # every refusal before anything is swapped
+        biases = [_masked_bias(block.mlp) for block in model.blocks]
+    gated, llama_relu = activation == "reglu", _llama_relu(model)
     swapped = []
-    llama_relu = _llama_relu(model)
     for site in sites:
         tau = None if taus is None else float(taus[site.layer])
         down = SparseDown.from_module(site.module, tau=tau, kernel=kernel, **options)
+        mlp_path = site.path.rpartition(".")[0]
+        mlp = model.get_submodule(mlp_path)
         if llama_relu:  # the whole MLP: its up projection is skipped by the gate too
-            path = site.path.rpartition(".")[0]
-            _set_module(model, path, SparseGatedMlp(model.get_submodule(path), down, **options))
+            _set_module(model, mlp_path, SparseMlp.llama(mlp, down, **options))
+        elif fused:
+            sparse_up = SparseUp(mlp.w_in.weight, biases[site.layer], gated=gated,
+                                 screen=up == "screen", margin=margin, **options)  # fmt: skip
+            _set_module(model, mlp_path, OurSparseMlp(sparse_up, down, activation == "relu2"))
         else:
             _set_module(model, site.path, down)
         swapped.append(down)
-    gated = activation == "reglu"
-    if _is_ours(model):
+    if _is_ours(model) and not fused:
         for block in model.blocks:
             if gated or up == "screen":
                 block.mlp.w_in = SparseUp.from_module(block.mlp.w_in, gated=gated,
@@ -131,6 +144,39 @@ def sparsify(
             else:  # read in full, on the sparse paths' kernel family (DenseGemv's why)
                 block.mlp.w_in = DenseGemv.from_module(block.mlp.w_in, **options)
     return swapped
+
+
+class OurSparseMlp(SparseMlp):
+    """A :class:`SparseMlp` in our Transformer's MLP slot: ``forward(x, measure)`` returns the
+    output and, when measuring, each unit's count of nonzero activations over the positions
+    (as ``MLP.forward`` does). A ``unit_mask`` is the one set when it was built (folded into the
+    bias: :func:`_masked_bias`); set a new mask, then sparsify anew."""
+
+    def forward(self, x: Tensor, measure: bool = False) -> tuple[Tensor, Tensor | None]:
+        if not measure:
+            return super().forward(x), None
+        h, y = self.hidden_and_output(x)
+        return y, (h != 0).sum(dim=-2, dtype=torch.int32)
+
+
+def _masked_bias(mlp: nn.Module) -> Tensor:
+    """Our MLP's ``w_in`` bias (zeros if it has none) with the units its 0/1 ``unit_mask``
+    switches off set to -inf in the first half: ReLU(-inf) = 0, so they are never active, never
+    read, and the fused path keeps the mask that ``MLP.forward`` applies."""
+    w_in = mlp.w_in
+    bias = torch.zeros(w_in.out_features) if w_in.bias is None else w_in.bias.detach().clone()
+    if mlp.masked:
+        mask = mlp.unit_mask
+        if ((mask != 0) & (mask != 1)).any():
+            raise UserError("the sparse path takes 0/1 unit masks only (the masking experiment's)")
+        bias[: mask.numel()][mask == 0] = -math.inf
+    return bias
+
+
+def _fused(model: nn.Module, taus: Sequence[float] | None, kernel: str) -> bool:
+    """Our ReLU-family model's MLPs run fused (:class:`OurSparseMlp`): exact zeros, numba."""
+    return (_is_ours(model) and activation_of(model) in RELU and taus is None
+            and kernel == "numba")  # fmt: skip
 
 
 def sparse_ups(model: nn.Module) -> list[SparseUp]:
@@ -146,11 +192,12 @@ def _llama_relu(model: nn.Module) -> bool:
     return hasattr(model.get_submodule(sites[0].path.rpartition(".")[0]), "up_proj")
 
 
-def mlp_paths(model: nn.Module) -> list[str]:
+def mlp_paths(model: nn.Module, fused: bool = False) -> list[str]:
     """The modules :func:`sparsify` may swap: down projections, and our models' up
-    projections (Llama-family ReLU models: the whole MLPs)."""
+    projections; whole MLPs where it fuses them (``fused``: our ReLU-family models, see
+    :func:`_fused`; Llama-family ReLU models always)."""
     paths = [site.path for site in locate(model)[1]]
-    if _llama_relu(model):
+    if _llama_relu(model) or fused:
         return [path.rpartition(".")[0] for path in paths]
     if _is_ours(model):
         paths += [f"blocks.{i}.mlp.w_in" for i in range(len(model.blocks))]
@@ -211,9 +258,11 @@ def decode_seconds(
 
 @dataclass(repr=False, eq=False)  # a model inside: no field-wise repr or equality
 class Swap:
-    """A model whose projections at ``paths`` switch between the dense modules and the modules
+    """A model whose modules at ``paths`` switch between the dense modules and the modules
     that replace them (``downs``, ``ups``: the SparseDowns and SparseUps among them, if any).
-    Built by :meth:`sparse` (the sparse paths of :func:`sparsify`) or :meth:`gemv`."""
+    Built by :meth:`sparse` (the sparse paths of :func:`sparsify`) or :meth:`gemv`. Each path's
+    parent module is fixed when the swap is made, so swaps of nested paths (whole MLPs; their
+    projections) stay independent: one never writes into a module another put in place."""
 
     model: nn.Module
     paths: list[str]
@@ -222,13 +271,17 @@ class Swap:
     downs: list[SparseDown] = field(default_factory=list)
     ups: list[SparseUp] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.slots = [(self.model.get_submodule(parent) if parent else self.model, name)
+                      for parent, _, name in (p.rpartition(".") for p in self.paths)]  # fmt: skip
+
     @classmethod
     def sparse(
         cls, model: nn.Module, taus: Sequence[float] | None, kernel: str, up: str = "dense",
         margin: float = 1.0, max_rows: int | None = None,
     ) -> Swap:  # fmt: skip
         """:func:`sparsify` ``model``; returned dense (``use(sparse=True)`` switches)."""
-        paths = mlp_paths(model)
+        paths = mlp_paths(model, _fused(model, taus, kernel))
         dense = [model.get_submodule(path) for path in paths]
         downs = sparsify(model, taus, kernel, max_rows, up, margin)
         swap = cls(model, paths, dense, [model.get_submodule(path) for path in paths], downs,
@@ -249,8 +302,9 @@ class Swap:
         return cls(model, paths, dense, [DenseGemv.from_module(module) for module in dense])
 
     def use(self, sparse: bool) -> nn.Module:
-        for path, module in zip(self.paths, self.modules if sparse else self.dense, strict=True):
-            _set_module(self.model, path, module)
+        for (parent, name), module in zip(self.slots, self.modules if sparse else self.dense,
+                                          strict=True):  # fmt: skip
+            setattr(parent, name, module)
         return self.model
 
 

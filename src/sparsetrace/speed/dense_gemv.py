@@ -4,14 +4,13 @@ The speed-ups of the sparse paths are meant to measure what sparsity saves, not 
 matrix-vector kernel does. torch's GEMV reads the MLP's matrices well below the measured read
 bandwidth on some hosts (about half of it on a 2-core AMD EPYC), while the numba loops the sparse
 paths use read near it; this module runs the dense product on those loops
-(:func:`sparsetrace.speed.kernels.rows_dot` with every row used), so that each sparse path is
+(:func:`sparsetrace.speed.kernels.rows_dot`), so that each sparse path is
 also compared with the faster of the two dense kernels. More than ``max_rows`` tokens in one
 call take torch's product (prefill).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -50,6 +49,5 @@ class DenseGemv(NumpyViews):
         else:
             views = self.views()
             out = torch.empty(rows.shape[0], self.out_features)
-            rows_dot(views["weight"], views["bias"], rows.numpy(), np.ones(out.shape, np.bool_),
-                     out.numpy())  # fmt: skip
+            rows_dot(views["weight"], views["bias"], rows.numpy(), out.numpy())
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)

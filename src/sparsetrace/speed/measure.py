@@ -253,8 +253,9 @@ def time_mlp_paths(
     rows = [[x[t : t + 1] for t in range(tokens)] for x in inputs]
 
     def run() -> None:
+        current = [block.mlp for block in model.blocks]  # a swap may replace whole MLPs
         for t in range(tokens):
-            for mlp, per_token in zip(mlps, rows, strict=True):
+            for mlp, per_token in zip(current, rows, strict=True):
                 mlp(per_token[t], False)
 
     def through(swap: Swap | None) -> Callable[[], None]:

@@ -22,6 +22,7 @@ from sparsetrace.speed import measure as ms
 DEAD_TOKENS = 8192  # validation tokens that decide which units are dead (alive: >= 9 of them)
 SCREEN_TOKENS = 4096  # validation tokens of the int8 screen's recall and perplexity cost
 SCREEN_MARGINS = (1.0, 0.5, 0.25, 0.0)  # 1: the whole error bound (exact); 0: the int8 sign
+PPL_BUDGET = 1.01  # an inexact screen is timed at the smallest margin costing <= 1 % perplexity
 
 
 def _fractions(text: str) -> list[float]:
@@ -91,10 +92,10 @@ class Variant:
 
     @classmethod
     def of(cls, label: str, model: torch.nn.Module, taus: list[float] | None, kernel: str,
-           up: str = "dense") -> Variant:  # fmt: skip
+           up: str = "dense", margin: float = 1.0) -> Variant:  # fmt: skip
         nbytes = _bytes(model)  # with the dense modules in place
         downs = [site.module.weight for site in locate(model)[1]]
-        return cls(label, dec.Swap.sparse(model, taus, kernel, up), nbytes,
+        return cls(label, dec.Swap.sparse(model, taus, kernel, up, margin), nbytes,
                    [w.numel() * w.element_size() for w in downs])  # fmt: skip
 
     def sparse_bytes(self) -> float:
@@ -208,17 +209,26 @@ def _screen_quality(model: torch.nn.Module, cfg, kernel: str) -> list[dict]:
     rows = []
     for margin in SCREEN_MARGINS:
         swap = dec.Swap.sparse(model, None, kernel, "screen", margin, max_rows=1 << 30)
-        hit = active = candidates = 0
-        for up, x, on in zip(swap.ups, inputs, actives, strict=True):
-            kept = up.candidates(x)
-            hit, active = hit + int((kept & on).sum()), active + int(on.sum())
-            candidates += float(kept.float().mean()) / len(swap.ups)
+        kept = [up.candidates(x) for up, x in zip(swap.ups, inputs, strict=True)]
+        candidates = sum(float(k.float().mean()) for k in kept) / len(kept)
         loss = _mean_loss(swap.use(sparse=True), batches)
         swap.use(sparse=False)
-        recall = hit / max(active, 1)
-        rows.append({"margin": margin, "candidate fraction": candidates, "recall": recall,
+        rows.append({"margin": margin, "candidate fraction": candidates,
+                     "recall": _recall(swap, inputs, actives),
                      "ppl ratio": math.exp(loss - dense)})  # fmt: skip
     return rows
+
+
+def _recall(swap: dec.Swap, inputs: list[torch.Tensor], active: list[torch.Tensor]) -> float:
+    """Of the units active in the dense model (``active[l]``: (tokens, d_ff) at the MLP inputs
+    ``inputs[l]``), the fraction that the swap's int8 screens keep as candidates (nan: none)."""
+    if not any(up.screen for up in swap.ups):
+        return math.nan
+    hit = total = 0
+    for up, x, on in zip(swap.ups, inputs, active, strict=True):
+        kept = up.candidates(x)
+        hit, total = hit + int((kept & on).sum()), total + int(on.sum())
+    return hit / max(total, 1)
 
 
 def _prune_dead(model, cfg, taus: list[float] | None) -> tuple[torch.nn.Module, dict]:
@@ -300,37 +310,58 @@ def _subject(source: Path, tokens: int, prune_dead: bool) -> SpeedModel:
                     "directory (config.json)")  # fmt: skip
 
 
-def _ups(activation: str) -> list[str]:
-    """The up-projection paths measured: ``dense`` (read in full; gate-sparse for ReGLU) and,
-    for ReLU-family MLPs, the exact int8 ``screen``."""
-    return list(dec.UP_PATHS) if activation in dec.RELU else ["dense"]
+def _inexact_margin(quality: list[dict] | None) -> float | None:
+    """The smallest margin below 1 whose screened model kept the perplexity within
+    PPL_BUDGET on the validation tokens (None: no screen, or none within it)."""
+    within = [row["margin"] for row in quality or []
+              if row["margin"] < 1 and row["ppl ratio"] <= PPL_BUDGET]  # fmt: skip
+    return min(within) if within else None
 
 
-def _path(activation: str, up: str) -> str:
+def _ups(activation: str, inexact: float | None = None) -> list[tuple[str, float]]:
+    """The up-projection paths measured, (path, margin): ``dense`` (read in full; gate-sparse
+    for ReGLU) and, for ReLU-family MLPs, the exact int8 ``screen`` and, if given, the screen at
+    the ``inexact`` margin."""
+    if activation not in dec.RELU:
+        return [("dense", 1.0)]
+    return [("dense", 1.0), ("screen", 1.0)] + ([] if inexact is None else [("screen", inexact)])
+
+
+def _screen(up: str, margin: float) -> str:
+    """The name of an up-projection path's screen ("" for none)."""
+    if up == "dense":
+        return ""
+    return "int8 screen" if margin == 1 else f"int8 screen at margin {margin:g}"
+
+
+def _path(activation: str, up: str, margin: float = 1.0) -> str:
     rows = "W_up + W_out rows" if activation == "reglu" else "W_out rows"
-    return f"int8 screen, {rows}" if up == "screen" else rows
+    return f"{_screen(up, margin)}, {rows}" if up != "dense" else rows
 
 
 def _variants(label: str, model: torch.nn.Module, taus: list[float] | None, kernel: str,
-              activation: str) -> list[Variant]:  # fmt: skip
-    return [Variant.of(label if up == "dense" else f"{label}, int8 screen", model, taus, kernel,
-                       up) for up in _ups(activation)]  # fmt: skip
+              activation: str, inexact: float | None = None) -> list[Variant]:  # fmt: skip
+    return [Variant.of(f"{label}, {_screen(up, m)}" if up != "dense" else label, model, taus,
+                       kernel, up, m) for up, m in _ups(activation, inexact)]  # fmt: skip
 
 
 def _path_rows(
     label: str, pattern: str, model: torch.nn.Module, variants: list[Variant], activation: str,
-    inputs: list[torch.Tensor], bandwidth: float, repeats: int,
+    inputs: list[torch.Tensor], active: list[torch.Tensor], bandwidth: float, repeats: int,
+    inexact: float | None = None,
 ) -> list[dict]:  # fmt: skip
-    """MLP-block rows of each variant's sparse modules on our model's real MLPs."""
-    swaps = {_path(activation, up): v.swap
-             for up, v in zip(_ups(activation), variants, strict=True)}  # fmt: skip
+    """MLP-block rows of each variant's sparse modules on our model's real MLPs, with the
+    recall of the screened paths on the same tokens (``active``: the dense model's units)."""
+    paths = [_path(activation, up, margin) for up, margin in _ups(activation, inexact)]
+    swaps = {path: v.swap for path, v in zip(paths, variants, strict=True)}
     timings = ms.time_mlp_paths(model, inputs, swaps, bandwidth, repeats)
-    return [{"shape": label, "pattern": pattern, **t.row()} for t in timings]
+    return [{"shape": label, "pattern": pattern, **t.row(),
+             "recall": _recall(swaps[t.path], inputs, active)} for t in timings]  # fmt: skip
 
 
 def _big_shape(
     shape: str, big: dec.DecoderShape, activation: str, fractions: list[float], tokens: int,
-    new_tokens: int, repeats: int, kernel: str, bandwidth: float,
+    new_tokens: int, repeats: int, kernel: str, bandwidth: float, inexact: float | None,
 ) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Block and decoding rows of random weights at ``big`` with ``fractions`` transplanted."""
     model = dec.transplant(big, fractions, activation=activation)
@@ -338,10 +369,10 @@ def _big_shape(
     ids = torch.randint(0, big.vocab_size, (1, max(tokens, 16)), generator=gen)
     label = f"{shape} {activation}"
     variants = _variants(f"{label} (random weights, transplanted sparsity)", model, None, kernel,
-                         activation)  # fmt: skip
-    inputs, _ = dec.active_patterns(model, [ids[:, :tokens]])
+                         activation, inexact)  # fmt: skip
+    inputs, active = dec.active_patterns(model, [ids[:, :tokens]])
     block = _path_rows(label, "transplanted fraction", model, variants, activation, inputs,
-                       bandwidth, repeats)  # fmt: skip
+                       active, bandwidth, repeats, inexact)  # fmt: skip
     decode = _decode_rows(variants, ids[:, :16], new_tokens, repeats, bandwidth)
     return block, decode
 
@@ -371,6 +402,7 @@ def run_speed(
     ours = inputs is not None  # our model: its own MLPs timed too
     screen = ours and s.activation in dec.RELU  # the int8 screen: our ReLU-family models
     quality = _screen_quality(model, s.cfg, kernel) if screen else None
+    inexact = _inexact_margin(quality)
     block = []
     if ours and s.activation not in GATED:  # W_out rows at exact random fractions
         own = [ms.MlpLayer.of(b.mlp.w_in.weight, b.mlp.w_out.weight, kernel)
@@ -381,11 +413,11 @@ def run_speed(
     if prune_dead:  # first, while the model is dense: the pruned copy takes its weights
         pruned, pruning = _prune_dead(model, s.cfg, taus)
         extra.append(Variant.of("model, dead units pruned", pruned, pruning["taus"], kernel))
-    variants = (_variants("model", model, taus, kernel, s.activation) if ours
+    variants = (_variants("model", model, taus, kernel, s.activation, inexact) if ours
                 else [Variant.of("model", model, taus, kernel)])  # fmt: skip
     if ours:
-        block = _path_rows("model", "measured", model, variants, s.activation, inputs,
-                           bandwidth, repeats) + block  # fmt: skip
+        block = _path_rows("model", "measured", model, variants, s.activation, inputs, active,
+                           bandwidth, repeats, inexact) + block  # fmt: skip
     decode = _decode_rows(variants + extra, prompt, new_tokens, repeats, bandwidth)
     del variants, extra
     # The memory-bound shape: random weights, this model's measured patterns and sparsity.
@@ -397,7 +429,7 @@ def run_speed(
     big_layers.clear()  # free the sweep's weights before the decoding models are built
     for activation in ("relu", "reglu"):  # a plain and a gated ReLU MLP at the shape
         rows, decoded = _big_shape(shape, big, activation, fraction_by_layer, tokens, new_tokens,
-                                   repeats, kernel, bandwidth)  # fmt: skip
+                                   repeats, kernel, bandwidth, inexact)  # fmt: skip
         block += rows
         decode += decoded
     bandwidth_end = ms.read_bandwidth()  # the machine drifts: say by how much
@@ -415,6 +447,7 @@ def run_speed(
         "activation": s.activation, "thresholds": taus,
         "active_by_layer": fraction_by_layer, "shape": shape,
         "pruning": pruning if prune_dead else None, "screen": quality,
+        "inexact_margin": inexact, "ppl_budget": PPL_BUDGET,
         "block": block, "decode": decode,
     }  # fmt: skip
     return write_speed_report(out, result)
@@ -423,9 +456,9 @@ def run_speed(
 def print_summary(index: Path) -> None:
     result = json.loads((index.parent.parent / "speed.json").read_text())
     frame = pd.DataFrame(result["block"])
-    cols = ["shape", "pattern", "path", "active fraction", "candidate fraction", "dense (us)",
-            "dense GEMV (us)", "sparse (us)", "speed-up", "speed-up vs torch", "bound speed-up",
-            "sparse of bound"]  # fmt: skip
+    cols = ["shape", "pattern", "path", "active fraction", "candidate fraction", "recall",
+            "dense (us)", "dense GEMV (us)", "sparse (us)", "speed-up", "speed-up vs torch",
+            "bound speed-up", "sparse of bound"]  # fmt: skip
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if result["screen"]:
         print(

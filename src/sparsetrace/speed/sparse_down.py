@@ -9,11 +9,11 @@ truncated model is the one PPL-p% measured).
 
 Two kernels, chosen by measurement (results/bench-sparse-primitives.md):
 
-- ``numba`` (default): one compiled loop finds the active units, then the threads sum
-  consecutive groups of four of their rows each (four memory streams in flight: each unit-major
-  row is a 4 KiB page that the hardware prefetcher must pick up anew) into partial sums
-  (:func:`sparsetrace.speed.kernels.sparse_rows_matvec`). Faster than ``embedding_bag`` at every
-  active fraction measured (2-100 %).
+- ``numba`` (default): one compiled parallel loop; each thread lists the active units of its
+  consecutive chunk of the units and sums their rows eight at a time (eight memory streams in
+  flight: each unit-major row is a 4 KiB page that the hardware prefetcher must pick up anew)
+  into its partial sum (:func:`sparsetrace.speed.kernels.sparse_rows_matvec`). Faster than
+  ``embedding_bag`` at every active fraction measured (2-100 %).
 - ``embedding_bag``: ``F.embedding_bag(mode="sum", per_sample_weights=...)`` sums weighted rows
   without copying them. It parallelises over bags only, so the output columns are split into one
   block per thread (the table stored block-major) and each token is that many bags; a compiled
@@ -21,13 +21,14 @@ Two kernels, chosen by measurement (results/bench-sparse-primitives.md):
   bags' indices in one call (built from torch operators the same indices cost ~30 us per call).
 
 Batches larger than ``max_rows`` tokens take one dense matrix product instead (prefill; batches
-whose union of active units makes gathering pointless); :attr:`SparseDown.fallbacks` counts them.
+whose union of active units makes gathering pointless); ``reads.fallbacks`` counts them.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,6 +42,19 @@ MAX_ROWS = 16  # tokens per call up to which the sparse path is used: it beat de
 # tokens on GPT-2-medium's shape (results/bench-small-batch.md); prefill takes the dense product
 KERNELS = ("embedding_bag", "numba")
 DEFAULT_KERNEL = "numba"  # faster at every fraction measured (results/bench-sparse-primitives.md)
+
+
+@dataclass(slots=True)
+class Reads:
+    """What a sparse module read so far, kept outside nn.Module's attributes (every write to one
+    of those runs its checks for parameters, buffers and submodules: microseconds, at every
+    layer and token)."""
+
+    calls: int = 0  # calls on the sparse path
+    tokens: int = 0  # tokens on those calls
+    rows: int = 0  # float32 rows read: SparseDown (token, unit) rows; SparseUp the first half's
+    second_rows: int = 0  # SparseUp, gated: rows of the up half
+    fallbacks: int = 0  # calls that took the dense product
 
 
 class NumpyViews(nn.Module):
@@ -96,12 +110,13 @@ class SparseDown(NumpyViews):
         self.reset_counts()
 
     def viewed(self) -> dict[str, Tensor]:
-        return {"table": self.table, "norms": self.norms}
+        views = {"table": self.table, "norms": self.norms}
+        return views if self.bias is None else views | {"bias": self.bias}
 
     def reset_counts(self) -> None:
-        """Zero the dense fallbacks and the (token, unit) rows read and tokens seen on the
-        sparse path (the bound's input)."""
-        self.fallbacks = self.units_read = self.tokens_seen = 0
+        """Zero the counts (:class:`Reads`: ``rows`` the (token, unit) rows read, the bound's
+        input)."""
+        self.reads = Reads()
 
     @classmethod
     def from_module(cls, module: nn.Module, **options) -> SparseDown:
@@ -116,7 +131,8 @@ class SparseDown(NumpyViews):
     @property
     def read_fraction(self) -> float:
         """Mean fraction of the units read per token on the sparse path so far (nan: none)."""
-        return self.units_read / (self.tokens_seen * self.d_ff) if self.tokens_seen else math.nan
+        reads = self.reads
+        return reads.rows / (reads.tokens * self.d_ff) if reads.tokens else math.nan
 
     def active(self, rows: Tensor) -> Tensor:
         """Which entries of ``rows`` (n, d_ff) the projection reads."""
@@ -136,11 +152,12 @@ class SparseDown(NumpyViews):
                     "for batches (prefill is expected to)",
                     stacklevel=4,  # past nn.Module's call machinery, to the caller
                 )
-            self.fallbacks += 1
+            self.reads.fallbacks += 1
             out = self._dense(rows if self.tau is None else rows * self.active(rows))
         else:
             out = self._numba(rows) if self.kernel == "numba" else self._bags(rows)
-            self.tokens_seen += rows.shape[0]
+            self.reads.calls += 1
+            self.reads.tokens += rows.shape[0]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.d_model).to(a.dtype)
@@ -158,8 +175,8 @@ class SparseDown(NumpyViews):
         views = self.views()
         tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
         out = np.empty((rows.shape[0], self.d_model), np.float32)
-        partial = np.empty((numba.get_num_threads(), self.d_model), np.float32)
-        self.units_read += sparse_rows_matvec(rows.contiguous().numpy(), views["table"],
+        partial = np.empty((numba.get_num_threads(), rows.shape[0], self.d_model), np.float32)
+        self.reads.rows += sparse_rows_matvec(rows.contiguous().numpy(), views["table"],
                                               views["norms"], tau, out, partial)  # fmt: skip
         return torch.from_numpy(out)
 
@@ -169,7 +186,7 @@ class SparseDown(NumpyViews):
         tau = np.float32(-1.0 if self.tau is None else self.tau)
         index, weights, offsets = bag_indices(rows.contiguous().numpy(), self.norms.numpy(), tau,
                                               self.blocks, self.d_ff)  # fmt: skip
-        self.units_read += len(index) // self.blocks
+        self.reads.rows += len(index) // self.blocks
         out = F.embedding_bag(torch.from_numpy(index), self.table, torch.from_numpy(offsets),
                               mode="sum", per_sample_weights=torch.from_numpy(weights))  # fmt: skip
         return out.reshape(rows.shape[0], -1)[:, : self.d_model]

@@ -27,12 +27,14 @@ too. More than ``max_rows`` tokens in one call take the dense product (prefill).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparsetrace.speed.sparse_down import MAX_ROWS, NumpyViews
+from sparsetrace.speed.sparse_down import MAX_ROWS, NumpyViews, Reads, SparseDown
 
 INT8_MAX = 127
 
@@ -56,18 +58,34 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(torch.int8), scales.float(), (slack * (1 + 1e-6)).float()
 
 
+class Computed(NamedTuple):
+    """What :meth:`SparseUp.compute` computed, each (n, ...): without a down projection the first
+    half's pre-activations (plain up or gate) and the gated up half's (None: plain), 0 where not
+    computed; with one, the hidden activation (None unless asked for) and the MLP's output."""
+
+    first: np.ndarray | None
+    second: np.ndarray | None
+    hidden: np.ndarray | None = None
+    out: np.ndarray | None = None
+
+
+_NONE_2D = np.empty((0, 0), np.float32)  # an absent matrix: the kernel skips its step
+_NONE_1D = np.empty(0, np.float32)
+_NONE_INT8 = np.empty((0, 0), np.int8)
+
+
 class SparseUp(NumpyViews):
     """``x W^T + b`` for our MLP's ``w_in`` (``weight`` (out, d_model)), computing the units a
     ReLU-family activation can keep: the gated half by the gate's sign (``gated``), the first
-    half by the int8 screen (``screen``), or both. Counts the float32 and int8 bytes it reads."""
+    half by the int8 screen (``screen``), both, or every unit (neither: the first projection of
+    a plain MLP read in full on the same kernel, for :class:`SparseMlp`). Counts the float32 and
+    int8 bytes it reads."""
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None = None, gated: bool = False,
         screen: bool = False, margin: float = 1.0, max_rows: int = MAX_ROWS,
     ) -> None:  # fmt: skip
         super().__init__()
-        if not (gated or screen):
-            raise ValueError("SparseUp needs gated=True or screen=True (else it is dense)")
         if not 0 <= margin <= 1:
             raise ValueError(f"margin must be in [0, 1]; got {margin}")
         weight = weight.detach().float().contiguous()
@@ -93,10 +111,9 @@ class SparseUp(NumpyViews):
         return views
 
     def reset_counts(self) -> None:
-        """Zero the counts: dense fallbacks, sparse calls and tokens, float32 rows read (first
-        half: plain up or gate; second: the gated up half)."""
-        self.fallbacks = self.calls = self.tokens_seen = 0
-        self.first_rows = self.second_rows = 0
+        """Zero the counts (:class:`Reads`: ``rows`` the first half's float32 rows, plain up or
+        gate; ``second_rows`` the gated up half's)."""
+        self.reads = Reads()
 
     @classmethod
     def from_module(cls, module: nn.Linear, **options) -> SparseUp:
@@ -105,18 +122,20 @@ class SparseUp(NumpyViews):
     @property
     def bytes_per_token(self) -> float:
         """Mean bytes read per token on the sparse path so far (nan: none)."""
-        if not self.tokens_seen:
+        reads = self.reads
+        if not reads.tokens:
             return float("nan")
-        rows = 4 * self.d_model * (self.first_rows + self.second_rows)
+        rows = 4 * self.d_model * (reads.rows + reads.second_rows)
         # the int8 copy with each row's scale, slack and bias (float32 each)
-        screen = self.d_ff * (self.d_model + 12) * self.calls if self.screen else 0
-        return (rows + screen) / self.tokens_seen
+        screen = self.d_ff * (self.d_model + 12) * reads.calls if self.screen else 0
+        return (rows + screen) / reads.tokens
 
     @property
     def candidate_fraction(self) -> float:
         """Mean fraction of the first half's rows (plain up, or gate) read in float32 per call
         (1: all; nan: no sparse call yet)."""
-        return self.first_rows / (self.calls * self.d_ff) if self.calls else float("nan")
+        reads = self.reads
+        return reads.rows / (reads.calls * self.d_ff) if reads.calls else float("nan")
 
     @property
     def dense_bytes(self) -> int:
@@ -126,57 +145,133 @@ class SparseUp(NumpyViews):
         shape = x.shape
         rows = x.detach().reshape(-1, self.d_model).float().contiguous()
         if rows.shape[0] > self.max_rows:
-            self.fallbacks += 1
+            self.reads.fallbacks += 1
             out = F.linear(rows, self.weight, self.bias)
         else:
-            out = self._sparse(rows)
+            r = self.compute(rows.numpy())
+            out = torch.from_numpy(r.first if r.second is None
+                                   else np.concatenate([r.first, r.second], 1))  # fmt: skip
         return out.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def candidates(self, rows: Tensor) -> Tensor:
         """(n, d_ff) bool: the units of ``rows`` (n, d_model) the int8 screen cannot rule out.
         The weights are read when the module is built: change them afterwards and build it anew."""
+        import numba
+
         from sparsetrace.speed.kernels import screen_int8
 
         a = self.views()
         out = np.empty((rows.shape[0], self.d_ff), dtype=np.bool_)
         screen_int8(a["q"], a["scales"], a["slack"], a["first_b"],
-                    rows.float().contiguous().numpy(), np.float32(self.margin), out)  # fmt: skip
+                    rows.float().contiguous().numpy(), np.float32(self.margin), out,
+                    numba.get_num_threads())  # fmt: skip
         return torch.from_numpy(out)
 
-    def _sparse(self, rows: Tensor) -> Tensor:
-        from sparsetrace.speed.kernels import rows_dot, scattered_rows_dot, screened_rows_dot
+    def compute(
+        self, x: np.ndarray, down: SparseDown | None = None, square: bool = False,
+        hidden: bool = False,
+    ) -> Computed:  # fmt: skip
+        """The sparse path for ``x`` (n, d_model) float32 on one kernel call
+        (:func:`sparsetrace.speed.kernels.mlp_rows`): the pre-activations; with ``down`` (exact,
+        numba kernel) instead the whole MLP's output with ReLU (``square``: squared; gated:
+        ReLU(gate) times up) and the down bias, and the hidden activation if ``hidden``. Counts
+        the rows read, here and in ``down``."""
+        import numba
 
-        n, ff, a, x = rows.shape[0], self.d_ff, self.views(), rows.numpy()
-        if self.screen:  # units screened out stay 0
-            first = np.zeros((n, ff), np.float32)
-            read = screened_rows_dot(a["q"], a["scales"], a["slack"], a["first_w"],
-                                     a["first_b"], x, np.float32(self.margin), first)  # fmt: skip
-        else:  # on the same compiled loop: what the sparse path saves, not a faster GEMV
-            first = np.empty((n, ff), np.float32)
-            read = rows_dot(a["first_w"], a["first_b"], x, np.ones((n, ff), np.bool_), first)
-        self.first_rows += read
-        self.calls += 1
-        self.tokens_seen += n
-        if not self.gated:
-            return torch.from_numpy(first)
-        second = np.zeros((n, ff), np.float32)
-        self.second_rows += scattered_rows_dot(a["second_w"], a["second_b"], x, first > 0, second)
-        return torch.from_numpy(np.concatenate([first, second], axis=1))
+        from sparsetrace.speed.kernels import mlp_rows
+
+        if down is not None and not fusable(self, down):
+            raise ValueError("the fused MLP needs an exact SparseDown (tau None) on the numba "
+                             "kernel, of the up projection's d_model and d_ff")  # fmt: skip
+        n, ff, a = x.shape[0], self.d_ff, self.views()
+        first = np.empty((n, ff), np.float32) if down is None else _NONE_2D
+        second = np.empty((n, ff), np.float32) if self.gated and down is None else _NONE_2D
+        h, out, table, out_b = _NONE_2D, _NONE_2D, _NONE_2D, _NONE_1D
+        if down is not None:
+            views = down.views()
+            table, out_b = views["table"], views.get("bias", _NONE_1D)
+            h = np.empty((n, ff), np.float32) if hidden else _NONE_2D
+            out = np.empty((n, down.d_model), np.float32)
+        q, scales, slack = ((a["q"], a["scales"], a["slack"]) if self.screen
+                            else (_NONE_INT8, _NONE_1D, _NONE_1D))  # fmt: skip
+        first_rows, second_rows, down_rows = mlp_rows(
+            x, a["first_w"], a["first_b"], a["second_w"] if self.gated else _NONE_2D,
+            a["second_b"] if self.gated else _NONE_1D, q, scales, slack, np.float32(self.margin),
+            table, out_b, square, numba.get_num_threads(), first, second, h, out)  # fmt: skip
+        reads = self.reads
+        reads.rows += first_rows
+        reads.second_rows += second_rows
+        reads.calls += 1
+        reads.tokens += n
+        if down is None:
+            return Computed(first, second if self.gated else None)
+        reads = down.reads
+        reads.rows += down_rows
+        reads.calls += 1
+        reads.tokens += n
+        return Computed(None, None, h if hidden else None, out)
 
 
-class SparseGatedMlp(nn.Module):
-    """A Llama-family MLP (``down_proj(act_fn(gate_proj x) * up_proj x)``, ReLU ``act_fn``) on
-    the sparse path: its gate and up projections as one gate-sparse :class:`SparseUp`, its down
-    projection the given :class:`SparseDown`."""
+def fusable(up: SparseUp, down: SparseDown) -> bool:
+    """Whether ``up`` and ``down`` run as one kernel call: an exact down projection (no CETT
+    threshold) on the numba kernel, shapes matching."""
+    return (down.tau is None and down.kernel == "numba" and down.blocks == 1
+            and (down.d_ff, down.d_model) == (up.d_ff, up.d_model))  # fmt: skip
 
-    def __init__(self, mlp: nn.Module, down: nn.Module, **options) -> None:
+
+class SparseMlp(nn.Module):
+    """A ReLU-family MLP (ReLU, ReLU squared, ReGLU) on its sparse path: ``up`` (a
+    :class:`SparseUp`: gated, screened or read in full), the activation and ``down`` (a
+    :class:`SparseDown`). Where they are :func:`fusable` they run as one kernel call per layer,
+    one parallel loop in which each thread takes a consecutive chunk of the units from the
+    first projection to its share of the second (:func:`sparsetrace.speed.kernels.mlp_rows`):
+    no Python, torch or serial step between the projections. Otherwise (a thresholded or
+    ``embedding_bag`` down projection), and for more than ``up.max_rows`` tokens, the modules
+    run one after the other (with their dense fallbacks). The counts are the two modules'."""
+
+    def __init__(self, up: SparseUp, down: SparseDown, square: bool = False) -> None:
         super().__init__()
-        gate, up = mlp.gate_proj, mlp.up_proj
-        biases = [torch.zeros(m.out_features) if m.bias is None else m.bias for m in (gate, up)]
-        self.up = SparseUp(torch.cat([gate.weight, up.weight]), torch.cat(biases), gated=True,
-                           **options)  # fmt: skip
-        self.down = down
+        if square and up.gated:
+            raise ValueError("square is ReLU squared, a plain MLP's activation; got a gated up")
+        if (up.d_ff, up.d_model) != (down.d_ff, down.d_model):
+            raise ValueError(f"up ({up.d_model} -> {up.d_ff}) and down ({down.d_ff} -> "
+                             f"{down.d_model}) do not make one MLP")  # fmt: skip
+        self.up, self.down, self.square = up, down, square
+        self.fused = fusable(up, down)
+
+    def hidden_and_output(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(the hidden activation, the MLP's output) for ``x`` (..., d_model)."""
+        return self._run(x, hidden=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.up(x).chunk(2, dim=-1)
-        return self.down(F.relu(gate) * up)
+        return self._run(x, hidden=False)[1]
+
+    def _run(self, x: Tensor, hidden: bool) -> tuple[Tensor | None, Tensor]:
+        shape = x.shape
+        rows = x.detach().reshape(-1, self.up.d_model)
+        if not self.fused or rows.shape[0] > self.up.max_rows:
+            pre = self.up(rows)
+            if self.up.gated:
+                gate, up = pre.chunk(2, dim=-1)
+                h = F.relu(gate) * up
+            else:
+                h = F.relu(pre).square() if self.square else F.relu(pre)
+            out = self.down(h)
+            return h.reshape(*shape[:-1], -1), out.reshape(shape).to(x.dtype)
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            rows = rows.float().contiguous()
+        r = self.up.compute(rows.numpy(), self.down, self.square, hidden)
+        h = torch.from_numpy(r.hidden).reshape(*shape[:-1], -1) if hidden else None
+        y = torch.from_numpy(r.out).view(shape)
+        return h, y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    @classmethod
+    def llama(cls, mlp: nn.Module, down: SparseDown, **options) -> SparseMlp:
+        """A Llama-family MLP (``down_proj(act_fn(gate_proj x) * up_proj x)``, ReLU
+        ``act_fn``): its gate and up projections as one gate-sparse :class:`SparseUp`, its down
+        projection the given :class:`SparseDown`."""
+        gate, up = mlp.gate_proj, mlp.up_proj
+        biases = [torch.zeros(m.out_features) if m.bias is None else m.bias for m in (gate, up)]
+        sparse_up = SparseUp(torch.cat([gate.weight, up.weight]), torch.cat(biases), gated=True,
+                             **options)  # fmt: skip
+        return cls(sparse_up, down)

@@ -34,8 +34,9 @@ def speed(
         tokens: validation tokens whose activation patterns are measured and timed
         new_tokens: tokens decoded per timed generation
         repeats: timings per point (the fastest is kept)
-        kernel: sparse down projection: numba (a compiled loop, threads over groups of four
-            active rows) or embedding_bag (torch's, threads over column blocks)
+        kernel: sparse down projection: numba (compiled loops, each thread a chunk of the
+            units, eight active rows at a time; ReLU-family MLPs as one call) or embedding_bag
+            (torch's, threads over column blocks)
         prune_dead: also decode with the dead units (active on < 0.1 % of 8,192 validation
             tokens) removed from both projections, then sparse
         out: output directory (default: RUN/speed)
