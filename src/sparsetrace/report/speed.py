@@ -32,7 +32,7 @@ def speed_figure(block: pd.DataFrame) -> MplFigure:
                 label="bound, gated: W_gate + a·(W_up + W_out)")  # fmt: skip
         ax.plot(a, 1 / a, color="grey", lw=1, ls=":", label="oracle predictor: 1 / a")
         colours = {shape: f"C{i}" for i, shape in enumerate(block["shape"].unique())}
-        markers = {path: m for path, m in zip(block["path"].unique(), "osD^v", strict=False)}
+        markers = {path: m for path, m in zip(block["path"].unique(), "osD^v<>p", strict=False)}
         for (shape, pattern, path), rows in block.groupby(["shape", "pattern", "path"],
                                                           sort=False):  # fmt: skip
             rows = rows.sort_values("active fraction")

@@ -64,8 +64,8 @@ def bag_indices(
 
 
 # Parallel loops below run on numba's OpenMP layer: next to torch's own OpenMP pool they read
-# scattered rows 1.5x faster than one thread on a 2-core AMD EPYC, where the workqueue layer ran
-# slower than one thread (results/bench-gather-rows.md).
+# scattered rows 1.4-2.2x faster than one thread on a 2-core AMD EPYC, where the workqueue
+# layer ran slower than one thread (results/bench-gather-rows.md).
 numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 GROUP = 8  # scattered rows read at once (module docstring); dot_eight and add_rows spell out 8

@@ -214,21 +214,25 @@ def _screen_quality(model: torch.nn.Module, cfg, kernel: str) -> list[dict]:
         loss = _mean_loss(swap.use(sparse=True), batches)
         swap.use(sparse=False)
         rows.append({"margin": margin, "candidate fraction": candidates,
-                     "recall": _recall(swap, inputs, actives),
+                     "recall": _kept_share(kept, actives),
                      "ppl ratio": math.exp(loss - dense)})  # fmt: skip
     return rows
 
 
 def _recall(swap: dec.Swap, inputs: list[torch.Tensor], active: list[torch.Tensor]) -> float:
     """Of the units active in the dense model (``active[l]``: (tokens, d_ff) at the MLP inputs
-    ``inputs[l]``), the fraction that the swap's int8 screens keep as candidates (nan: none)."""
+    ``inputs[l]``), the fraction that the swap's int8 screens keep as candidates (nan: no
+    screen, or no active unit)."""
     if not any(up.screen for up in swap.ups):
         return math.nan
-    hit = total = 0
-    for up, x, on in zip(swap.ups, inputs, active, strict=True):
-        kept = up.candidates(x)
-        hit, total = hit + int((kept & on).sum()), total + int(on.sum())
-    return hit / max(total, 1)
+    kept = [up.candidates(x) for up, x in zip(swap.ups, inputs, strict=True)]
+    return _kept_share(kept, active)
+
+
+def _kept_share(kept: list[torch.Tensor], active: list[torch.Tensor]) -> float:
+    hit = sum(int((k & on).sum()) for k, on in zip(kept, active, strict=True))
+    total = sum(int(on.sum()) for on in active)
+    return hit / total if total else math.nan
 
 
 def _prune_dead(model, cfg, taus: list[float] | None) -> tuple[torch.nn.Module, dict]:
@@ -459,7 +463,7 @@ def print_summary(index: Path) -> None:
     cols = ["shape", "pattern", "path", "active fraction", "candidate fraction", "recall",
             "dense (us)", "dense GEMV (us)", "sparse (us)", "speed-up", "speed-up vs torch",
             "bound speed-up", "sparse of bound"]  # fmt: skip
-    print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(frame.reindex(columns=cols).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if result["screen"]:
         print(
             pd.DataFrame(result["screen"]).to_string(index=False, float_format=lambda v: f"{v:.4f}")
