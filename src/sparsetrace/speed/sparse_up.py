@@ -23,6 +23,9 @@ exactly the dense result up to float32 summation order. The slack added to each 
 covers the float32 rounding of both the int8 estimate and the dense product (``gamma_d``
 bounds, padded), so a unit the dense model computes as a tiny positive number is a candidate
 too. More than ``max_rows`` tokens in one call take the dense product (prefill).
+
+:class:`SparseMlp` runs a whole ReLU-family MLP (this up projection, the activation and a
+:class:`SparseDown`) as one kernel call per layer.
 """
 
 from __future__ import annotations
