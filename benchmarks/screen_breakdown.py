@@ -66,19 +66,19 @@ def main() -> None:
     hidden = [act("relu", du(x)) for _, du, _ in plain]
     flags = np.empty((1, D_FF), np.bool_)
     out = np.empty((1, D_MODEL), np.float32)
-    partial = np.empty((numba.get_num_threads(), 1, D_MODEL), np.float32)
+    threads = numba.get_num_threads()
     minus_one = np.float32(-1.0)
 
     def screen() -> None:
         for mlp, _, _ in plain:
             a = mlp.up.views()
             screen_int8(a["q"], a["scales"], a["slack"], a["first_b"], xs, np.float32(1.0), flags,
-                        numba.get_num_threads())  # fmt: skip
+                        threads)  # fmt: skip
 
     def down_rows() -> None:
         for (mlp, _, _), h in zip(plain, hidden, strict=True):
             v = mlp.down.views()
-            sparse_rows_matvec(h.numpy(), v["table"], v["norms"], minus_one, out, partial)
+            sparse_rows_matvec(h.numpy(), v["table"], v["norms"], minus_one, out, threads)
 
     calls = {}
     for kind, layers in blocks.items():

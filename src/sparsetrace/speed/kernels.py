@@ -239,15 +239,15 @@ def sum_partials(partial: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(cache=True, nogil=True, parallel=True, fastmath={"reassoc", "contract"})
 def sparse_rows_matvec(
     h: np.ndarray, weight_t: np.ndarray, norms: np.ndarray, tau: float, out: np.ndarray,
-    partial: np.ndarray,
+    threads: int,
 ) -> int:  # fmt: skip
     """``out[r, :] = sum_i h[r, i] * weight_t[i, :]`` over the units :func:`keeps` reads;
-    returns how many (token, unit) rows were read. Each of ``partial``'s planes (threads, n,
-    d_model: one per thread, as the caller asks numba for the thread count, which a cached
-    function cannot) sums one consecutive chunk of the units for every token; the planes are
-    added at the end. ``reassoc`` and ``contract`` let the row update vectorise (FMAs)."""
+    returns how many (token, unit) rows were read. Each of ``threads`` (the caller asks numba
+    for the count: a cached function cannot) sums one consecutive chunk of the units for every
+    token into its own partial sums, added at the end. ``reassoc`` and ``contract`` let the row
+    update vectorise (FMAs)."""
     n, d_ff = h.shape
-    threads = partial.shape[0]
+    partial = np.empty((threads, n, weight_t.shape[1]), dtype=np.float32)
     read = np.zeros(threads, dtype=np.int64)
     for t in numba.prange(threads):
         lo, hi = chunk_of(t, threads, d_ff)

@@ -175,9 +175,9 @@ class SparseDown(NumpyViews):
         views = self.views()
         tau = np.float32(-1.0 if self.tau is None else self.tau)  # compared as torch does
         out = np.empty((rows.shape[0], self.d_model), np.float32)
-        partial = np.empty((numba.get_num_threads(), rows.shape[0], self.d_model), np.float32)
         self.reads.rows += sparse_rows_matvec(rows.contiguous().numpy(), views["table"],
-                                              views["norms"], tau, out, partial)  # fmt: skip
+                                              views["norms"], tau, out,
+                                              numba.get_num_threads())  # fmt: skip
         return torch.from_numpy(out)
 
     def _bags(self, rows: Tensor) -> Tensor:
